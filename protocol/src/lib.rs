@@ -1,0 +1,31 @@
+//! Edgecard's wire types and pure protocol logic.
+//!
+//! Nothing here does I/O, reads a clock or spawns tasks: the node and the
+//! coordinator share these types, and keeping them pure lets the same code
+//! be tested exhaustively without sockets or time.
+//!
+//! Bytes from the network or disk are only ever read through the validating
+//! decoders here (`SignedGrant::from_bytes` + `verify`,
+//! `OrderEventBatch::from_bytes`), which check the envelope, the rkyv
+//! structure and then the contents of every id and secret.
+
+pub mod envelope;
+pub mod event;
+pub mod grant;
+pub mod ids;
+pub mod keyfile;
+
+pub use envelope::{
+    decode, encode, peek_kind, Decodable, Encodable, EnvelopeError, MessageKind, MAX_PAYLOAD,
+};
+pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind};
+pub use grant::{
+    GrantError, GrantedKey, SignedGrant, SliceGrant, GRANT_SIGNATURE_DOMAIN, MAX_GRANT_KEYS,
+};
+pub use ids::{
+    Epoch, IdError, IdKind, KeyId, NodeId, OrderId, OrderToken, Secret, Sku, SliceId, UnixMillis,
+};
+pub use keyfile::{
+    decode_signing_key, decode_verifying_key, encode_signing_key, encode_verifying_key,
+    KeyFileError,
+};
