@@ -1,0 +1,12 @@
+//! Orders: the in-memory inventory (pure), the stored records, and the engine that ties them to
+//! the durable store.
+
+pub mod engine;
+pub mod inventory;
+pub mod record;
+
+pub use engine::{
+    CreateOrder, CreatedOrder, GrantInstallError, GrantOutcome, OrderEngine, OrderError, PaymentConfirmation,
+    PaymentOutcome,
+};
+pub use record::{OrderRecord, OrderStatus};

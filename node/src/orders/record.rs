@@ -1,0 +1,204 @@
+//! What the node stores, and under which keys.
+//!
+//! One sled tree, prefixed keys, so that every state change is one atomic batch:
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `o/` | order id (16 bytes) | [`OrderRecord`] as JSON |
+//! | `x/` | order id | open reservation marker: expiry, unix ms, big-endian |
+//! | `w/` | event seq (8 bytes BE) | order id of a `PaidAwaitingStock` order, FIFO |
+//! | `k/` | sku, 0, key id (8 bytes BE) | slice id (8 bytes BE) then the secret: keys not yet sold |
+//! | `s/` | sku, 0, key id | order id: sold tombstone, so a key can never be installed again |
+//! | `g/` | slice id (8 bytes BE) | [`SliceMeta`] as JSON |
+//! | `c/` | channel, 0, provider transaction id | order id: callback idempotency |
+//! | `e/` | event seq (8 bytes BE) | outbox: an `OrderEvent` envelope for the coordinator |
+//! | `m/next_seq` | | next outbox sequence number |
+
+use std::net::IpAddr;
+
+use edgecard_protocol::{Epoch, KeyId, OrderId, Secret, SliceId, Sku, UnixMillis};
+use serde::{Deserialize, Serialize};
+
+use crate::store::StoreError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    Reserved,
+    Delivered,
+    Expired,
+    PaidAwaitingStock,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Reserved => "reserved",
+            OrderStatus::Delivered => "delivered",
+            OrderStatus::Expired => "expired",
+            OrderStatus::PaidAwaitingStock => "paid_awaiting_stock",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRecord {
+    pub channel: String,
+    pub provider_txn: String,
+    pub amount_minor: u64,
+    pub currency: String,
+    pub paid_at: UnixMillis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderRecord {
+    pub id: OrderId,
+    pub sku: Sku,
+    pub quantity: u32,
+    pub amount_minor: u64,
+    pub currency: String,
+    pub channel: String,
+    /// SHA-256 of the buyer's token; the token itself is never stored.
+    pub token_sha256: String,
+    pub email: Option<String>,
+    pub client_ip: IpAddr,
+    pub status: OrderStatus,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    /// Keys held while Reserved, or delivered.
+    pub key_ids: Vec<KeyId>,
+    /// Secrets, present only once Delivered.
+    #[serde(default)]
+    pub secrets: Vec<Secret>,
+    #[serde(default)]
+    pub payment: Option<PaymentRecord>,
+    #[serde(default)]
+    pub delivered_at: Option<UnixMillis>,
+}
+
+impl OrderRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain data to JSON cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| StoreError::Corrupt { key: "order record".into(), reason: e.to_string() })
+    }
+}
+
+/// What the node keeps about an installed slice (the keys themselves live under `k/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SliceMeta {
+    pub slice_id: SliceId,
+    pub sku: Sku,
+    pub epoch: Epoch,
+    pub issued_at: UnixMillis,
+    pub lease_deadline: UnixMillis,
+    pub key_count: usize,
+}
+
+pub const ORDER: &[u8] = b"o/";
+pub const OPEN: &[u8] = b"x/";
+pub const AWAITING: &[u8] = b"w/";
+pub const KEY: &[u8] = b"k/";
+pub const SOLD: &[u8] = b"s/";
+pub const SLICE: &[u8] = b"g/";
+pub const CALLBACK: &[u8] = b"c/";
+pub const OUTBOX: &[u8] = b"e/";
+pub const NEXT_SEQ: &[u8] = b"m/next_seq";
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+pub fn order_key(id: &OrderId) -> Vec<u8> {
+    cat(&[ORDER, id.as_bytes()])
+}
+
+pub fn open_key(id: &OrderId) -> Vec<u8> {
+    cat(&[OPEN, id.as_bytes()])
+}
+
+pub fn awaiting_key(seq: u64) -> Vec<u8> {
+    cat(&[AWAITING, &seq.to_be_bytes()])
+}
+
+pub fn key_prefix(sku: &Sku) -> Vec<u8> {
+    cat(&[KEY, sku.as_str().as_bytes(), &[0]])
+}
+
+pub fn key_key(sku: &Sku, key: KeyId) -> Vec<u8> {
+    cat(&[KEY, sku.as_str().as_bytes(), &[0], &key.0.to_be_bytes()])
+}
+
+pub fn sold_key(sku: &Sku, key: KeyId) -> Vec<u8> {
+    cat(&[SOLD, sku.as_str().as_bytes(), &[0], &key.0.to_be_bytes()])
+}
+
+pub fn slice_key(id: SliceId) -> Vec<u8> {
+    cat(&[SLICE, &id.0.to_be_bytes()])
+}
+
+pub fn callback_key(channel: &str, provider_txn: &str) -> Vec<u8> {
+    cat(&[CALLBACK, channel.as_bytes(), &[0], provider_txn.as_bytes()])
+}
+
+pub fn outbox_key(seq: u64) -> Vec<u8> {
+    cat(&[OUTBOX, &seq.to_be_bytes()])
+}
+
+/// Splits a `k/` key into (sku, key id).
+pub fn parse_key_key(raw: &[u8]) -> Option<(Sku, KeyId)> {
+    let rest = raw.strip_prefix(KEY)?;
+    let zero = rest.iter().position(|b| *b == 0)?;
+    let sku = std::str::from_utf8(&rest[..zero]).ok()?;
+    let id: [u8; 8] = rest.get(zero + 1..)?.try_into().ok()?;
+    Some((Sku::new(sku).ok()?, KeyId(u64::from_be_bytes(id))))
+}
+
+/// Value under `k/`: slice id then secret.
+pub fn encode_key_value(slice: SliceId, secret: &Secret) -> Vec<u8> {
+    cat(&[&slice.0.to_be_bytes(), secret.expose().as_bytes()])
+}
+
+pub fn decode_key_value(raw: &[u8]) -> Option<(SliceId, &[u8])> {
+    let slice: [u8; 8] = raw.get(..8)?.try_into().ok()?;
+    Some((SliceId(u64::from_be_bytes(slice)), &raw[8..]))
+}
+
+pub fn be_u64(raw: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(raw.try_into().ok()?))
+}
+
+pub fn order_id_from(raw: &[u8]) -> Option<OrderId> {
+    Some(OrderId::from_bytes(raw.try_into().ok()?))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_keys_round_trip_and_sort_by_id() {
+        let sku = Sku::new("game-20").unwrap();
+        let a = key_key(&sku, KeyId(2));
+        let b = key_key(&sku, KeyId(10));
+        assert!(a < b, "big-endian ids sort numerically");
+        assert_eq!(parse_key_key(&b), Some((sku.clone(), KeyId(10))));
+        assert!(a.starts_with(&key_prefix(&sku)));
+        assert_eq!(parse_key_key(b"k/garbage"), None);
+    }
+
+    #[test]
+    fn key_values_round_trip() {
+        let secret = Secret::new("ABCD-EFGH".to_string()).unwrap();
+        let raw = encode_key_value(SliceId(7), &secret);
+        let (slice, bytes) = decode_key_value(&raw).unwrap();
+        assert_eq!(slice, SliceId(7));
+        assert_eq!(bytes, b"ABCD-EFGH");
+        assert_eq!(decode_key_value(b"short"), None);
+    }
+}
