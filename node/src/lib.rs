@@ -1,0 +1,19 @@
+//! The Edgecard edge node: sells card keys from signed slices it holds, over HTTPS.
+//!
+//! Pure logic (inventory, limiter keys, client-IP resolution, config validation) sits apart from
+//! the modules that do I/O (store, engine, HTTP), so it can be tested without sockets.
+
+pub mod admin;
+pub mod api;
+pub mod catalog;
+pub mod client_ip;
+pub mod config;
+pub mod http_server;
+pub mod limiter;
+pub mod metrics;
+pub mod orders;
+pub mod payments;
+pub mod runtime;
+pub mod store;
+pub mod time_fmt;
+pub mod tls;
