@@ -1,0 +1,157 @@
+//! The admin listener: Prometheus metrics, health, node status, and grant installation.
+//! Plain HTTP meant for loopback or a private network; everything but metrics and health needs
+//! the admin bearer token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ed25519_dalek::VerifyingKey;
+use edgecard_protocol::SignedGrant;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::api::{bytes_response, json_response, HttpResponse};
+use crate::limiter::Limiters;
+use crate::metrics::{render_gauge, render_labelled, HttpMetrics};
+use crate::orders::{GrantInstallError, GrantOutcome, OrderEngine};
+use crate::time_fmt::rfc3339;
+
+/// Largest grant accepted over the admin API (a million keys is about 40 MB).
+const MAX_GRANT_BYTES: usize = 64 * 1024 * 1024;
+
+pub struct AdminApi {
+    pub engine: Arc<OrderEngine>,
+    pub limiters: Arc<Limiters>,
+    pub http_metrics: Arc<HttpMetrics>,
+    pub coordinator_key: VerifyingKey,
+    pub token: Option<String>,
+    pub region: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrantRefusal {
+    #[error("grant refused: {0}")]
+    Verify(#[from] edgecard_protocol::GrantError),
+    #[error("grant refused: {0}")]
+    Install(#[from] GrantInstallError),
+}
+
+/// Verifies a signed grant against the pinned coordinator key and this node's id, then installs
+/// it. Used for grant files at start and for the admin API alike.
+pub async fn verify_and_install(
+    engine: &OrderEngine,
+    coordinator_key: &VerifyingKey,
+    bytes: &[u8],
+) -> Result<GrantOutcome, GrantRefusal> {
+    let outcome = async {
+        let signed = SignedGrant::from_bytes(bytes)?;
+        let grant = signed.verify(coordinator_key, engine.node_id())?;
+        Ok::<_, GrantRefusal>(engine.install_grant(grant).await?)
+    }
+    .await;
+    if let Err(e) = &outcome {
+        engine.metrics().grants_refused.inc();
+        tracing::warn!(reason = %e, "grant refused");
+    }
+    outcome
+}
+
+impl AdminApi {
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, _peer: SocketAddr) -> HttpResponse {
+        let path = request.uri().path().to_string();
+        match (request.method(), path.as_str()) {
+            (&Method::GET, "/metrics") => self.metrics(),
+            (&Method::GET, "/healthz") => {
+                json_response(StatusCode::OK, &json!({ "status": "ok", "node": self.engine.node_id().as_str() }), "no-store")
+            }
+            (&Method::GET, "/admin/v1/status") if self.authorized(&request) => self.status(),
+            (&Method::POST, "/admin/v1/grants") if self.authorized(&request) => self.install(request).await,
+            (_, "/admin/v1/status" | "/admin/v1/grants") => error(StatusCode::UNAUTHORIZED, "unauthorized", "admin token required"),
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such resource"),
+        }
+    }
+
+    fn authorized(&self, request: &Request<Incoming>) -> bool {
+        let Some(expected) = &self.token else { return false };
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+    }
+
+    async fn install(&self, request: Request<Incoming>) -> HttpResponse {
+        let body = match Limited::new(request.into_body(), MAX_GRANT_BYTES).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "grant too large or unreadable"),
+        };
+        match verify_and_install(&self.engine, &self.coordinator_key, &body).await {
+            Ok(outcome) => json_response(StatusCode::OK, &json!({ "outcome": format!("{outcome:?}") }), "no-store"),
+            Err(GrantRefusal::Install(GrantInstallError::Store(e))) => {
+                error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &format!("store failure: {e}"))
+            }
+            Err(e) => error(StatusCode::BAD_REQUEST, "grant_refused", &e.to_string()),
+        }
+    }
+
+    fn status(&self) -> HttpResponse {
+        let leases: Vec<_> = self
+            .engine
+            .leases()
+            .into_iter()
+            .map(|(slice, sku, epoch, deadline, live, available)| {
+                json!({
+                    "slice_id": slice.0, "sku": sku.as_str(), "epoch": epoch,
+                    "lease_deadline": rfc3339(deadline), "selling": live, "available": available,
+                })
+            })
+            .collect();
+        let awaiting: Vec<_> = self
+            .engine
+            .awaiting_stock()
+            .into_iter()
+            .map(|(sku, id)| json!({ "sku": sku.as_str(), "order_id": id.to_string() }))
+            .collect();
+        let body = json!({
+            "node": self.engine.node_id().as_str(),
+            "region": self.region,
+            "open_reservations": self.engine.open_reservations(),
+            "slices": leases,
+            "paid_awaiting_stock": awaiting,
+        });
+        json_response(StatusCode::OK, &body, "no-store")
+    }
+
+    fn metrics(&self) -> HttpResponse {
+        let mut out = String::with_capacity(8 * 1024);
+        self.http_metrics.render(&mut out);
+        self.engine.metrics().render(&mut out);
+        self.engine.store().metrics().render(&mut out);
+        let stock: Vec<(String, i64)> = self
+            .engine
+            .catalog()
+            .all()
+            .iter()
+            .map(|p| (p.sku.to_string(), self.engine.stock(&p.sku) as i64))
+            .collect();
+        render_labelled(&mut out, "edgecard_stock_keys", "gauge", "Keys sellable now, per sku.", "sku", &stock);
+        let leases = self.engine.leases();
+        let selling = leases.iter().filter(|l| l.4).count() as i64;
+        render_gauge(&mut out, "edgecard_slices_selling", "Slices under a live lease.", selling);
+        render_gauge(&mut out, "edgecard_slices_lease_expired", "Slices held whose lease has run out.", leases.len() as i64 - selling);
+        render_gauge(&mut out, "edgecard_limiter_keys", "Client keys tracked by the rate limiters.", self.limiters.tracked_keys() as i64);
+        let mut response = bytes_response(StatusCode::OK, out.into_bytes(), "text/plain; version=0.0.4");
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    json_response(status, &json!({ "error": { "code": code, "message": message } }), "no-store")
+}

@@ -1,0 +1,512 @@
+//! The buyer-facing HTTP API (DESIGN §6): routing, JSON bodies, errors, caching headers and rate
+//! limits. Order logic lives in the engine; this module only translates.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use edgecard_protocol::{OrderId, OrderToken, Sku};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::client_ip::ClientIpResolver;
+use crate::config::Currency;
+use crate::limiter::{LimitClass, Limiters};
+use crate::metrics::HttpMetrics;
+use crate::orders::{CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentConfirmation, PaymentOutcome};
+use crate::payments::sandbox::SandboxChannel;
+use crate::payments::{PaymentChannel, ProviderStatus};
+use crate::time_fmt::rfc3339;
+
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// How long a request body may take to arrive, once its head is in.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Catalog freshness: short, so stock counts stay close to the truth even through a CDN.
+const CATALOG_CACHE_CONTROL: &str = "public, max-age=2, stale-while-revalidate=30";
+const NO_STORE: &str = "no-store";
+
+pub struct NodeApi {
+    pub engine: Arc<OrderEngine>,
+    pub limiters: Arc<Limiters>,
+    pub client_ip: ClientIpResolver,
+    pub channels: HashMap<&'static str, Arc<dyn PaymentChannel>>,
+    pub sandbox: Option<Arc<SandboxChannel>>,
+    pub public_url: String,
+    pub max_body_bytes: usize,
+    pub metrics: Arc<HttpMetrics>,
+}
+
+/// A failed request: status, stable machine code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), retry_after: None }
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
+    fn not_found() -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
+    }
+
+    fn into_response(self) -> HttpResponse {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let mut response = json_response(self.status, &body, NO_STORE);
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<OrderError> for ApiError {
+    fn from(e: OrderError) -> Self {
+        let message = e.to_string();
+        match e {
+            OrderError::UnknownSku(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", message),
+            OrderError::BadQuantity { .. } => ApiError::new(StatusCode::BAD_REQUEST, "invalid_quantity", message),
+            OrderError::UnsupportedCurrency { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "unsupported_currency", message)
+            }
+            OrderError::UnknownChannel(_) => ApiError::new(StatusCode::BAD_REQUEST, "unknown_channel", message),
+            OrderError::BadEmail => ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", message),
+            OrderError::SoldOut { .. } => ApiError::new(StatusCode::CONFLICT, "sold_out", message),
+            OrderError::TooManyOpen { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_open_orders", message).retry_after(60)
+            }
+            OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", message),
+            OrderError::PaymentMismatch(_) => ApiError::new(StatusCode::BAD_REQUEST, "payment_mismatch", message),
+            OrderError::Store(e) => {
+                tracing::error!(error = %e, "store failure while serving a request");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the node cannot record orders right now")
+                    .retry_after(5)
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateOrderBody {
+    sku: String,
+    #[serde(default = "one")]
+    quantity: u32,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    channel: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl NodeApi {
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+        let started = Instant::now();
+        let client = self.client_ip.resolve(peer.ip(), request.headers());
+        let method = request.method().clone();
+        let response = match self.route(request, client).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        };
+        let status = response.status().as_u16();
+        if status == 429 {
+            self.metrics.rate_limited.inc();
+        }
+        self.metrics.record(status, started.elapsed().as_secs_f64());
+        tracing::debug!(%method, status, "request");
+        with_common_headers(response)
+    }
+
+    async fn route(&self, request: Request<Incoming>, client: IpAddr) -> Result<HttpResponse, ApiError> {
+        let path = request.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (request.method(), segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => Ok(self.healthz()),
+            (&Method::GET, ["api", "v1", "products"]) => {
+                self.limit(LimitClass::Catalog, client)?;
+                Ok(self.products(request.headers(), request.uri().query()))
+            }
+            (&Method::POST, ["api", "v1", "orders"]) => {
+                self.limit(LimitClass::CreateOrder, client)?;
+                self.create_order(request, client).await
+            }
+            (&Method::GET, ["api", "v1", "orders", id]) => {
+                self.limit(LimitClass::OrderLookup, client)?;
+                let id = parse_order_id(id)?;
+                self.get_order(&id, request.headers()).await
+            }
+            (&Method::POST, ["api", "v1", "payments", channel, "callback"]) => {
+                // Providers call from few addresses and retry on failure: no per-IP limit here;
+                // the signature check is the gate.
+                let channel = channel.to_string();
+                let headers = request.headers().clone();
+                let body = self.read_body(request).await?;
+                self.callback(&channel, &headers, &body).await
+            }
+            (&Method::POST, ["pay", "sandbox", id]) => {
+                self.limit(LimitClass::Payment, client)?;
+                let id = parse_order_id(id)?;
+                self.sandbox_pay(&id).await
+            }
+            (_, ["healthz"] | ["api", "v1", "products"] | ["api", "v1", "orders"] | ["api", "v1", "orders", _]) => {
+                Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here"))
+            }
+            _ => Err(ApiError::not_found()),
+        }
+    }
+
+    fn limit(&self, class: LimitClass, client: IpAddr) -> Result<(), ApiError> {
+        self.limiters.check(class, client).map_err(|limited| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; slow down")
+                .retry_after(limited.retry_after_secs())
+        })
+    }
+
+    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, ApiError> {
+        let limited = Limited::new(request.into_body(), self.max_body_bytes);
+        match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+            Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "request body too slow")),
+            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body over {} bytes", self.max_body_bytes),
+            )),
+            Ok(Err(_)) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_body", "request body could not be read")),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
+    fn healthz(&self) -> HttpResponse {
+        let body = json!({ "status": "ok", "node": self.engine.node_id().as_str() });
+        json_response(StatusCode::OK, &body, NO_STORE)
+    }
+
+    fn products(&self, headers: &HeaderMap, query: Option<&str>) -> HttpResponse {
+        let language = preferred_language(headers);
+        let wanted_currency: Option<Currency> =
+            query_param(query, "currency").and_then(|c| c.to_ascii_uppercase().parse().ok());
+        let products: Vec<Value> = self
+            .engine
+            .catalog()
+            .all()
+            .iter()
+            .map(|p| {
+                let price = wanted_currency
+                    .and_then(|c| p.prices.iter().find(|price| price.currency == c))
+                    .or_else(|| p.prices.first());
+                let title = p.title.get(language).or_else(|| p.title.get("en")).cloned().unwrap_or_default();
+                json!({
+                    "sku": p.sku.as_str(),
+                    "title": title,
+                    "price": price.map(|price| json!({
+                        "amount_minor": price.amount_minor,
+                        "currency": price.currency.as_str(),
+                    })),
+                    "prices": p.prices.iter().map(|price| json!({
+                        "amount_minor": price.amount_minor,
+                        "currency": price.currency.as_str(),
+                    })).collect::<Vec<_>>(),
+                    "stock": self.engine.stock(&p.sku),
+                })
+            })
+            .collect();
+        let body = serde_json::to_vec(&products).unwrap_or_default();
+        let etag = format!("\"{}\"", hex::encode(&Sha256::digest(&body)[..12]));
+        let not_modified = headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
+        let mut response = if not_modified {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r
+        } else {
+            bytes_response(StatusCode::OK, body, "application/json")
+        };
+        let h = response.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static(CATALOG_CACHE_CONTROL));
+        h.insert(header::VARY, HeaderValue::from_static("Accept-Language"));
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            h.insert(header::ETAG, v);
+        }
+        response
+    }
+
+    async fn create_order(&self, request: Request<Incoming>, client: IpAddr) -> Result<HttpResponse, ApiError> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the order as application/json",
+            ));
+        }
+        let body = self.read_body(request).await?;
+        let parsed: CreateOrderBody = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid order request: {e}")))?;
+        let sku = Sku::new(parsed.sku.clone())
+            .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown sku {:?}", parsed.sku)))?;
+        let currency = match parsed.currency {
+            Some(c) => Some(c.parse::<Currency>().map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_currency", m))?),
+            None => None,
+        };
+        let channel_name = parsed.channel.unwrap_or_else(|| self.default_channel().to_string());
+        let channel = self
+            .channels
+            .get(channel_name.as_str())
+            .cloned()
+            .ok_or_else(|| ApiError::from(OrderError::UnknownChannel(channel_name.clone())))?;
+        let created = self
+            .engine
+            .create_order(CreateOrder {
+                sku,
+                quantity: parsed.quantity,
+                email: parsed.email,
+                currency,
+                channel: channel.name().to_string(),
+                client_ip: client,
+            })
+            .await?;
+        let record = &created.record;
+        let body = json!({
+            "order_id": record.id.to_string(),
+            "token": created.token.to_string(),
+            "status": record.status.as_str(),
+            "sku": record.sku.as_str(),
+            "quantity": record.quantity,
+            "amount_minor": record.amount_minor,
+            "currency": record.currency,
+            "channel": record.channel,
+            "expires_at": rfc3339(record.expires_at),
+            "pay_url": channel.pay_url(record, &self.public_url),
+        });
+        Ok(json_response(StatusCode::CREATED, &body, NO_STORE))
+    }
+
+    fn default_channel(&self) -> &'static str {
+        self.channels.keys().min().copied().unwrap_or("none")
+    }
+
+    async fn get_order(&self, id: &OrderId, headers: &HeaderMap) -> Result<HttpResponse, ApiError> {
+        let token = bearer_token(headers).ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", "send the order token as `Authorization: Bearer <token>`")
+        })?;
+        let token: OrderToken = token.parse().map_err(|_| ApiError::from(OrderError::NotFound))?;
+        let record = self.engine.lookup(id, &token).await?;
+        Ok(json_response(StatusCode::OK, &self.order_view(&record), NO_STORE))
+    }
+
+    fn order_view(&self, record: &OrderRecord) -> Value {
+        let mut view = json!({
+            "order_id": record.id.to_string(),
+            "status": record.status.as_str(),
+            "sku": record.sku.as_str(),
+            "quantity": record.quantity,
+            "amount_minor": record.amount_minor,
+            "currency": record.currency,
+            "channel": record.channel,
+            "created_at": rfc3339(record.created_at),
+            "expires_at": rfc3339(record.expires_at),
+        });
+        if record.status == OrderStatus::Reserved {
+            if let Some(channel) = self.channels.get(record.channel.as_str()) {
+                view["pay_url"] = json!(channel.pay_url(record, &self.public_url));
+            }
+        }
+        if record.status == OrderStatus::Delivered {
+            view["keys"] = json!(record.secrets.iter().map(|s| s.expose()).collect::<Vec<_>>());
+            view["delivered_at"] = json!(record.delivered_at.map(rfc3339));
+        }
+        view
+    }
+
+    /// The one path every provider callback takes, sandbox included.
+    async fn callback(&self, channel_name: &str, headers: &HeaderMap, body: &[u8]) -> Result<HttpResponse, ApiError> {
+        let outcome = self.process_callback(channel_name, headers, body).await?;
+        let body = json!({ "received": true, "outcome": outcome.map(outcome_name) });
+        Ok(json_response(StatusCode::OK, &body, NO_STORE))
+    }
+
+    async fn process_callback(
+        &self,
+        channel_name: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Option<PaymentOutcome>, ApiError> {
+        let channel = self.channels.get(channel_name).ok_or_else(ApiError::not_found)?;
+        let verified = channel.verify_callback(headers, body, unix_secs()).map_err(|e| {
+            self.engine_metrics_reject();
+            tracing::warn!(channel = channel_name, reason = %e, "payment callback refused");
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_callback", e.to_string())
+        })?;
+        if verified.status != ProviderStatus::Succeeded {
+            return Ok(None);
+        }
+        let outcome = self
+            .engine
+            .confirm_payment(PaymentConfirmation {
+                order_id: verified.order_id,
+                channel: channel.name().to_string(),
+                provider_txn: verified.provider_txn,
+                amount_minor: verified.amount_minor,
+                currency: verified.currency,
+            })
+            .await
+            .inspect_err(|e| {
+                if matches!(e, OrderError::PaymentMismatch(_) | OrderError::NotFound) {
+                    self.engine_metrics_reject();
+                    tracing::warn!(channel = channel_name, reason = %e, "payment callback refused");
+                }
+            })?;
+        Ok(Some(outcome))
+    }
+
+    fn engine_metrics_reject(&self) {
+        self.engine.metrics().callbacks_rejected.inc();
+    }
+
+    async fn sandbox_pay(&self, id: &OrderId) -> Result<HttpResponse, ApiError> {
+        let sandbox = self.sandbox.as_ref().ok_or_else(ApiError::not_found)?;
+        let order = self.engine.order_for_payment(id).map_err(|e| match e {
+            OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"),
+            other => other.into(),
+        })?;
+        let (headers, body) = sandbox.signed_callback(&order, unix_secs());
+        let outcome = self.process_callback(crate::payments::sandbox::NAME, &headers, &body).await?;
+        let status = self.engine.order_for_payment(id)?.status;
+        let body = json!({
+            "order_id": id.to_string(),
+            "status": status.as_str(),
+            "outcome": outcome.map(outcome_name),
+        });
+        Ok(json_response(StatusCode::OK, &body, NO_STORE))
+    }
+}
+
+fn outcome_name(outcome: PaymentOutcome) -> &'static str {
+    match outcome {
+        PaymentOutcome::Delivered => "delivered",
+        PaymentOutcome::AwaitingStock => "paid_awaiting_stock",
+        PaymentOutcome::AlreadyRecorded => "already_recorded",
+        PaymentOutcome::DuplicatePayment => "duplicate_payment",
+    }
+}
+
+fn parse_order_id(raw: &str) -> Result<OrderId, ApiError> {
+    raw.parse().map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"))
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| pair.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
+/// The first supported language in `Accept-Language` order (q-values ignored beyond q=0).
+pub fn preferred_language(headers: &HeaderMap) -> &'static str {
+    let Some(value) = headers.get(header::ACCEPT_LANGUAGE).and_then(|v| v.to_str().ok()) else { return "en" };
+    for item in value.split(',') {
+        let mut parts = item.split(';');
+        let tag = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        if parts.any(|p| p.trim() == "q=0") {
+            continue;
+        }
+        if tag.starts_with("zh") {
+            return "zh-CN";
+        }
+        if tag.starts_with("en") {
+            return "en";
+        }
+    }
+    "en"
+}
+
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub fn json_response(status: StatusCode, body: &Value, cache_control: &'static str) -> HttpResponse {
+    let mut response = bytes_response(status, serde_json::to_vec(body).unwrap_or_default(), "application/json");
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(cache_control));
+    response
+}
+
+pub fn bytes_response(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn with_common_headers(mut response: HttpResponse) -> HttpResponse {
+    let h = response.headers_mut();
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static(NO_STORE));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_parsed_strictly() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer_token(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        assert_eq!(bearer_token(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer_token(&h), None);
+    }
+
+    #[test]
+    fn language_follows_accept_language() {
+        let mut h = HeaderMap::new();
+        assert_eq!(preferred_language(&h), "en");
+        h.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("zh-CN,zh;q=0.9,en;q=0.8"));
+        assert_eq!(preferred_language(&h), "zh-CN");
+        h.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("fr, en-GB;q=0.5"));
+        assert_eq!(preferred_language(&h), "en");
+        h.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("zh;q=0, en"));
+        assert_eq!(preferred_language(&h), "en");
+    }
+
+    #[test]
+    fn query_params_are_found() {
+        assert_eq!(query_param(Some("a=1&currency=EUR"), "currency"), Some("EUR"));
+        assert_eq!(query_param(Some("currency"), "currency"), None);
+        assert_eq!(query_param(None, "currency"), None);
+    }
+}

@@ -1,0 +1,213 @@
+//! Starting and stopping a node: store, engine, grants, listeners and background tasks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{verify_and_install, AdminApi};
+use crate::api::NodeApi;
+use crate::catalog::Catalog;
+use crate::client_ip::ClientIpResolver;
+use crate::config::NodeConfig;
+use crate::http_server::{self, Handler, ServerOptions};
+use crate::limiter::{spawn_eviction, Limiters};
+use crate::metrics::{HttpMetrics, OrderMetrics, StoreMetrics};
+use crate::orders::engine::now_millis;
+use crate::orders::OrderEngine;
+use crate::payments::sandbox::SandboxChannel;
+use crate::payments::PaymentChannel;
+use crate::store::{Store, StoreError};
+use crate::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot create {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
+pub struct RunningNode {
+    pub https_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub public_url: String,
+    /// Where the self-signed certificate was written, when one was generated.
+    pub self_signed_cert: Option<PathBuf>,
+    pub engine: Arc<OrderEngine>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Stops accepting, lets in-flight requests finish, stops background tasks, closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.engine.store().close();
+        tracing::info!("node stopped");
+    }
+}
+
+pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+    tls::install_crypto_provider();
+    let coordinator_key = edgecard_protocol::decode_verifying_key(&config.trust.coordinator_key)
+        .map_err(|e| NodeError::Config(format!("trust.coordinator_key: {e}")))?;
+    let store_dir = config.data_dir.join("store");
+    std::fs::create_dir_all(&store_dir).map_err(|source| NodeError::DataDir { path: store_dir.clone(), source })?;
+    let store = Arc::new(Store::open(
+        &store_dir,
+        config.store.cache_capacity_mb.saturating_mul(1 << 20),
+        Arc::new(StoreMetrics::default()),
+    )?);
+    let catalog = Arc::new(Catalog::new(config.products.clone()));
+    let order_metrics = Arc::new(OrderMetrics::default());
+    let engine = Arc::new(
+        OrderEngine::open(config.node_id.clone(), store, catalog, config.orders.clone(), order_metrics).await?,
+    );
+
+    for path in &config.trust.grant_files {
+        match std::fs::read(path) {
+            Ok(bytes) => match verify_and_install(&engine, &coordinator_key, &bytes).await {
+                Ok(outcome) => tracing::info!(file = %path.display(), ?outcome, "grant file loaded"),
+                Err(e) => tracing::error!(file = %path.display(), reason = %e, "grant file refused"),
+            },
+            Err(e) => tracing::error!(file = %path.display(), error = %e, "grant file unreadable"),
+        }
+    }
+
+    let (tls_config, self_signed_cert) = match (&config.http.tls_cert, &config.http.tls_key) {
+        (Some(cert), Some(key)) => (tls::load_server_config(cert, key)?, None),
+        _ => {
+            let generated = tls::self_signed(&["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])?;
+            let tls_dir = config.data_dir.join("tls");
+            std::fs::create_dir_all(&tls_dir).map_err(|source| NodeError::DataDir { path: tls_dir.clone(), source })?;
+            let cert_path = tls_dir.join("self-signed-cert.pem");
+            std::fs::write(&cert_path, &generated.cert_pem)
+                .map_err(|source| NodeError::DataDir { path: cert_path.clone(), source })?;
+            tracing::warn!(cert = %cert_path.display(), "no TLS certificate configured: serving a self-signed one");
+            (tls::server_config_from_pem(generated.cert_pem.as_bytes(), generated.key_pem.as_bytes())?, Some(cert_path))
+        }
+    };
+
+    let https_listener = TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| NodeError::Bind { addr: config.http.listen, source })?;
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| NodeError::Bind { addr: config.admin.listen, source })?;
+    let https_addr = https_listener.local_addr().map_err(|source| NodeError::Bind { addr: config.http.listen, source })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| NodeError::Bind { addr: config.admin.listen, source })?;
+    let public_url = config.public_url.clone().unwrap_or_else(|| format!("https://{https_addr}"));
+
+    let limiters = Arc::new(Limiters::new(&config.limits).map_err(NodeError::Config)?);
+    let mut channels: HashMap<&'static str, Arc<dyn PaymentChannel>> = HashMap::new();
+    let sandbox = if config.payments.sandbox.enabled {
+        let secret = match &config.payments.sandbox.secret {
+            Some(secret) => secret.as_bytes().to_vec(),
+            None => {
+                let mut key = vec![0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut key);
+                key
+            }
+        };
+        let channel = Arc::new(
+            SandboxChannel::new(&secret, config.payments.sandbox.tolerance_secs)
+                .map_err(|_| NodeError::Config("payments.sandbox.secret: unusable key".into()))?,
+        );
+        channels.insert(crate::payments::sandbox::NAME, channel.clone());
+        Some(channel)
+    } else {
+        None
+    };
+    if channels.is_empty() {
+        tracing::warn!("no payment channel is enabled: orders cannot be created");
+    }
+
+    let http_metrics = Arc::new(HttpMetrics::default());
+    let api = Arc::new(NodeApi {
+        engine: engine.clone(),
+        limiters: limiters.clone(),
+        client_ip: ClientIpResolver::new(config.client_ip.trusted_proxies.clone(), config.client_ip.header),
+        channels,
+        sandbox,
+        public_url: public_url.clone(),
+        max_body_bytes: config.http.max_body_bytes,
+        metrics: http_metrics.clone(),
+    });
+    let admin = Arc::new(AdminApi {
+        engine: engine.clone(),
+        limiters: limiters.clone(),
+        http_metrics,
+        coordinator_key,
+        token: config.admin.token.clone(),
+        region: config.region.clone(),
+    });
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let options = ServerOptions {
+        max_connections: config.http.max_connections,
+        header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+        ..ServerOptions::default()
+    };
+    let api_handler: Handler = Arc::new(move |request, peer| Box::pin(api.clone().handle(request, peer)));
+    let admin_handler: Handler = Arc::new(move |request, peer| Box::pin(admin.clone().handle(request, peer)));
+    let mut tasks = Vec::new();
+    let rx = shutdown_rx.clone();
+    let opts = options.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = http_server::serve(https_listener, Some(tls_config), api_handler, opts, rx).await {
+            tracing::error!(error = %e, "HTTPS listener failed");
+        }
+    }));
+    let rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = http_server::serve(admin_listener, None, admin_handler, options, rx).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    }));
+    tasks.push(spawn_expiry_sweeper(engine.clone(), Duration::from_millis(config.orders.expiry_sweep_ms), shutdown_rx.clone()));
+    let eviction = spawn_eviction(limiters, config.limits.evict_every(), shutdown_rx);
+    tasks.push(tokio::spawn(async move {
+        let _ = eviction.await;
+    }));
+
+    tracing::info!(node = %config.node_id, region = %config.region, %https_addr, %admin_addr, "node serving");
+    Ok(RunningNode { https_addr, admin_addr, public_url, self_signed_cert, engine, shutdown, tasks })
+}
+
+fn spawn_expiry_sweeper(engine: Arc<OrderEngine>, every: Duration, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if let Err(e) = engine.expire_due(now_millis()).await {
+                        tracing::error!(error = %e, "expiring reservations failed");
+                    }
+                }
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
