@@ -65,12 +65,16 @@ impl AdminApi {
         let path = request.uri().path().to_string();
         match (request.method(), path.as_str()) {
             (&Method::GET, "/metrics") => self.metrics(),
-            (&Method::GET, "/healthz") => {
-                json_response(StatusCode::OK, &json!({ "status": "ok", "node": self.engine.node_id().as_str() }), "no-store")
-            }
+            (&Method::GET, "/healthz") => json_response(
+                StatusCode::OK,
+                &json!({ "status": "ok", "node": self.engine.node_id().as_str() }),
+                "no-store",
+            ),
             (&Method::GET, "/admin/v1/status") if self.authorized(&request) => self.status(),
             (&Method::POST, "/admin/v1/grants") if self.authorized(&request) => self.install(request).await,
-            (_, "/admin/v1/status" | "/admin/v1/grants") => error(StatusCode::UNAUTHORIZED, "unauthorized", "admin token required"),
+            (_, "/admin/v1/status" | "/admin/v1/grants") => {
+                error(StatusCode::UNAUTHORIZED, "unauthorized", "admin token required")
+            }
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such resource"),
         }
     }
@@ -133,19 +137,24 @@ impl AdminApi {
         self.http_metrics.render(&mut out);
         self.engine.metrics().render(&mut out);
         self.engine.store().metrics().render(&mut out);
-        let stock: Vec<(String, i64)> = self
-            .engine
-            .catalog()
-            .all()
-            .iter()
-            .map(|p| (p.sku.to_string(), self.engine.stock(&p.sku) as i64))
-            .collect();
+        let stock: Vec<(String, i64)> =
+            self.engine.catalog().all().iter().map(|p| (p.sku.to_string(), self.engine.stock(&p.sku) as i64)).collect();
         render_labelled(&mut out, "edgecard_stock_keys", "gauge", "Keys sellable now, per sku.", "sku", &stock);
         let leases = self.engine.leases();
         let selling = leases.iter().filter(|l| l.4).count() as i64;
         render_gauge(&mut out, "edgecard_slices_selling", "Slices under a live lease.", selling);
-        render_gauge(&mut out, "edgecard_slices_lease_expired", "Slices held whose lease has run out.", leases.len() as i64 - selling);
-        render_gauge(&mut out, "edgecard_limiter_keys", "Client keys tracked by the rate limiters.", self.limiters.tracked_keys() as i64);
+        render_gauge(
+            &mut out,
+            "edgecard_slices_lease_expired",
+            "Slices held whose lease has run out.",
+            leases.len() as i64 - selling,
+        );
+        render_gauge(
+            &mut out,
+            "edgecard_limiter_keys",
+            "Client keys tracked by the rate limiters.",
+            self.limiters.tracked_keys() as i64,
+        );
         let mut response = bytes_response(StatusCode::OK, out.into_bytes(), "text/plain; version=0.0.4");
         response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response

@@ -20,7 +20,9 @@ use crate::client_ip::ClientIpResolver;
 use crate::config::Currency;
 use crate::limiter::{LimitClass, Limiters};
 use crate::metrics::HttpMetrics;
-use crate::orders::{CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentConfirmation, PaymentOutcome};
+use crate::orders::{
+    CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentConfirmation, PaymentOutcome,
+};
 use crate::payments::sandbox::SandboxChannel;
 use crate::payments::{PaymentChannel, ProviderStatus};
 use crate::time_fmt::rfc3339;
@@ -255,11 +257,10 @@ impl NodeApi {
     }
 
     async fn create_order(&self, request: Request<Incoming>, client: IpAddr) -> Result<HttpResponse, ApiError> {
-        let is_json = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+        let is_json =
+            request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+                v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
         if !is_json {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -268,12 +269,16 @@ impl NodeApi {
             ));
         }
         let body = self.read_body(request).await?;
-        let parsed: CreateOrderBody = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid order request: {e}")))?;
-        let sku = Sku::new(parsed.sku.clone())
-            .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown sku {:?}", parsed.sku)))?;
+        let parsed: CreateOrderBody = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid order request: {e}"))
+        })?;
+        let sku = Sku::new(parsed.sku.clone()).map_err(|_| {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown sku {:?}", parsed.sku))
+        })?;
         let currency = match parsed.currency {
-            Some(c) => Some(c.parse::<Currency>().map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_currency", m))?),
+            Some(c) => {
+                Some(c.parse::<Currency>().map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_currency", m))?)
+            }
             None => None,
         };
         let channel_name = parsed.channel.unwrap_or_else(|| self.default_channel().to_string());
@@ -315,7 +320,11 @@ impl NodeApi {
 
     async fn get_order(&self, id: &OrderId, headers: &HeaderMap) -> Result<HttpResponse, ApiError> {
         let token = bearer_token(headers).ok_or_else(|| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", "send the order token as `Authorization: Bearer <token>`")
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing_token",
+                "send the order token as `Authorization: Bearer <token>`",
+            )
         })?;
         let token: OrderToken = token.parse().map_err(|_| ApiError::from(OrderError::NotFound))?;
         let record = self.engine.lookup(id, &token).await?;

@@ -90,10 +90,7 @@ impl ClientIpResolver {
     /// Builds a resolver. CIDRs written as IPv4-mapped IPv6 (`::ffff:10.0.0.0/104`) are
     /// converted to their IPv4 form (`10.0.0.0/8`) so they match normalised addresses.
     pub fn new(trusted_proxies: Vec<IpNet>, header: ClientIpHeader) -> Self {
-        let trusted = trusted_proxies
-            .into_iter()
-            .map(|net| normalize_net(net).trunc())
-            .collect();
+        let trusted = trusted_proxies.into_iter().map(|net| normalize_net(net).trunc()).collect();
         Self { trusted, header }
     }
 
@@ -166,15 +163,9 @@ fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
         return Some(ip.to_canonical());
     }
     if let Some(inner) = entry.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
-        return inner
-            .parse::<Ipv6Addr>()
-            .ok()
-            .map(|ip| IpAddr::V6(ip).to_canonical());
+        return inner.parse::<Ipv6Addr>().ok().map(|ip| IpAddr::V6(ip).to_canonical());
     }
-    entry
-        .parse::<SocketAddr>()
-        .ok()
-        .map(|sa| sa.ip().to_canonical())
+    entry.parse::<SocketAddr>().ok().map(|sa| sa.ip().to_canonical())
 }
 
 /// Rewrites an IPv4-mapped IPv6 network (`::ffff:0:0/96` and narrower) as IPv4.
@@ -213,10 +204,7 @@ mod tests {
     }
 
     fn cdn(header: ClientIpHeader) -> ClientIpResolver {
-        ClientIpResolver::new(
-            nets(&["10.0.0.0/8", "173.245.48.0/20", "2400:cb00::/32"]),
-            header,
-        )
+        ClientIpResolver::new(nets(&["10.0.0.0/8", "173.245.48.0/20", "2400:cb00::/32"]), header)
     }
 
     const PROXY: &str = "10.1.2.3";
@@ -232,39 +220,26 @@ mod tests {
         ] {
             let json = format!("\"{text}\"");
             assert_eq!(serde_json::to_string(&variant).unwrap(), json);
-            assert_eq!(
-                serde_json::from_str::<ClientIpHeader>(&json).unwrap(),
-                variant
-            );
+            assert_eq!(serde_json::from_str::<ClientIpHeader>(&json).unwrap(), variant);
             assert_eq!(variant.as_str(), text);
             assert_eq!(variant.to_string(), text);
         }
         assert_eq!(ClientIpHeader::default(), ClientIpHeader::None);
         assert!(serde_json::from_str::<ClientIpHeader>("\"X-Forwarded-For\"").is_err());
         assert_eq!(ClientIpHeader::None.header_name(), None);
-        assert_eq!(
-            ClientIpHeader::XForwardedFor.header_name(),
-            Some(X_FORWARDED_FOR)
-        );
+        assert_eq!(ClientIpHeader::XForwardedFor.header_name(), Some(X_FORWARDED_FOR));
     }
 
     #[test]
     fn header_none_ignores_headers_even_from_trusted_peer() {
         let r = cdn(ClientIpHeader::None);
-        let h = headers(&[
-            (&CF_CONNECTING_IP, "198.51.100.1"),
-            (&X_FORWARDED_FOR, "198.51.100.2"),
-        ]);
+        let h = headers(&[(&CF_CONNECTING_IP, "198.51.100.1"), (&X_FORWARDED_FOR, "198.51.100.2")]);
         assert_eq!(r.resolve(ip(PROXY), &h), ip(PROXY));
     }
 
     #[test]
     fn untrusted_peer_headers_are_ignored() {
-        for header in [
-            ClientIpHeader::CfConnectingIp,
-            ClientIpHeader::TrueClientIp,
-            ClientIpHeader::XForwardedFor,
-        ] {
+        for header in [ClientIpHeader::CfConnectingIp, ClientIpHeader::TrueClientIp, ClientIpHeader::XForwardedFor] {
             let r = cdn(header);
             let h = headers(&[
                 (&CF_CONNECTING_IP, "198.51.100.1"),
@@ -308,27 +283,14 @@ mod tests {
     fn single_value_header_missing_repeated_or_bad_gives_peer() {
         let r = cdn(ClientIpHeader::CfConnectingIp);
         assert_eq!(r.resolve(ip(PROXY), &HeaderMap::new()), ip(PROXY));
-        let repeated = headers(&[
-            (&CF_CONNECTING_IP, "198.51.100.1"),
-            (&CF_CONNECTING_IP, "198.51.100.2"),
-        ]);
+        let repeated = headers(&[(&CF_CONNECTING_IP, "198.51.100.1"), (&CF_CONNECTING_IP, "198.51.100.2")]);
         assert_eq!(r.resolve(ip(PROXY), &repeated), ip(PROXY));
-        for bad in [
-            "",
-            "unknown",
-            "198.51.100.1, 198.51.100.2",
-            "198.51.100.1:443",
-            "[2001:db8::1]",
-            "999.1.1.1",
-        ] {
+        for bad in ["", "unknown", "198.51.100.1, 198.51.100.2", "198.51.100.1:443", "[2001:db8::1]", "999.1.1.1"] {
             let h = headers(&[(&CF_CONNECTING_IP, bad)]);
             assert_eq!(r.resolve(ip(PROXY), &h), ip(PROXY), "value {bad:?}");
         }
         let mut h = HeaderMap::new();
-        h.insert(
-            CF_CONNECTING_IP,
-            HeaderValue::from_bytes(b"198.51.100.1\xff").unwrap(),
-        );
+        h.insert(CF_CONNECTING_IP, HeaderValue::from_bytes(b"198.51.100.1\xff").unwrap());
         assert_eq!(r.resolve(ip(PROXY), &h), ip(PROXY));
     }
 
@@ -346,10 +308,7 @@ mod tests {
         let r = cdn(ClientIpHeader::XForwardedFor);
         // The client sent "X-Forwarded-For: 1.1.1.1, 10.0.0.1"; the CDN appended the real
         // address it saw. Neither forged entry may win.
-        let h = headers(&[(
-            &X_FORWARDED_FOR,
-            "1.1.1.1, 10.0.0.1, 203.0.113.50, 173.245.48.1",
-        )]);
+        let h = headers(&[(&X_FORWARDED_FOR, "1.1.1.1, 10.0.0.1, 203.0.113.50, 173.245.48.1")]);
         assert_eq!(r.resolve(ip(PROXY), &h), ip("203.0.113.50"));
     }
 
@@ -362,10 +321,7 @@ mod tests {
             (&X_FORWARDED_FOR, "10.2.2.2"),
         ]);
         assert_eq!(r.resolve(ip(PROXY), &h), ip("203.0.113.50"));
-        let h = headers(&[
-            (&X_FORWARDED_FOR, "203.0.113.50"),
-            (&X_FORWARDED_FOR, "198.51.100.9"),
-        ]);
+        let h = headers(&[(&X_FORWARDED_FOR, "203.0.113.50"), (&X_FORWARDED_FOR, "198.51.100.9")]);
         assert_eq!(r.resolve(ip(PROXY), &h), ip("198.51.100.9"));
     }
 
@@ -386,10 +342,7 @@ mod tests {
         assert_eq!(r.resolve(ip(PROXY), &h), ip(PROXY));
         let mut h = HeaderMap::new();
         h.append(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
-        h.append(
-            X_FORWARDED_FOR,
-            HeaderValue::from_bytes(b"198.51.100.2\xff").unwrap(),
-        );
+        h.append(X_FORWARDED_FOR, HeaderValue::from_bytes(b"198.51.100.2\xff").unwrap());
         h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.3.3.3"));
         assert_eq!(r.resolve(ip(PROXY), &h), ip("10.3.3.3"));
     }
@@ -439,10 +392,7 @@ mod tests {
     fn mapped_addresses_are_normalised() {
         let r = cdn(ClientIpHeader::XForwardedFor);
         // A mapped peer is matched against the IPv4 CIDRs and returned as IPv4.
-        assert_eq!(
-            r.resolve(ip("::ffff:203.0.113.4"), &HeaderMap::new()),
-            ip("203.0.113.4")
-        );
+        assert_eq!(r.resolve(ip("::ffff:203.0.113.4"), &HeaderMap::new()), ip("203.0.113.4"));
         let h = headers(&[(&X_FORWARDED_FOR, "::ffff:198.51.100.1, ::ffff:10.4.4.4")]);
         assert_eq!(r.resolve(ip("::ffff:10.1.1.1"), &h), ip("198.51.100.1"));
         assert!(r.is_trusted(ip("::ffff:10.1.1.1")));
@@ -454,14 +404,8 @@ mod tests {
 
     #[test]
     fn mapped_cidrs_are_normalised() {
-        let r = ClientIpResolver::new(
-            nets(&["::ffff:10.0.0.0/104", "192.0.2.77/24"]),
-            ClientIpHeader::CfConnectingIp,
-        );
-        assert_eq!(
-            r.trusted_proxies(),
-            nets(&["10.0.0.0/8", "192.0.2.0/24"]).as_slice()
-        );
+        let r = ClientIpResolver::new(nets(&["::ffff:10.0.0.0/104", "192.0.2.77/24"]), ClientIpHeader::CfConnectingIp);
+        assert_eq!(r.trusted_proxies(), nets(&["10.0.0.0/8", "192.0.2.0/24"]).as_slice());
         let h = headers(&[(&CF_CONNECTING_IP, "198.51.100.3")]);
         assert_eq!(r.resolve(ip("10.2.3.4"), &h), ip("198.51.100.3"));
         assert_eq!(r.resolve(ip("192.0.2.1"), &h), ip("198.51.100.3"));

@@ -282,7 +282,8 @@ impl NodeConfig {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: one_line(&e.to_string()) })
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: one_line(&e.to_string()) })
     }
 
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
@@ -349,7 +350,10 @@ impl NodeConfig {
         self.limits.validate().map_err(|m| invalid("limits", m))?;
         if let Some(url) = &self.public_url {
             if !(url.starts_with("https://") || url.starts_with("http://")) || url.ends_with('/') {
-                return Err(invalid("public_url", format!("must be http(s)://host[:port] without a trailing slash, got {url:?}")));
+                return Err(invalid(
+                    "public_url",
+                    format!("must be http(s)://host[:port] without a trailing slash, got {url:?}"),
+                ));
             }
         }
         if self.payments.sandbox.secret.as_deref().is_some_and(|s| s.len() < 16) {
@@ -441,7 +445,11 @@ mod tests {
             ("public_url = \"ftp://x\"\n", "public_url"),
         ];
         for (extra, field) in cases {
-            let text = if extra.starts_with("public_url") { format!("{extra}{}", minimal()) } else { format!("{}{extra}", minimal()) };
+            let text = if extra.starts_with("public_url") {
+                format!("{extra}{}", minimal())
+            } else {
+                format!("{}{extra}", minimal())
+            };
             let err = check(&text).unwrap_err().to_string();
             assert!(err.contains(field), "expected {field} in {err}");
         }

@@ -46,10 +46,8 @@ impl Quota {
     }
 
     fn to_governor(self, field: &str) -> Result<governor::Quota, String> {
-        let per_second = NonZeroU32::new(self.per_second)
-            .ok_or_else(|| format!("{field}.per_second must be >= 1"))?;
-        let burst =
-            NonZeroU32::new(self.burst).ok_or_else(|| format!("{field}.burst must be >= 1"))?;
+        let per_second = NonZeroU32::new(self.per_second).ok_or_else(|| format!("{field}.per_second must be >= 1"))?;
+        let burst = NonZeroU32::new(self.burst).ok_or_else(|| format!("{field}.burst must be >= 1"))?;
         Ok(governor::Quota::per_second(per_second).allow_burst(burst))
     }
 }
@@ -80,22 +78,10 @@ pub struct LimiterConfig {
 impl Default for LimiterConfig {
     fn default() -> Self {
         Self {
-            catalog: Quota {
-                per_second: 50,
-                burst: 100,
-            },
-            create_order: Quota {
-                per_second: 5,
-                burst: 20,
-            },
-            order_lookup: Quota {
-                per_second: 20,
-                burst: 60,
-            },
-            payment: Quota {
-                per_second: 10,
-                burst: 30,
-            },
+            catalog: Quota { per_second: 50, burst: 100 },
+            create_order: Quota { per_second: 5, burst: 20 },
+            order_lookup: Quota { per_second: 20, burst: 60 },
+            payment: Quota { per_second: 10, burst: 30 },
             evict_every_secs: 60,
         }
     }
@@ -106,8 +92,7 @@ impl LimiterConfig {
     /// `limits.create_order.burst must be >= 1`.
     pub fn validate(&self) -> Result<(), String> {
         for class in LimitClass::ALL {
-            self.quota(class)
-                .validate(&format!("{SECTION}.{}", class.as_str()))?;
+            self.quota(class).validate(&format!("{SECTION}.{}", class.as_str()))?;
         }
         if self.evict_every_secs < 1 {
             return Err(format!("{SECTION}.evict_every_secs must be >= 1"));
@@ -146,12 +131,8 @@ pub enum LimitClass {
 
 impl LimitClass {
     /// Every class, in a fixed order.
-    pub const ALL: [LimitClass; 4] = [
-        LimitClass::Catalog,
-        LimitClass::CreateOrder,
-        LimitClass::OrderLookup,
-        LimitClass::Payment,
-    ];
+    pub const ALL: [LimitClass; 4] =
+        [LimitClass::Catalog, LimitClass::CreateOrder, LimitClass::OrderLookup, LimitClass::Payment];
 
     /// The snake_case name used in configuration and as a metrics label.
     pub fn as_str(self) -> &'static str {
@@ -219,12 +200,8 @@ impl fmt::Display for RateLimited {
 
 impl std::error::Error for RateLimited {}
 
-type KeyedLimiter<C> = RateLimiter<
-    LimitKey,
-    DefaultKeyedStateStore<LimitKey>,
-    C,
-    NoOpMiddleware<<C as Clock>::Instant>,
->;
+type KeyedLimiter<C> =
+    RateLimiter<LimitKey, DefaultKeyedStateStore<LimitKey>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// One keyed limiter per [`LimitClass`]. With the default clock each one is a
 /// `governor::DefaultKeyedRateLimiter<LimitKey>`; share it behind an [`Arc`].
@@ -247,14 +224,8 @@ impl<C: Clock + Clone> Limiters<C> {
     pub fn with_clock(config: &LimiterConfig, clock: C) -> Result<Self, String> {
         config.validate()?;
         let build = |class: LimitClass| -> Result<KeyedLimiter<C>, String> {
-            let quota = config
-                .quota(class)
-                .to_governor(&format!("{SECTION}.{}", class.as_str()))?;
-            Ok(RateLimiter::new(
-                quota,
-                DefaultKeyedStateStore::default(),
-                clock.clone(),
-            ))
+            let quota = config.quota(class).to_governor(&format!("{SECTION}.{}", class.as_str()))?;
+            Ok(RateLimiter::new(quota, DefaultKeyedStateStore::default(), clock.clone()))
         };
         Ok(Self {
             catalog: build(LimitClass::Catalog)?,
@@ -278,9 +249,7 @@ impl<C: Clock + Clone> Limiters<C> {
         let limiter = self.limiter(class);
         limiter
             .check_key(&limit_key(ip))
-            .map_err(|not_until| RateLimited {
-                retry_after: not_until.wait_time_from(limiter.clock().now()),
-            })
+            .map_err(|not_until| RateLimited { retry_after: not_until.wait_time_from(limiter.clock().now()) })
     }
 
     /// Forgets every key whose budget has fully replenished and releases spare capacity.
@@ -294,10 +263,7 @@ impl<C: Clock + Clone> Limiters<C> {
 
     /// Keys currently tracked across all classes (a key active in two classes counts twice).
     pub fn tracked_keys(&self) -> usize {
-        LimitClass::ALL
-            .into_iter()
-            .map(|class| self.tracked_keys_in(class))
-            .sum()
+        LimitClass::ALL.into_iter().map(|class| self.tracked_keys_in(class)).sum()
     }
 
     /// Keys currently tracked for one class.
@@ -308,9 +274,7 @@ impl<C: Clock + Clone> Limiters<C> {
 
 impl<C: Clock + Clone> fmt::Debug for Limiters<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Limiters")
-            .field("tracked_keys", &self.tracked_keys())
-            .finish_non_exhaustive()
+        f.debug_struct("Limiters").field("tracked_keys", &self.tracked_keys()).finish_non_exhaustive()
     }
 }
 
@@ -366,47 +330,17 @@ mod tests {
 
     fn uniform(per_second: u32, burst: u32) -> LimiterConfig {
         let q = Quota { per_second, burst };
-        LimiterConfig {
-            catalog: q,
-            create_order: q,
-            order_lookup: q,
-            payment: q,
-            evict_every_secs: 1,
-        }
+        LimiterConfig { catalog: q, create_order: q, order_lookup: q, payment: q, evict_every_secs: 1 }
     }
 
     #[test]
     fn default_config_is_valid_and_documented_values() {
         let c = LimiterConfig::default();
         assert_eq!(c.validate(), Ok(()));
-        assert_eq!(
-            c.catalog,
-            Quota {
-                per_second: 50,
-                burst: 100
-            }
-        );
-        assert_eq!(
-            c.create_order,
-            Quota {
-                per_second: 5,
-                burst: 20
-            }
-        );
-        assert_eq!(
-            c.order_lookup,
-            Quota {
-                per_second: 20,
-                burst: 60
-            }
-        );
-        assert_eq!(
-            c.payment,
-            Quota {
-                per_second: 10,
-                burst: 30
-            }
-        );
+        assert_eq!(c.catalog, Quota { per_second: 50, burst: 100 });
+        assert_eq!(c.create_order, Quota { per_second: 5, burst: 20 });
+        assert_eq!(c.order_lookup, Quota { per_second: 20, burst: 60 });
+        assert_eq!(c.payment, Quota { per_second: 10, burst: 30 });
         assert_eq!(c.evict_every(), Duration::from_secs(60));
         assert!(Limiters::new(&c).is_ok());
     }
@@ -415,93 +349,41 @@ mod tests {
     fn validation_names_the_field() {
         let mut c = LimiterConfig::default();
         c.create_order.burst = 0;
-        assert_eq!(
-            c.validate(),
-            Err("limits.create_order.burst must be >= 1".to_string())
-        );
-        assert_eq!(
-            Limiters::new(&c).err(),
-            Some("limits.create_order.burst must be >= 1".to_string())
-        );
+        assert_eq!(c.validate(), Err("limits.create_order.burst must be >= 1".to_string()));
+        assert_eq!(Limiters::new(&c).err(), Some("limits.create_order.burst must be >= 1".to_string()));
         let mut c = LimiterConfig::default();
         c.payment.per_second = 0;
-        assert_eq!(
-            c.validate(),
-            Err("limits.payment.per_second must be >= 1".to_string())
-        );
-        let c = LimiterConfig {
-            evict_every_secs: 0,
-            ..LimiterConfig::default()
-        };
-        assert_eq!(
-            c.validate(),
-            Err("limits.evict_every_secs must be >= 1".to_string())
-        );
-        assert_eq!(
-            Quota {
-                per_second: 1,
-                burst: 0
-            }
-            .validate("x"),
-            Err("x.burst must be >= 1".to_string())
-        );
+        assert_eq!(c.validate(), Err("limits.payment.per_second must be >= 1".to_string()));
+        let c = LimiterConfig { evict_every_secs: 0, ..LimiterConfig::default() };
+        assert_eq!(c.validate(), Err("limits.evict_every_secs must be >= 1".to_string()));
+        assert_eq!(Quota { per_second: 1, burst: 0 }.validate("x"), Err("x.burst must be >= 1".to_string()));
     }
 
     #[test]
     fn config_deserialises_with_defaults_and_rejects_unknown_fields() {
-        let c: LimiterConfig =
-            serde_json::from_str(r#"{"create_order": {"per_second": 2, "burst": 4}}"#).unwrap();
-        assert_eq!(
-            c.create_order,
-            Quota {
-                per_second: 2,
-                burst: 4
-            }
-        );
+        let c: LimiterConfig = serde_json::from_str(r#"{"create_order": {"per_second": 2, "burst": 4}}"#).unwrap();
+        assert_eq!(c.create_order, Quota { per_second: 2, burst: 4 });
         assert_eq!(c.catalog, LimiterConfig::default().catalog);
         assert_eq!(c.evict_every_secs, 60);
         assert!(serde_json::from_str::<LimiterConfig>(r#"{"catalgo": {}}"#).is_err());
-        assert!(serde_json::from_str::<LimiterConfig>(
-            r#"{"catalog": {"per_second": 1, "burst": 1, "x": 1}}"#
-        )
-        .is_err());
-        assert!(
-            serde_json::from_str::<LimiterConfig>(r#"{"catalog": {"per_second": 1}}"#).is_err()
-        );
+        assert!(serde_json::from_str::<LimiterConfig>(r#"{"catalog": {"per_second": 1, "burst": 1, "x": 1}}"#).is_err());
+        assert!(serde_json::from_str::<LimiterConfig>(r#"{"catalog": {"per_second": 1}}"#).is_err());
         let round = serde_json::to_string(&LimiterConfig::default()).unwrap();
-        assert_eq!(
-            serde_json::from_str::<LimiterConfig>(&round).unwrap(),
-            LimiterConfig::default()
-        );
+        assert_eq!(serde_json::from_str::<LimiterConfig>(&round).unwrap(), LimiterConfig::default());
     }
 
     #[test]
     fn limit_keys() {
-        assert_eq!(
-            limit_key(ip("203.0.113.5")),
-            LimitKey::V4("203.0.113.5".parse().unwrap())
-        );
-        assert_eq!(
-            limit_key(ip("::ffff:203.0.113.5")),
-            limit_key(ip("203.0.113.5"))
-        );
+        assert_eq!(limit_key(ip("203.0.113.5")), LimitKey::V4("203.0.113.5".parse().unwrap()));
+        assert_eq!(limit_key(ip("::ffff:203.0.113.5")), limit_key(ip("203.0.113.5")));
         assert_ne!(limit_key(ip("203.0.113.5")), limit_key(ip("203.0.113.6")));
         assert_eq!(
             limit_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
             LimitKey::V6Net("2001:db8:1:2::".parse().unwrap())
         );
-        assert_eq!(
-            limit_key(ip("2001:db8:1:2::1")),
-            limit_key(ip("2001:db8:1:2:ffff::9"))
-        );
-        assert_ne!(
-            limit_key(ip("2001:db8:1:2::1")),
-            limit_key(ip("2001:db8:1:3::1"))
-        );
-        assert_eq!(
-            limit_key(ip("2001:db8:1:2::1")).to_string(),
-            "2001:db8:1:2::/64"
-        );
+        assert_eq!(limit_key(ip("2001:db8:1:2::1")), limit_key(ip("2001:db8:1:2:ffff::9")));
+        assert_ne!(limit_key(ip("2001:db8:1:2::1")), limit_key(ip("2001:db8:1:3::1")));
+        assert_eq!(limit_key(ip("2001:db8:1:2::1")).to_string(), "2001:db8:1:2::/64");
         assert_eq!(limit_key(ip("198.51.100.1")).to_string(), "198.51.100.1");
     }
 
@@ -510,11 +392,7 @@ mod tests {
         let (l, clock) = fake(&LimiterConfig::default());
         let client = ip("198.51.100.10");
         for i in 0..20 {
-            assert_eq!(
-                l.check(LimitClass::CreateOrder, client),
-                Ok(()),
-                "request {i}"
-            );
+            assert_eq!(l.check(LimitClass::CreateOrder, client), Ok(()), "request {i}");
         }
         let err = l.check(LimitClass::CreateOrder, client).unwrap_err();
         // 5 per second: the next cell is 200 ms away, advertised as 1 s.
@@ -523,10 +401,7 @@ mod tests {
         assert_eq!(err.retry_after_secs(), 1);
         assert_eq!(err.to_string(), "rate limited; retry after 1 s");
         // Another client is unaffected.
-        assert_eq!(
-            l.check(LimitClass::CreateOrder, ip("198.51.100.11")),
-            Ok(())
-        );
+        assert_eq!(l.check(LimitClass::CreateOrder, ip("198.51.100.11")), Ok(()));
         clock.advance(Duration::from_millis(200));
         assert_eq!(l.check(LimitClass::CreateOrder, client), Ok(()));
         assert!(l.check(LimitClass::CreateOrder, client).is_err());
@@ -560,13 +435,8 @@ mod tests {
     fn ipv6_same_64_shares_a_budget() {
         let (l, _clock) = fake(&uniform(1, 2));
         assert_eq!(l.check(LimitClass::Catalog, ip("2001:db8:a:b::1")), Ok(()));
-        assert_eq!(
-            l.check(LimitClass::Catalog, ip("2001:db8:a:b:1:2:3:4")),
-            Ok(())
-        );
-        assert!(l
-            .check(LimitClass::Catalog, ip("2001:db8:a:b:ffff::"))
-            .is_err());
+        assert_eq!(l.check(LimitClass::Catalog, ip("2001:db8:a:b:1:2:3:4")), Ok(()));
+        assert!(l.check(LimitClass::Catalog, ip("2001:db8:a:b:ffff::")).is_err());
         // A different /64 (even a neighbouring one) has its own budget.
         assert_eq!(l.check(LimitClass::Catalog, ip("2001:db8:a:c::1")), Ok(()));
         assert_eq!(l.check(LimitClass::Catalog, ip("2001:db8:a:c::2")), Ok(()));
@@ -578,9 +448,7 @@ mod tests {
     fn mapped_ipv4_shares_budget_with_ipv4() {
         let (l, _clock) = fake(&uniform(1, 1));
         assert_eq!(l.check(LimitClass::Catalog, ip("192.0.2.1")), Ok(()));
-        assert!(l
-            .check(LimitClass::Catalog, ip("::ffff:192.0.2.1"))
-            .is_err());
+        assert!(l.check(LimitClass::Catalog, ip("::ffff:192.0.2.1")).is_err());
         // Neighbouring IPv4 addresses are separate keys.
         assert_eq!(l.check(LimitClass::Catalog, ip("192.0.2.2")), Ok(()));
     }
@@ -591,11 +459,7 @@ mod tests {
         let client = ip("198.51.100.20");
         assert_eq!(l.check(LimitClass::CreateOrder, client), Ok(()));
         assert!(l.check(LimitClass::CreateOrder, client).is_err());
-        for class in [
-            LimitClass::Catalog,
-            LimitClass::OrderLookup,
-            LimitClass::Payment,
-        ] {
+        for class in [LimitClass::Catalog, LimitClass::OrderLookup, LimitClass::Payment] {
             assert_eq!(l.check(class, client), Ok(()), "{class}");
             assert!(l.check(class, client).is_err(), "{class}");
         }
@@ -652,10 +516,7 @@ mod tests {
         .await
         .unwrap();
         tx.send(true).unwrap();
-        tokio::time::timeout(Duration::from_millis(500), task)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_millis(500), task).await.unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -663,18 +524,12 @@ mod tests {
         let l = Arc::new(Limiters::new(&LimiterConfig::default()).unwrap());
         let (tx, rx) = watch::channel(true);
         let task = spawn_eviction(l.clone(), Duration::from_secs(60), rx);
-        tokio::time::timeout(Duration::from_millis(500), task)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_millis(500), task).await.unwrap().unwrap();
         drop(tx);
 
         let (tx, rx) = watch::channel(false);
         let task = spawn_eviction(l, Duration::from_secs(60), rx);
         drop(tx);
-        tokio::time::timeout(Duration::from_millis(500), task)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_millis(500), task).await.unwrap().unwrap();
     }
 }

@@ -130,10 +130,19 @@ impl Default for StoreMetrics {
 
 impl StoreMetrics {
     pub fn render(&self, out: &mut String) {
-        self.commit_seconds.render(out, "edgecard_store_commit_seconds", "Duration of one durable flush (sled flush + fsync).");
+        self.commit_seconds.render(
+            out,
+            "edgecard_store_commit_seconds",
+            "Duration of one durable flush (sled flush + fsync).",
+        );
         self.group_size.render(out, "edgecard_store_commit_group_size", "Commits served by one durable flush.");
         render_counter(out, "edgecard_store_flushes_total", "Durable flushes.", self.flushes.get());
-        render_counter(out, "edgecard_store_batches_total", "Atomic write batches applied.", self.batches_applied.get());
+        render_counter(
+            out,
+            "edgecard_store_batches_total",
+            "Atomic write batches applied.",
+            self.batches_applied.get(),
+        );
     }
 }
 
@@ -155,15 +164,50 @@ pub struct OrderMetrics {
 impl OrderMetrics {
     pub fn render(&self, out: &mut String) {
         render_counter(out, "edgecard_orders_created_total", "Orders reserved.", self.created.get());
-        render_counter(out, "edgecard_purchases_total", "Orders delivered (keys revealed to the buyer).", self.delivered.get());
+        render_counter(
+            out,
+            "edgecard_purchases_total",
+            "Orders delivered (keys revealed to the buyer).",
+            self.delivered.get(),
+        );
         render_counter(out, "edgecard_orders_expired_total", "Reservations that expired unpaid.", self.expired.get());
-        render_counter(out, "edgecard_orders_awaiting_stock_total", "Payments that arrived after expiry with no stock left.", self.awaiting_stock.get());
-        render_counter(out, "edgecard_orders_sold_out_total", "Order attempts refused for lack of stock.", self.sold_out.get());
-        render_counter(out, "edgecard_reservation_cap_hits_total", "Order attempts refused by the open-reservation cap.", self.reservation_cap_hits.get());
-        render_counter(out, "edgecard_duplicate_payments_total", "Second payments for an already settled order (refund needed).", self.duplicate_payments.get());
-        render_counter(out, "edgecard_payment_callbacks_rejected_total", "Payment callbacks refused (signature, binding, amount, currency or status).", self.callbacks_rejected.get());
+        render_counter(
+            out,
+            "edgecard_orders_awaiting_stock_total",
+            "Payments that arrived after expiry with no stock left.",
+            self.awaiting_stock.get(),
+        );
+        render_counter(
+            out,
+            "edgecard_orders_sold_out_total",
+            "Order attempts refused for lack of stock.",
+            self.sold_out.get(),
+        );
+        render_counter(
+            out,
+            "edgecard_reservation_cap_hits_total",
+            "Order attempts refused by the open-reservation cap.",
+            self.reservation_cap_hits.get(),
+        );
+        render_counter(
+            out,
+            "edgecard_duplicate_payments_total",
+            "Second payments for an already settled order (refund needed).",
+            self.duplicate_payments.get(),
+        );
+        render_counter(
+            out,
+            "edgecard_payment_callbacks_rejected_total",
+            "Payment callbacks refused (signature, binding, amount, currency or status).",
+            self.callbacks_rejected.get(),
+        );
         render_counter(out, "edgecard_grants_installed_total", "Slice grants installed.", self.grants_installed.get());
-        render_counter(out, "edgecard_grants_refused_total", "Slice grants refused (signature, node id, content).", self.grants_refused.get());
+        render_counter(
+            out,
+            "edgecard_grants_refused_total",
+            "Slice grants refused (signature, node id, content).",
+            self.grants_refused.get(),
+        );
         render_gauge(out, "edgecard_open_reservations", "Reservations currently open.", self.open_reservations.get());
     }
 }

@@ -111,8 +111,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .map_err(|source| NodeError::Bind { addr: config.admin.listen, source })?;
-    let https_addr = https_listener.local_addr().map_err(|source| NodeError::Bind { addr: config.http.listen, source })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| NodeError::Bind { addr: config.admin.listen, source })?;
+    let https_addr =
+        https_listener.local_addr().map_err(|source| NodeError::Bind { addr: config.http.listen, source })?;
+    let admin_addr =
+        admin_listener.local_addr().map_err(|source| NodeError::Bind { addr: config.admin.listen, source })?;
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("https://{https_addr}"));
 
     let limiters = Arc::new(Limiters::new(&config.limits).map_err(NodeError::Config)?);
@@ -181,7 +183,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             tracing::error!(error = %e, "admin listener failed");
         }
     }));
-    tasks.push(spawn_expiry_sweeper(engine.clone(), Duration::from_millis(config.orders.expiry_sweep_ms), shutdown_rx.clone()));
+    tasks.push(spawn_expiry_sweeper(
+        engine.clone(),
+        Duration::from_millis(config.orders.expiry_sweep_ms),
+        shutdown_rx.clone(),
+    ));
     let eviction = spawn_eviction(limiters, config.limits.evict_every(), shutdown_rx);
     tasks.push(tokio::spawn(async move {
         let _ = eviction.await;
@@ -191,7 +197,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     Ok(RunningNode { https_addr, admin_addr, public_url, self_signed_cert, engine, shutdown, tasks })
 }
 
-fn spawn_expiry_sweeper(engine: Arc<OrderEngine>, every: Duration, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+fn spawn_expiry_sweeper(
+    engine: Arc<OrderEngine>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

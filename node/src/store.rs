@@ -83,8 +83,8 @@ impl Store {
             .open()
             .map_err(|source| StoreError::Open { path: dir.to_path_buf(), source })?;
         let data_path = dir.join("db");
-        let data_file = File::open(&data_path)
-            .map_err(|source| StoreError::Fsync { path: data_path.clone(), source })?;
+        let data_file =
+            File::open(&data_path).map_err(|source| StoreError::Fsync { path: data_path.clone(), source })?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(FlushQueue { waiters: Vec::new(), closed: false }),
             wake: Condvar::new(),
@@ -156,7 +156,9 @@ impl Store {
             }
             match rx.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(reason)) => Err(StoreError::Fsync { path: PathBuf::from("db"), source: std::io::Error::other(reason) }),
+                Ok(Err(reason)) => {
+                    Err(StoreError::Fsync { path: PathBuf::from("db"), source: std::io::Error::other(reason) })
+                }
                 Err(_) => Err(StoreError::Closed),
             }
         }

@@ -13,10 +13,11 @@ use edgecard_node::config::{OrdersConfig, PriceConfig, ProductConfig};
 use edgecard_node::metrics::{OrderMetrics, StoreMetrics};
 use edgecard_node::orders::engine::now_millis;
 use edgecard_node::orders::{
-    CreateOrder, GrantInstallError, GrantOutcome, OrderEngine, OrderError, OrderStatus, PaymentConfirmation, PaymentOutcome,
+    CreateOrder, GrantInstallError, GrantOutcome, OrderEngine, OrderError, OrderStatus, PaymentConfirmation,
+    PaymentOutcome,
 };
 use edgecard_node::store::Store;
-use edgecard_protocol::{Epoch, GrantedKey, KeyId, NodeId, OrderToken, Secret, SliceGrant, SliceId, Sku, UnixMillis};
+use edgecard_protocol::{Epoch, GrantedKey, KeyId, NodeId, OrderToken, Secret, Sku, SliceGrant, SliceId, UnixMillis};
 
 fn sku() -> Sku {
     Sku::new("game-10").unwrap()
@@ -125,8 +126,14 @@ async fn payment_binding_and_idempotency() {
     assert_eq!(engine.lookup(&created.record.id, &created.token).await.unwrap().status, OrderStatus::Reserved);
 
     assert_eq!(engine.confirm_payment(payment_for(&created.record, "t1")).await.unwrap(), PaymentOutcome::Delivered);
-    assert_eq!(engine.confirm_payment(payment_for(&created.record, "t1")).await.unwrap(), PaymentOutcome::AlreadyRecorded);
-    assert_eq!(engine.confirm_payment(payment_for(&created.record, "t2")).await.unwrap(), PaymentOutcome::DuplicatePayment);
+    assert_eq!(
+        engine.confirm_payment(payment_for(&created.record, "t1")).await.unwrap(),
+        PaymentOutcome::AlreadyRecorded
+    );
+    assert_eq!(
+        engine.confirm_payment(payment_for(&created.record, "t2")).await.unwrap(),
+        PaymentOutcome::DuplicatePayment
+    );
     let delivered = engine.lookup(&created.record.id, &created.token).await.unwrap();
     assert_eq!(delivered.secrets.len(), 1, "a replayed or second payment delivers nothing more");
     assert_eq!(engine.stock(&sku()), 4);

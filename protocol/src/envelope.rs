@@ -68,10 +68,7 @@ pub enum EnvelopeError {
     #[error("unsupported envelope version {0} (this build speaks {VERSION})")]
     UnsupportedVersion(u8),
     #[error("expected a {expected} message, got a {found} message")]
-    WrongKind {
-        expected: MessageKind,
-        found: MessageKind,
-    },
+    WrongKind { expected: MessageKind, found: MessageKind },
     #[error("unknown message kind {0}")]
     UnknownKind(u8),
     #[error("reserved header field is {0:#06x}, must be 0")]
@@ -91,14 +88,8 @@ pub enum EnvelopeError {
 }
 
 /// Types that can be written with [`encode`].
-pub trait Encodable:
-    for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
-{
-}
-impl<T> Encodable for T where
-    T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
-{
-}
+pub trait Encodable: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>> {}
+impl<T> Encodable for T where T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>> {}
 
 /// Types that can be read back with [`decode`]: everything rkyv can
 /// validate and deserialize.
@@ -153,10 +144,7 @@ fn read_header(bytes: &[u8]) -> Result<Header, EnvelopeError> {
         if bytes[..n] != MAGIC[..n] {
             return Err(EnvelopeError::BadMagic);
         }
-        return Err(EnvelopeError::Truncated {
-            expected: HEADER_LEN,
-            found: bytes.len(),
-        });
+        return Err(EnvelopeError::Truncated { expected: HEADER_LEN, found: bytes.len() });
     };
     if h[0..4] != MAGIC {
         return Err(EnvelopeError::BadMagic);
@@ -195,29 +183,19 @@ pub fn peek_kind(bytes: &[u8]) -> Result<MessageKind, EnvelopeError> {
 pub fn decode<T: Decodable>(expected: MessageKind, bytes: &[u8]) -> Result<T, EnvelopeError> {
     let header = read_header(bytes)?;
     if header.kind != expected {
-        return Err(EnvelopeError::WrongKind {
-            expected,
-            found: header.kind,
-        });
+        return Err(EnvelopeError::WrongKind { expected, found: header.kind });
     }
     let total = HEADER_LEN + header.len;
     if bytes.len() < total {
-        return Err(EnvelopeError::Truncated {
-            expected: total,
-            found: bytes.len(),
-        });
+        return Err(EnvelopeError::Truncated { expected: total, found: bytes.len() });
     }
     if bytes.len() > total {
-        return Err(EnvelopeError::TrailingBytes {
-            expected: total,
-            found: bytes.len(),
-        });
+        return Err(EnvelopeError::TrailingBytes { expected: total, found: bytes.len() });
     }
     let payload = &bytes[HEADER_LEN..];
     let mut aligned = AlignedVec::<16>::with_capacity(payload.len());
     aligned.extend_from_slice(payload);
-    let value = rkyv::from_bytes::<T, rancor::Error>(&aligned)
-        .map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
+    let value = rkyv::from_bytes::<T, rancor::Error>(&aligned).map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
     let again = serialize(&value)?;
     if again.as_slice() != payload {
         return Err(EnvelopeError::NonCanonical);
@@ -238,11 +216,7 @@ mod tests {
     }
 
     fn sample() -> Sample {
-        Sample {
-            a: 7,
-            name: "hello".into(),
-            list: vec![1, 2, 3],
-        }
+        Sample { a: 7, name: "hello".into(), list: vec![1, 2, 3] }
     }
 
     fn frame() -> Vec<u8> {
@@ -268,11 +242,7 @@ mod tests {
 
     #[test]
     fn kind_from_u8() {
-        for k in [
-            MessageKind::SliceGrant,
-            MessageKind::SignedGrant,
-            MessageKind::OrderEventBatch,
-        ] {
+        for k in [MessageKind::SliceGrant, MessageKind::SignedGrant, MessageKind::OrderEventBatch] {
             assert_eq!(MessageKind::try_from(k as u8).unwrap(), k);
         }
         assert_eq!(MessageKind::try_from(0), Err(EnvelopeError::UnknownKind(0)));
@@ -304,10 +274,7 @@ mod tests {
         f[5] = MessageKind::SliceGrant as u8;
         assert_eq!(
             dec(&f),
-            Err(EnvelopeError::WrongKind {
-                expected: MessageKind::OrderEventBatch,
-                found: MessageKind::SliceGrant
-            })
+            Err(EnvelopeError::WrongKind { expected: MessageKind::OrderEventBatch, found: MessageKind::SliceGrant })
         );
         f[5] = 200;
         assert_eq!(dec(&f), Err(EnvelopeError::UnknownKind(200)));
@@ -334,36 +301,15 @@ mod tests {
     #[test]
     fn encode_refuses_oversized_payloads() {
         let big = vec![0u8; MAX_PAYLOAD + 1];
-        assert!(matches!(
-            encode(MessageKind::SliceGrant, &big),
-            Err(EnvelopeError::TooLarge(_))
-        ));
+        assert!(matches!(encode(MessageKind::SliceGrant, &big), Err(EnvelopeError::TooLarge(_))));
     }
 
     #[test]
     fn truncation() {
         let f = frame();
-        assert_eq!(
-            dec(&f[..5]),
-            Err(EnvelopeError::Truncated {
-                expected: HEADER_LEN,
-                found: 5
-            })
-        );
-        assert_eq!(
-            dec(&[]),
-            Err(EnvelopeError::Truncated {
-                expected: HEADER_LEN,
-                found: 0
-            })
-        );
-        assert_eq!(
-            dec(&f[..f.len() - 1]),
-            Err(EnvelopeError::Truncated {
-                expected: f.len(),
-                found: f.len() - 1
-            })
-        );
+        assert_eq!(dec(&f[..5]), Err(EnvelopeError::Truncated { expected: HEADER_LEN, found: 5 }));
+        assert_eq!(dec(&[]), Err(EnvelopeError::Truncated { expected: HEADER_LEN, found: 0 }));
+        assert_eq!(dec(&f[..f.len() - 1]), Err(EnvelopeError::Truncated { expected: f.len(), found: f.len() - 1 }));
         for cut in 0..f.len() {
             assert!(dec(&f[..cut]).is_err(), "cut at {cut}");
         }
@@ -374,13 +320,7 @@ mod tests {
         let mut f = frame();
         let n = f.len();
         f.push(0);
-        assert_eq!(
-            dec(&f),
-            Err(EnvelopeError::TrailingBytes {
-                expected: n,
-                found: n + 1
-            })
-        );
+        assert_eq!(dec(&f), Err(EnvelopeError::TrailingBytes { expected: n, found: n + 1 }));
     }
 
     #[test]
@@ -398,17 +338,11 @@ mod tests {
         // A Vec<u8> of 3 bytes is laid out as data then an 8-byte root
         // (4-aligned), leaving one padding byte that validation ignores.
         let f = encode(MessageKind::SliceGrant, &vec![1u8, 2, 3]).unwrap();
-        assert_eq!(
-            decode::<Vec<u8>>(MessageKind::SliceGrant, &f).unwrap(),
-            vec![1, 2, 3]
-        );
+        assert_eq!(decode::<Vec<u8>>(MessageKind::SliceGrant, &f).unwrap(), vec![1, 2, 3]);
         let pad = HEADER_LEN + 3;
         assert_eq!(f[pad], 0);
         let mut g = f.clone();
         g[pad] = 0x55;
-        assert_eq!(
-            decode::<Vec<u8>>(MessageKind::SliceGrant, &g),
-            Err(EnvelopeError::NonCanonical)
-        );
+        assert_eq!(decode::<Vec<u8>>(MessageKind::SliceGrant, &g), Err(EnvelopeError::NonCanonical));
     }
 }

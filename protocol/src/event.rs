@@ -14,15 +14,7 @@ use crate::envelope::{self, EnvelopeError, MessageKind};
 use crate::ids::{KeyId, NodeId, OrderId, Sku, UnixMillis};
 
 #[derive(
-    Clone,
-    Debug,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
+    Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 pub struct OrderEvent {
     pub node_id: NodeId,
@@ -35,15 +27,7 @@ pub struct OrderEvent {
 }
 
 #[derive(
-    Clone,
-    Debug,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
+    Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OrderEventKind {
@@ -75,15 +59,7 @@ pub enum OrderEventKind {
 }
 
 #[derive(
-    Clone,
-    Debug,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
+    Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 pub struct OrderEventBatch {
     pub node_id: NodeId,
@@ -133,30 +109,17 @@ fn check_key_ids(key_ids: &[KeyId]) -> Result<(), String> {
 impl OrderEventKind {
     fn validate(&self) -> Result<(), String> {
         match self {
-            OrderEventKind::Reserved {
-                key_ids,
-                quantity,
-                currency,
-                ..
-            } => {
+            OrderEventKind::Reserved { key_ids, quantity, currency, .. } => {
                 check_key_ids(key_ids)?;
                 if *quantity == 0 {
                     return Err("reserved quantity is 0".into());
                 }
                 if key_ids.len() as u64 > u64::from(*quantity) {
-                    return Err(format!(
-                        "{} key ids reserved for quantity {quantity}",
-                        key_ids.len()
-                    ));
+                    return Err(format!("{} key ids reserved for quantity {quantity}", key_ids.len()));
                 }
                 check_currency(currency)
             }
-            OrderEventKind::Paid {
-                channel,
-                provider_txn,
-                currency,
-                ..
-            } => {
+            OrderEventKind::Paid { channel, provider_txn, currency, .. } => {
                 check_text("channel", channel)?;
                 check_text("provider transaction id", provider_txn)?;
                 check_currency(currency)
@@ -181,9 +144,7 @@ impl OrderEventKind {
 impl OrderEvent {
     pub fn validate(&self) -> Result<(), EventError> {
         let invalid = |m: String| EventError::Invalid(format!("event seq {}: {m}", self.seq));
-        self.node_id
-            .validate()
-            .map_err(|e| invalid(e.to_string()))?;
+        self.node_id.validate().map_err(|e| invalid(e.to_string()))?;
         self.sku.validate().map_err(|e| invalid(e.to_string()))?;
         self.kind.validate().map_err(invalid)
     }
@@ -194,9 +155,7 @@ impl OrderEventBatch {
     /// batch's node id and seqs strictly increase. Gaps are allowed here;
     /// whether a gap is acceptable is the ingesting side's call.
     pub fn validate(&self) -> Result<(), EventError> {
-        self.node_id
-            .validate()
-            .map_err(|e| EventError::Invalid(e.to_string()))?;
+        self.node_id.validate().map_err(|e| EventError::Invalid(e.to_string()))?;
         let mut prev: Option<u64> = None;
         for e in &self.events {
             e.validate()?;
@@ -277,12 +236,7 @@ mod tests {
                         currency: "USD".into(),
                     },
                 ),
-                ev(
-                    3,
-                    OrderEventKind::Delivered {
-                        key_ids: vec![KeyId(4), KeyId(8)],
-                    },
-                ),
+                ev(3, OrderEventKind::Delivered { key_ids: vec![KeyId(4), KeyId(8)] }),
                 ev(4, OrderEventKind::Expired { key_ids: vec![] }),
                 ev(5, OrderEventKind::AwaitingStock { quantity: 1 }),
             ],
@@ -302,14 +256,8 @@ mod tests {
 
     #[test]
     fn empty_batch_is_fine() {
-        let b = OrderEventBatch {
-            node_id: node("eu-1"),
-            events: vec![],
-        };
-        assert_eq!(
-            OrderEventBatch::from_bytes(&b.to_bytes().unwrap()).unwrap(),
-            b
-        );
+        let b = OrderEventBatch { node_id: node("eu-1"), events: vec![] };
+        assert_eq!(OrderEventBatch::from_bytes(&b.to_bytes().unwrap()).unwrap(), b);
     }
 
     #[test]
@@ -376,9 +324,7 @@ mod tests {
                 currency: "USD".into(),
             },
             OrderEventKind::Delivered { key_ids: vec![] },
-            OrderEventKind::Expired {
-                key_ids: vec![KeyId(3), KeyId(1)],
-            },
+            OrderEventKind::Expired { key_ids: vec![KeyId(3), KeyId(1)] },
             OrderEventKind::AwaitingStock { quantity: 0 },
         ];
         for kind in bad_kinds {
@@ -396,27 +342,12 @@ mod tests {
 
     #[test]
     fn decoded_invalid_node_id_is_refused() {
-        let ok = envelope::encode(
-            MessageKind::OrderEventBatch,
-            &RawBatch {
-                node_id: "eu-1".into(),
-                events: vec![],
-            },
-        )
-        .unwrap();
+        let ok = envelope::encode(MessageKind::OrderEventBatch, &RawBatch { node_id: "eu-1".into(), events: vec![] })
+            .unwrap();
         assert!(OrderEventBatch::from_bytes(&ok).is_ok());
-        let bad = envelope::encode(
-            MessageKind::OrderEventBatch,
-            &RawBatch {
-                node_id: "EU/1".into(),
-                events: vec![],
-            },
-        )
-        .unwrap();
-        assert!(matches!(
-            OrderEventBatch::from_bytes(&bad),
-            Err(EventError::Invalid(_))
-        ));
+        let bad = envelope::encode(MessageKind::OrderEventBatch, &RawBatch { node_id: "EU/1".into(), events: vec![] })
+            .unwrap();
+        assert!(matches!(OrderEventBatch::from_bytes(&bad), Err(EventError::Invalid(_))));
     }
 
     #[test]

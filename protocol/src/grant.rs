@@ -22,15 +22,7 @@ pub const GRANT_SIGNATURE_DOMAIN: &[u8] = b"edgecard/slice-grant/v1\0";
 pub const MAX_GRANT_KEYS: usize = 1_000_000;
 
 #[derive(
-    Clone,
-    Debug,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
+    Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 pub struct GrantedKey {
     pub key_id: KeyId,
@@ -38,14 +30,7 @@ pub struct GrantedKey {
 }
 
 #[derive(
-    Clone,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
+    Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 pub struct SliceGrant {
     pub slice_id: SliceId,
@@ -99,17 +84,12 @@ impl SliceGrant {
     pub fn validate(&self) -> Result<(), GrantError> {
         let invalid = |m: String| GrantError::Invalid(m);
         self.sku.validate().map_err(|e| invalid(e.to_string()))?;
-        self.node_id
-            .validate()
-            .map_err(|e| invalid(e.to_string()))?;
+        self.node_id.validate().map_err(|e| invalid(e.to_string()))?;
         if self.keys.is_empty() {
             return Err(invalid("grant carries no keys".into()));
         }
         if self.keys.len() > MAX_GRANT_KEYS {
-            return Err(invalid(format!(
-                "grant carries {} keys (max {MAX_GRANT_KEYS})",
-                self.keys.len()
-            )));
+            return Err(invalid(format!("grant carries {} keys (max {MAX_GRANT_KEYS})", self.keys.len())));
         }
         if self.lease_deadline <= self.issued_at {
             return Err(invalid(format!(
@@ -128,9 +108,7 @@ impl SliceGrant {
                 }
             }
             prev = Some(k.key_id);
-            k.secret
-                .validate()
-                .map_err(|e| invalid(format!("key id {}: {e}", k.key_id)))?;
+            k.secret.validate().map_err(|e| invalid(format!("key id {}: {e}", k.key_id)))?;
         }
         Ok(())
     }
@@ -147,10 +125,7 @@ impl SliceGrant {
         self.validate()?;
         let grant_bytes = self.to_bytes()?;
         let signature = key.sign(&signed_message(&grant_bytes)).to_bytes();
-        Ok(SignedGrant {
-            grant_bytes,
-            signature,
-        })
+        Ok(SignedGrant { grant_bytes, signature })
     }
 }
 
@@ -168,14 +143,8 @@ impl fmt::Debug for SignedGrant {
     // The grant bytes contain the secrets in clear; never print them.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SignedGrant")
-            .field(
-                "grant_bytes",
-                &format_args!("[{} bytes]", self.grant_bytes.len()),
-            )
-            .field(
-                "signature",
-                &format_args!("{}", hex::encode(self.signature)),
-            )
+            .field("grant_bytes", &format_args!("[{} bytes]", self.grant_bytes.len()))
+            .field("signature", &format_args!("{}", hex::encode(self.signature)))
             .finish()
     }
 }
@@ -199,22 +168,13 @@ impl SignedGrant {
     /// The signature comes first so that unauthenticated bytes never reach
     /// the rkyv decoder. `verify_strict` refuses weak keys and malleable
     /// signatures.
-    pub fn verify(
-        &self,
-        pinned: &VerifyingKey,
-        expected_node: &NodeId,
-    ) -> Result<SliceGrant, GrantError> {
+    pub fn verify(&self, pinned: &VerifyingKey, expected_node: &NodeId) -> Result<SliceGrant, GrantError> {
         let signature = Signature::from_bytes(&self.signature);
-        pinned
-            .verify_strict(&signed_message(&self.grant_bytes), &signature)
-            .map_err(|_| GrantError::BadSignature)?;
+        pinned.verify_strict(&signed_message(&self.grant_bytes), &signature).map_err(|_| GrantError::BadSignature)?;
         let grant: SliceGrant = envelope::decode(MessageKind::SliceGrant, &self.grant_bytes)?;
         grant.validate()?;
         if &grant.node_id != expected_node {
-            return Err(GrantError::WrongNode {
-                expected: expected_node.clone(),
-                found: grant.node_id,
-            });
+            return Err(GrantError::WrongNode { expected: expected_node.clone(), found: grant.node_id });
         }
         Ok(grant)
     }
@@ -234,10 +194,7 @@ mod tests {
     }
 
     fn gk(id: u64, secret: &str) -> GrantedKey {
-        GrantedKey {
-            key_id: KeyId(id),
-            secret: Secret::new(secret.to_string()).unwrap(),
-        }
+        GrantedKey { key_id: KeyId(id), secret: Secret::new(secret.to_string()).unwrap() }
     }
 
     fn grant() -> SliceGrant {
@@ -266,10 +223,7 @@ mod tests {
     #[test]
     fn other_key_is_bad_signature() {
         let signed = grant().sign(&key(1)).unwrap();
-        assert_eq!(
-            signed.verify(&key(2).verifying_key(), &node("eu-1")),
-            Err(GrantError::BadSignature)
-        );
+        assert_eq!(signed.verify(&key(2).verifying_key(), &node("eu-1")), Err(GrantError::BadSignature));
     }
 
     #[test]
@@ -278,10 +232,7 @@ mod tests {
         let signed = grant().sign(&k).unwrap();
         assert_eq!(
             signed.verify(&k.verifying_key(), &node("us-1")),
-            Err(GrantError::WrongNode {
-                expected: node("us-1"),
-                found: node("eu-1")
-            })
+            Err(GrantError::WrongNode { expected: node("us-1"), found: node("eu-1") })
         );
     }
 
@@ -292,24 +243,15 @@ mod tests {
         let mut bigger = grant();
         bigger.keys.push(gk(6, "STOLEN-6666"));
         signed.grant_bytes = bigger.to_bytes().unwrap();
-        assert_eq!(
-            signed.verify(&k.verifying_key(), &node("eu-1")),
-            Err(GrantError::BadSignature)
-        );
+        assert_eq!(signed.verify(&k.verifying_key(), &node("eu-1")), Err(GrantError::BadSignature));
     }
 
     #[test]
     fn signature_without_domain_tag_is_refused() {
         let k = key(1);
         let grant_bytes = grant().to_bytes().unwrap();
-        let signed = SignedGrant {
-            signature: k.sign(&grant_bytes).to_bytes(),
-            grant_bytes,
-        };
-        assert_eq!(
-            signed.verify(&k.verifying_key(), &node("eu-1")),
-            Err(GrantError::BadSignature)
-        );
+        let signed = SignedGrant { signature: k.sign(&grant_bytes).to_bytes(), grant_bytes };
+        assert_eq!(signed.verify(&k.verifying_key(), &node("eu-1")), Err(GrantError::BadSignature));
     }
 
     /// Signs whatever bytes are given, bypassing `sign`'s validation, to
@@ -317,10 +259,7 @@ mod tests {
     fn sign_raw(g: &SliceGrant, k: &SigningKey) -> SignedGrant {
         let grant_bytes = envelope::encode(MessageKind::SliceGrant, g).unwrap();
         let signature = k.sign(&signed_message(&grant_bytes)).to_bytes();
-        SignedGrant {
-            grant_bytes,
-            signature,
-        }
+        SignedGrant { grant_bytes, signature }
     }
 
     #[test]
@@ -329,13 +268,8 @@ mod tests {
         let mut g = grant();
         g.keys.swap(0, 1);
         assert!(matches!(g.sign(&k), Err(GrantError::Invalid(_))));
-        let err = sign_raw(&g, &k)
-            .verify(&k.verifying_key(), &node("eu-1"))
-            .unwrap_err();
-        assert!(
-            matches!(err, GrantError::Invalid(ref m) if m.contains("ascending")),
-            "{err}"
-        );
+        let err = sign_raw(&g, &k).verify(&k.verifying_key(), &node("eu-1")).unwrap_err();
+        assert!(matches!(err, GrantError::Invalid(ref m) if m.contains("ascending")), "{err}");
     }
 
     #[test]
@@ -343,9 +277,7 @@ mod tests {
         let k = key(1);
         let mut g = grant();
         g.keys[1].key_id = KeyId(1);
-        let err = sign_raw(&g, &k)
-            .verify(&k.verifying_key(), &node("eu-1"))
-            .unwrap_err();
+        let err = sign_raw(&g, &k).verify(&k.verifying_key(), &node("eu-1")).unwrap_err();
         assert!(matches!(err, GrantError::Invalid(_)));
     }
 
@@ -376,20 +308,14 @@ mod tests {
             epoch: 1,
             issued_at: 1,
             lease_deadline: 2,
-            keys: vec![RawKey {
-                key_id: 1,
-                secret: secret.into(),
-            }],
+            keys: vec![RawKey { key_id: 1, secret: secret.into() }],
         }
     }
 
     fn sign_raw_struct(g: &RawGrantKeys, k: &SigningKey) -> SignedGrant {
         let grant_bytes = envelope::encode(MessageKind::SliceGrant, g).unwrap();
         let signature = k.sign(&signed_message(&grant_bytes)).to_bytes();
-        SignedGrant {
-            grant_bytes,
-            signature,
-        }
+        SignedGrant { grant_bytes, signature }
     }
 
     #[test]
@@ -397,9 +323,8 @@ mod tests {
         // Guards the next test: the mirror must encode exactly like the real
         // type, or it would prove nothing.
         let k = key(1);
-        let g = sign_raw_struct(&raw("eu-1", "sku", "ok-secret"), &k)
-            .verify(&k.verifying_key(), &node("eu-1"))
-            .unwrap();
+        let g =
+            sign_raw_struct(&raw("eu-1", "sku", "ok-secret"), &k).verify(&k.verifying_key(), &node("eu-1")).unwrap();
         assert_eq!(g.keys[0].secret.expose(), "ok-secret");
         assert_eq!(g.sku.as_str(), "sku");
     }
@@ -415,9 +340,7 @@ mod tests {
         ];
         for (what, g) in cases {
             let signed = sign_raw_struct(&g, &k);
-            let err = signed
-                .verify(&k.verifying_key(), &node("eu-1"))
-                .unwrap_err();
+            let err = signed.verify(&k.verifying_key(), &node("eu-1")).unwrap_err();
             let msg = err.to_string();
             assert!(matches!(err, GrantError::Invalid(_)), "{what}: {msg}");
             assert!(msg.contains(what), "{what}: {msg}");
@@ -436,10 +359,7 @@ mod tests {
         assert!(matches!(g.validate(), Err(GrantError::Invalid(_))));
         let mut g = grant();
         g.keys = (0..=MAX_GRANT_KEYS as u64)
-            .map(|i| GrantedKey {
-                key_id: KeyId(i),
-                secret: Secret::new("s".into()).unwrap(),
-            })
+            .map(|i| GrantedKey { key_id: KeyId(i), secret: Secret::new("s".into()).unwrap() })
             .collect();
         let err = g.validate().unwrap_err();
         assert!(err.to_string().contains("max 1000000"), "{err}");
@@ -462,20 +382,14 @@ mod tests {
     #[test]
     fn from_bytes_rejects_wrong_kind() {
         let bytes = grant().to_bytes().unwrap();
-        assert!(matches!(
-            SignedGrant::from_bytes(&bytes),
-            Err(GrantError::Malformed(EnvelopeError::WrongKind { .. }))
-        ));
+        assert!(matches!(SignedGrant::from_bytes(&bytes), Err(GrantError::Malformed(EnvelopeError::WrongKind { .. }))));
     }
 
     #[test]
     fn grant_bytes_of_wrong_kind_are_malformed_even_if_signed() {
         let k = key(1);
         let inner = envelope::encode(MessageKind::OrderEventBatch, &grant()).unwrap();
-        let signed = SignedGrant {
-            signature: k.sign(&signed_message(&inner)).to_bytes(),
-            grant_bytes: inner,
-        };
+        let signed = SignedGrant { signature: k.sign(&signed_message(&inner)).to_bytes(), grant_bytes: inner };
         assert!(matches!(
             signed.verify(&k.verifying_key(), &node("eu-1")),
             Err(GrantError::Malformed(EnvelopeError::WrongKind { .. }))

@@ -44,17 +44,9 @@ pub enum IdError {
     #[error("{kind} is empty")]
     Empty { kind: IdKind },
     #[error("{kind} is too long: {len} (max {max})")]
-    TooLong {
-        kind: IdKind,
-        len: usize,
-        max: usize,
-    },
+    TooLong { kind: IdKind, len: usize, max: usize },
     #[error("{kind} has a character outside {allowed} at byte {index}")]
-    InvalidChar {
-        kind: IdKind,
-        index: usize,
-        allowed: &'static str,
-    },
+    InvalidChar { kind: IdKind, index: usize, allowed: &'static str },
     #[error("{kind} must not start with '-'")]
     LeadingHyphen { kind: IdKind },
     #[error("{kind} contains a control character at byte {index}")]
@@ -74,21 +66,10 @@ fn check_node_id(s: &str) -> Result<(), IdError> {
         return Err(IdError::Empty { kind });
     }
     if s.len() > NODE_ID_MAX {
-        return Err(IdError::TooLong {
-            kind,
-            len: s.len(),
-            max: NODE_ID_MAX,
-        });
+        return Err(IdError::TooLong { kind, len: s.len(), max: NODE_ID_MAX });
     }
-    if let Some(index) = s
-        .bytes()
-        .position(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
-    {
-        return Err(IdError::InvalidChar {
-            kind,
-            index,
-            allowed: "[a-z0-9-]",
-        });
+    if let Some(index) = s.bytes().position(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')) {
+        return Err(IdError::InvalidChar { kind, index, allowed: "[a-z0-9-]" });
     }
     if s.starts_with('-') {
         return Err(IdError::LeadingHyphen { kind });
@@ -102,21 +83,10 @@ fn check_sku(s: &str) -> Result<(), IdError> {
         return Err(IdError::Empty { kind });
     }
     if s.len() > SKU_MAX {
-        return Err(IdError::TooLong {
-            kind,
-            len: s.len(),
-            max: SKU_MAX,
-        });
+        return Err(IdError::TooLong { kind, len: s.len(), max: SKU_MAX });
     }
-    if let Some(index) = s
-        .bytes()
-        .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
-    {
-        return Err(IdError::InvalidChar {
-            kind,
-            index,
-            allowed: "[A-Za-z0-9._-]",
-        });
+    if let Some(index) = s.bytes().position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))) {
+        return Err(IdError::InvalidChar { kind, index, allowed: "[A-Za-z0-9._-]" });
     }
     Ok(())
 }
@@ -127,11 +97,7 @@ fn check_secret(s: &str) -> Result<(), IdError> {
         return Err(IdError::Empty { kind });
     }
     if s.len() > SECRET_MAX_BYTES {
-        return Err(IdError::TooLong {
-            kind,
-            len: s.len(),
-            max: SECRET_MAX_BYTES,
-        });
+        return Err(IdError::TooLong { kind, len: s.len(), max: SECRET_MAX_BYTES });
     }
     if let Some((index, _)) = s.char_indices().find(|(_, c)| c.is_control()) {
         return Err(IdError::ControlChar { kind, index });
@@ -372,9 +338,7 @@ impl From<OrderId> for String {
 ///
 /// 128 bits from the OS RNG. `Debug` hides the value and `==` runs in
 /// constant time, so the usual derive-and-compare patterns do not leak it.
-#[derive(
-    Clone, Copy, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
-)]
+#[derive(Clone, Copy, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct OrderToken([u8; 16]);
 
@@ -396,11 +360,7 @@ impl OrderToken {
     /// Compares without an early exit, so response timing does not reveal
     /// how many leading bytes of a guess were right.
     pub fn ct_eq(&self, other: &Self) -> bool {
-        let diff = self
-            .0
-            .iter()
-            .zip(other.0.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = self.0.iter().zip(other.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
         std::hint::black_box(diff) == 0
     }
 }
@@ -451,17 +411,7 @@ impl From<OrderToken> for String {
 /// line or error cannot leak it; the only way to the value is `expose()`,
 /// which is easy to grep for. Control characters are refused because secrets
 /// are shown in HTML, CSV exports and terminals.
-#[derive(
-    Clone,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-)]
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Secret(String);
 
@@ -518,31 +468,11 @@ mod tests {
         assert!(NodeId::new("0").is_ok());
         assert!(NodeId::new("a-").is_ok());
         assert!(NodeId::new("a".repeat(32)).is_ok());
-        assert_eq!(
-            NodeId::new("a".repeat(33)),
-            Err(IdError::TooLong {
-                kind: IdKind::NodeId,
-                len: 33,
-                max: 32
-            })
-        );
-        assert_eq!(
-            NodeId::new(""),
-            Err(IdError::Empty {
-                kind: IdKind::NodeId
-            })
-        );
-        assert_eq!(
-            NodeId::new("-eu"),
-            Err(IdError::LeadingHyphen {
-                kind: IdKind::NodeId
-            })
-        );
+        assert_eq!(NodeId::new("a".repeat(33)), Err(IdError::TooLong { kind: IdKind::NodeId, len: 33, max: 32 }));
+        assert_eq!(NodeId::new(""), Err(IdError::Empty { kind: IdKind::NodeId }));
+        assert_eq!(NodeId::new("-eu"), Err(IdError::LeadingHyphen { kind: IdKind::NodeId }));
         for bad in ["EU-1", "eu_1", "eu 1", "eu.1", "é", "eu\n", "eu/1"] {
-            assert!(
-                matches!(NodeId::new(bad), Err(IdError::InvalidChar { .. })),
-                "{bad:?} accepted"
-            );
+            assert!(matches!(NodeId::new(bad), Err(IdError::InvalidChar { .. })), "{bad:?} accepted");
         }
         // A multi-byte character counts its bytes, so 11 three-byte chars
         // are too long rather than silently accepted.
@@ -554,16 +484,10 @@ mod tests {
         assert!(Sku::new("GAME-key_1.0").is_ok());
         assert!(Sku::new("-x").is_ok());
         assert!(Sku::new("x".repeat(64)).is_ok());
-        assert!(matches!(
-            Sku::new("x".repeat(65)),
-            Err(IdError::TooLong { .. })
-        ));
+        assert!(matches!(Sku::new("x".repeat(65)), Err(IdError::TooLong { .. })));
         assert!(matches!(Sku::new(""), Err(IdError::Empty { .. })));
         for bad in ["a b", "a/b", "a:b", "ä", "a\0"] {
-            assert!(
-                matches!(Sku::new(bad), Err(IdError::InvalidChar { .. })),
-                "{bad:?}"
-            );
+            assert!(matches!(Sku::new(bad), Err(IdError::InvalidChar { .. })), "{bad:?}");
         }
     }
 
@@ -596,10 +520,7 @@ mod tests {
         assert_eq!(serde_json::to_string(&Epoch(3)).unwrap(), "3");
         assert_eq!(serde_json::from_str::<KeyId>("42").unwrap(), KeyId(42));
         assert_eq!(UnixMillis(5).saturating_add_ms(10), UnixMillis(15));
-        assert_eq!(
-            UnixMillis(u64::MAX - 1).saturating_add_ms(10),
-            UnixMillis(u64::MAX)
-        );
+        assert_eq!(UnixMillis(u64::MAX - 1).saturating_add_ms(10), UnixMillis(u64::MAX));
         assert_eq!(serde_json::to_string(&UnixMillis(9)).unwrap(), "9");
     }
 
@@ -620,13 +541,7 @@ mod tests {
             &format!("{}é", "a".repeat(30)),
             "+0000000000000000000000000000000",
         ] {
-            assert_eq!(
-                bad.parse::<OrderId>(),
-                Err(IdError::BadHex {
-                    kind: IdKind::OrderId
-                }),
-                "{bad:?}"
-            );
+            assert_eq!(bad.parse::<OrderId>(), Err(IdError::BadHex { kind: IdKind::OrderId }), "{bad:?}");
         }
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(json, format!("\"{s}\""));
@@ -662,14 +577,8 @@ mod tests {
         assert_eq!(format!("{:?}", vec![s.clone()]), "[Secret(***)]");
         assert!(Secret::new("x".repeat(512)).is_ok());
         assert!(Secret::new("键".repeat(170)).is_ok());
-        assert!(matches!(
-            Secret::new("x".repeat(513)),
-            Err(IdError::TooLong { .. })
-        ));
-        assert!(matches!(
-            Secret::new(String::new()),
-            Err(IdError::Empty { .. })
-        ));
+        assert!(matches!(Secret::new("x".repeat(513)), Err(IdError::TooLong { .. })));
+        assert!(matches!(Secret::new(String::new()), Err(IdError::Empty { .. })));
         for bad in ["a\rb", "a\nb", "a\0b", "\tab", "ab\u{7f}", "a\u{85}b"] {
             let err = Secret::new(bad.to_string()).unwrap_err();
             assert!(matches!(err, IdError::ControlChar { .. }), "{bad:?}");

@@ -15,11 +15,7 @@ pub enum KeyFileError {
     #[error("not an edgecard grant signing key: expected it to start with {SIGNING_KEY_PREFIX:?}")]
     WrongPrefix,
     #[error("{what} must be {expected} hex characters, found {found}")]
-    BadLength {
-        what: &'static str,
-        expected: usize,
-        found: usize,
-    },
+    BadLength { what: &'static str, expected: usize, found: usize },
     #[error("{what} is not valid hex")]
     BadHex { what: &'static str },
     #[error("verifying key is not a valid ed25519 point")]
@@ -30,11 +26,7 @@ pub enum KeyFileError {
 
 fn decode_32(what: &'static str, s: &str) -> Result<[u8; 32], KeyFileError> {
     if s.len() != 64 {
-        return Err(KeyFileError::BadLength {
-            what,
-            expected: 64,
-            found: s.chars().count(),
-        });
+        return Err(KeyFileError::BadLength { what, expected: 64, found: s.chars().count() });
     }
     let mut out = [0u8; 32];
     hex::decode_to_slice(s, &mut out).map_err(|_| KeyFileError::BadHex { what })?;
@@ -47,10 +39,7 @@ pub fn encode_signing_key(key: &SigningKey) -> String {
 }
 
 pub fn decode_signing_key(text: &str) -> Result<SigningKey, KeyFileError> {
-    let body = text
-        .trim()
-        .strip_prefix(SIGNING_KEY_PREFIX)
-        .ok_or(KeyFileError::WrongPrefix)?;
+    let body = text.trim().strip_prefix(SIGNING_KEY_PREFIX).ok_or(KeyFileError::WrongPrefix)?;
     let mut bytes = decode_32("signing key", body)?;
     let key = SigningKey::from_bytes(&bytes);
     bytes.fill(0);
@@ -95,10 +84,7 @@ mod tests {
         assert_eq!(text.len(), SIGNING_KEY_PREFIX.len() + 64 + 1);
         assert_eq!(decode_signing_key(&text).unwrap().to_bytes(), k.to_bytes());
         let padded = format!("  \n{}\r\n\n", text.trim());
-        assert_eq!(
-            decode_signing_key(&padded).unwrap().to_bytes(),
-            k.to_bytes()
-        );
+        assert_eq!(decode_signing_key(&padded).unwrap().to_bytes(), k.to_bytes());
     }
 
     #[test]
@@ -136,33 +122,19 @@ mod tests {
 
     #[test]
     fn verifying_key_errors() {
-        assert!(matches!(
-            decode_verifying_key("abcd"),
-            Err(KeyFileError::BadLength { found: 4, .. })
-        ));
-        assert!(matches!(
-            decode_verifying_key(&"g".repeat(64)),
-            Err(KeyFileError::BadHex { .. })
-        ));
+        assert!(matches!(decode_verifying_key("abcd"), Err(KeyFileError::BadLength { found: 4, .. })));
+        assert!(matches!(decode_verifying_key(&"g".repeat(64)), Err(KeyFileError::BadHex { .. })));
         // The identity point (y = 1) is small-order.
         let mut identity = [0u8; 32];
         identity[0] = 1;
-        assert_eq!(
-            decode_verifying_key(&hex::encode(identity)),
-            Err(KeyFileError::WeakKey)
-        );
+        assert_eq!(decode_verifying_key(&hex::encode(identity)), Err(KeyFileError::WeakKey));
         // y = 2 is not on the curve.
         let mut off_curve = [0u8; 32];
         off_curve[0] = 2;
-        assert_eq!(
-            decode_verifying_key(&hex::encode(off_curve)),
-            Err(KeyFileError::InvalidPoint)
-        );
+        assert_eq!(decode_verifying_key(&hex::encode(off_curve)), Err(KeyFileError::InvalidPoint));
         let sk = encode_signing_key(&SigningKey::from_bytes(&[1; 32]));
         let err = decode_verifying_key(&sk).unwrap_err();
         assert!(err.to_string().contains("signing key"));
-        assert!(!err
-            .to_string()
-            .contains(&sk.trim()[SIGNING_KEY_PREFIX.len()..]));
+        assert!(!err.to_string().contains(&sk.trim()[SIGNING_KEY_PREFIX.len()..]));
     }
 }

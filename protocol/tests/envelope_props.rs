@@ -3,24 +3,24 @@
 #![allow(clippy::unwrap_used)]
 
 use edgecard_protocol::{
-    decode, encode, peek_kind, EnvelopeError, KeyId, MessageKind, NodeId, OrderEvent,
-    OrderEventBatch, OrderEventKind, OrderId, SignedGrant, Sku, SliceGrant, UnixMillis,
+    decode, encode, peek_kind, EnvelopeError, KeyId, MessageKind, NodeId, OrderEvent, OrderEventBatch, OrderEventKind,
+    OrderId, SignedGrant, Sku, SliceGrant, UnixMillis,
 };
 use proptest::prelude::*;
 
 fn event_kind() -> impl Strategy<Value = OrderEventKind> {
-    let ids = prop::collection::btree_set(any::<u64>(), 0..8)
-        .prop_map(|s| s.into_iter().map(KeyId).collect::<Vec<_>>());
+    let ids =
+        prop::collection::btree_set(any::<u64>(), 0..8).prop_map(|s| s.into_iter().map(KeyId).collect::<Vec<_>>());
     prop_oneof![
-        (ids.clone(), any::<u64>(), "[A-Z]{3}", any::<u64>()).prop_map(
-            |(key_ids, amount_minor, currency, exp)| OrderEventKind::Reserved {
+        (ids.clone(), any::<u64>(), "[A-Z]{3}", any::<u64>()).prop_map(|(key_ids, amount_minor, currency, exp)| {
+            OrderEventKind::Reserved {
                 quantity: key_ids.len().max(1) as u32,
                 key_ids,
                 amount_minor,
                 currency,
                 expires_at: UnixMillis(exp),
             }
-        ),
+        }),
         ("[a-z]{1,12}", "[ -~]{1,40}", any::<u64>(), "[A-Z]{3}").prop_map(
             |(channel, provider_txn, amount_minor, currency)| OrderEventKind::Paid {
                 channel,
@@ -41,13 +41,7 @@ fn batch() -> impl Strategy<Value = OrderEventBatch> {
     (
         "[a-z0-9][a-z0-9-]{0,31}",
         prop::collection::vec(
-            (
-                1..1000u64,
-                any::<u64>(),
-                any::<[u8; 16]>(),
-                "[A-Za-z0-9._-]{1,64}",
-                event_kind(),
-            ),
+            (1..1000u64, any::<u64>(), any::<[u8; 16]>(), "[A-Za-z0-9._-]{1,64}", event_kind()),
             0..8,
         ),
     )

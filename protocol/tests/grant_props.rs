@@ -6,9 +6,7 @@
 use std::collections::BTreeMap;
 
 use ed25519_dalek::SigningKey;
-use edgecard_protocol::{
-    Epoch, GrantedKey, KeyId, NodeId, Secret, SignedGrant, Sku, SliceGrant, SliceId, UnixMillis,
-};
+use edgecard_protocol::{Epoch, GrantedKey, KeyId, NodeId, Secret, SignedGrant, Sku, SliceGrant, SliceId, UnixMillis};
 use proptest::prelude::*;
 
 fn node_id() -> impl Strategy<Value = NodeId> {
@@ -42,13 +40,7 @@ fn grant() -> impl Strategy<Value = SliceGrant> {
                 epoch: Epoch(epoch),
                 issued_at: UnixMillis(issued),
                 lease_deadline: UnixMillis(issued).saturating_add_ms(ttl),
-                keys: keys
-                    .into_iter()
-                    .map(|(id, secret)| GrantedKey {
-                        key_id: KeyId(id),
-                        secret,
-                    })
-                    .collect(),
+                keys: keys.into_iter().map(|(id, secret)| GrantedKey { key_id: KeyId(id), secret }).collect(),
             }
         })
         .prop_filter("deadline after issue", |g| g.lease_deadline > g.issued_at)
@@ -136,10 +128,7 @@ fn every_bit_flip_of_a_small_grant_is_refused() {
         epoch: Epoch(1),
         issued_at: UnixMillis(10),
         lease_deadline: UnixMillis(20),
-        keys: vec![GrantedKey {
-            key_id: KeyId(1),
-            secret: Secret::new("k".into()).unwrap(),
-        }],
+        keys: vec![GrantedKey { key_id: KeyId(1), secret: Secret::new("k".into()).unwrap() }],
     };
     let bytes = wire(&g);
     assert_eq!(receive(&bytes, &g.node_id).unwrap(), g);
@@ -148,10 +137,7 @@ fn every_bit_flip_of_a_small_grant_is_refused() {
         for bit in 0..8 {
             let mut b = bytes.clone();
             b[i] ^= 1 << bit;
-            assert!(
-                receive(&b, &g.node_id).is_err(),
-                "flip at byte {i} bit {bit} accepted"
-            );
+            assert!(receive(&b, &g.node_id).is_err(), "flip at byte {i} bit {bit} accepted");
             tried += 1;
         }
     }

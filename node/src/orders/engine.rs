@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgecard_protocol::{
-    KeyId, NodeId, OrderEvent, OrderEventKind, OrderId, OrderToken, Secret, SliceGrant, SliceId, Sku, UnixMillis,
+    KeyId, NodeId, OrderEvent, OrderEventKind, OrderId, OrderToken, Secret, Sku, SliceGrant, SliceId, UnixMillis,
 };
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -152,7 +152,14 @@ impl State {
     }
 
     /// Appends an outbox event to `batch`; the caller applies the batch under the same lock.
-    fn push_event(&mut self, batch: &mut WriteBatch, node: &NodeId, order: &OrderRecord, at: UnixMillis, kind: OrderEventKind) {
+    fn push_event(
+        &mut self,
+        batch: &mut WriteBatch,
+        node: &NodeId,
+        order: &OrderRecord,
+        at: UnixMillis,
+        kind: OrderEventKind,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let event = OrderEvent { node_id: node.clone(), seq, at, order_id: order.id, sku: order.sku.clone(), kind };
@@ -408,7 +415,8 @@ impl OrderEngine {
                     };
                     state.push_event(&mut batch, &self.node_id, &order, now, paid_event);
                     order.payment = Some(paid);
-                    let held = if order.status == OrderStatus::Reserved { state.close_reservation(&order.id) } else { None };
+                    let held =
+                        if order.status == OrderStatus::Reserved { state.close_reservation(&order.id) } else { None };
                     if held.is_some() {
                         batch.delete(record::open_key(&order.id));
                         self.metrics.open_reservations.add(-1);
@@ -436,7 +444,13 @@ impl OrderEngine {
                             order.status = OrderStatus::PaidAwaitingStock;
                             order.key_ids.clear();
                             let seq = state.next_seq;
-                            state.push_event(&mut batch, &self.node_id, &order, now, OrderEventKind::AwaitingStock { quantity: order.quantity });
+                            state.push_event(
+                                &mut batch,
+                                &self.node_id,
+                                &order,
+                                now,
+                                OrderEventKind::AwaitingStock { quantity: order.quantity },
+                            );
                             batch.put(record::awaiting_key(seq), order.id.as_bytes().to_vec());
                             state.awaiting.entry(order.sku.clone()).or_default().push_back((seq, order.id));
                             self.metrics.awaiting_stock.inc();
@@ -504,7 +518,10 @@ impl OrderEngine {
             let secret = record::decode_key_value(&raw)
                 .and_then(|(_, bytes)| std::str::from_utf8(bytes).ok())
                 .and_then(|s| Secret::new(s.to_string()).ok())
-                .ok_or_else(|| StoreError::Corrupt { key: format!("k/{}/{}", order.sku, key), reason: "bad key value".into() })?;
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: format!("k/{}/{}", order.sku, key),
+                    reason: "bad key value".into(),
+                })?;
             secrets.push(secret);
             batch.delete(record::key_key(&order.sku, *key));
             batch.put(record::sold_key(&order.sku, *key), order.id.as_bytes().to_vec());
@@ -598,7 +615,13 @@ impl OrderEngine {
                 self.store.apply(batch)?;
                 state.inventory.upsert_slice(
                     grant.slice_id,
-                    SliceLease { sku: grant.sku.clone(), epoch: grant.epoch, lease_deadline: grant.lease_deadline, sells_until, available: 0 },
+                    SliceLease {
+                        sku: grant.sku.clone(),
+                        epoch: grant.epoch,
+                        lease_deadline: grant.lease_deadline,
+                        sells_until,
+                        available: 0,
+                    },
                 );
                 GrantOutcome::Renewed
             } else {
@@ -621,12 +644,21 @@ impl OrderEngine {
                 let mut batch = WriteBatch::default();
                 batch.put(slice_key, serde_json::to_vec(&meta).unwrap_or_default());
                 for key in &grant.keys {
-                    batch.put(record::key_key(&grant.sku, key.key_id), record::encode_key_value(grant.slice_id, &key.secret));
+                    batch.put(
+                        record::key_key(&grant.sku, key.key_id),
+                        record::encode_key_value(grant.slice_id, &key.secret),
+                    );
                 }
                 self.store.apply(batch)?;
                 state.inventory.upsert_slice(
                     grant.slice_id,
-                    SliceLease { sku: grant.sku.clone(), epoch: grant.epoch, lease_deadline: grant.lease_deadline, sells_until, available: 0 },
+                    SliceLease {
+                        sku: grant.sku.clone(),
+                        epoch: grant.epoch,
+                        lease_deadline: grant.lease_deadline,
+                        sells_until,
+                        available: 0,
+                    },
                 );
                 for key in &grant.keys {
                     state.inventory.put(&grant.sku, key.key_id, grant.slice_id);
@@ -636,7 +668,9 @@ impl OrderEngine {
         };
         let filled = self.fill_awaiting(&grant.sku, &mut delivered).map_err(|e| match e {
             OrderError::Store(e) => GrantInstallError::Store(e),
-            other => GrantInstallError::Store(StoreError::Corrupt { key: "awaiting".into(), reason: other.to_string() }),
+            other => {
+                GrantInstallError::Store(StoreError::Corrupt { key: "awaiting".into(), reason: other.to_string() })
+            }
         })?;
         let durable = self.store.durable().await;
         let mut pending = self.pending_durable.lock();
@@ -665,8 +699,7 @@ impl OrderEngine {
         let mut state = self.state.lock();
         let mut batch = WriteBatch::default();
         let now = now_millis();
-        loop {
-            let Some(&(seq, id)) = state.awaiting.get(sku).and_then(|q| q.front()) else { break };
+        while let Some(&(seq, id)) = state.awaiting.get(sku).and_then(|q| q.front()) {
             let raw = self.store.get(&record::order_key(&id))?.ok_or(OrderError::NotFound)?;
             let mut order = OrderRecord::decode(&raw)?;
             let Some(taken) = state.inventory.take(sku, order.quantity as usize, Instant::now()) else { break };
@@ -697,7 +730,9 @@ impl OrderEngine {
 pub fn normalize_email(raw: &str) -> Result<String, OrderError> {
     let email = raw.trim().to_ascii_lowercase();
     let valid = email.len() <= 254
-        && email.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.starts_with('.'))
+        && email
+            .split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.starts_with('.'))
         && email.chars().all(|c| !c.is_control() && !c.is_whitespace())
         && email.matches('@').count() == 1;
     if valid {
@@ -719,7 +754,13 @@ fn load_state(store: &Store, config: &OrdersConfig) -> Result<State, StoreError>
         let sells_until = Instant::now() + Duration::from_millis(remaining.saturating_sub(margin));
         state.inventory.upsert_slice(
             meta.slice_id,
-            SliceLease { sku: meta.sku, epoch: meta.epoch, lease_deadline: meta.lease_deadline, sells_until, available: 0 },
+            SliceLease {
+                sku: meta.sku,
+                epoch: meta.epoch,
+                lease_deadline: meta.lease_deadline,
+                sells_until,
+                available: 0,
+            },
         );
     }
     for item in store.scan_prefix(record::KEY) {
@@ -744,7 +785,13 @@ fn load_state(store: &Store, config: &OrdersConfig) -> Result<State, StoreError>
         state.expiry.insert((order.expires_at, id));
         state.open.insert(
             id,
-            OpenReservation { sku: order.sku, key_ids: order.key_ids, expires_at: order.expires_at, ip, email: order.email },
+            OpenReservation {
+                sku: order.sku,
+                key_ids: order.key_ids,
+                expires_at: order.expires_at,
+                ip,
+                email: order.email,
+            },
         );
     }
     let mut awaiting: BTreeMap<u64, OrderId> = BTreeMap::new();

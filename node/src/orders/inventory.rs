@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use edgecard_protocol::{Epoch, KeyId, SliceId, Sku, UnixMillis};
+use edgecard_protocol::{Epoch, KeyId, Sku, SliceId, UnixMillis};
 
 #[derive(Debug, Clone)]
 pub struct SliceLease {

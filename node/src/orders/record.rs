@@ -16,7 +16,7 @@
 
 use std::net::IpAddr;
 
-use edgecard_protocol::{Epoch, KeyId, OrderId, Secret, SliceId, Sku, UnixMillis};
+use edgecard_protocol::{Epoch, KeyId, OrderId, Secret, Sku, SliceId, UnixMillis};
 use serde::{Deserialize, Serialize};
 
 use crate::store::StoreError;

@@ -46,5 +46,10 @@ pub trait PaymentChannel: Send + Sync {
     /// The URL (or payload) the buyer uses to pay for `order`.
     fn pay_url(&self, order: &OrderRecord, public_url: &str) -> String;
     /// Checks a callback's authenticity and reads it. Binding to the order is the engine's job.
-    fn verify_callback(&self, headers: &HeaderMap, body: &[u8], now_unix_secs: u64) -> Result<VerifiedCallback, CallbackError>;
+    fn verify_callback(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now_unix_secs: u64,
+    ) -> Result<VerifiedCallback, CallbackError>;
 }

@@ -74,7 +74,12 @@ impl PaymentChannel for SandboxChannel {
         format!("{public_url}/pay/sandbox/{}", order.id)
     }
 
-    fn verify_callback(&self, headers: &HeaderMap, body: &[u8], now_unix_secs: u64) -> Result<VerifiedCallback, CallbackError> {
+    fn verify_callback(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now_unix_secs: u64,
+    ) -> Result<VerifiedCallback, CallbackError> {
         let header = headers.get(SIGNATURE_HEADER).ok_or(CallbackError::MissingSignature)?;
         let header = header.to_str().map_err(|_| CallbackError::MalformedSignature)?;
         let mut timestamp = None;

@@ -1,0 +1,6 @@
+//! The `edgecard` binary's library: the CLI's pieces, shared with the integration tests.
+
+pub mod bench;
+pub mod demo;
+pub mod grant_tool;
+pub mod https_client;
