@@ -265,8 +265,9 @@ async fn bad_requests_change_nothing() {
 async fn grants_cannot_reinstall_sold_or_held_keys() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path(), config()).await;
-    engine.install_grant(grant(1, 1, 2)).await.unwrap();
-    assert_eq!(engine.install_grant(grant(1, 1, 2)).await.unwrap(), GrantOutcome::AlreadyInstalled);
+    let first = grant(1, 1, 2);
+    engine.install_grant(first.clone()).await.unwrap();
+    assert_eq!(engine.install_grant(first).await.unwrap(), GrantOutcome::AlreadyInstalled);
     let created = engine.create_order(buy(1)).await.unwrap();
     engine.confirm_payment(payment_for(&created.record, "t")).await.unwrap();
     // Another slice that overlaps key 1 (sold) or key 2 (held) is refused whole.
@@ -276,6 +277,14 @@ async fn grants_cannot_reinstall_sold_or_held_keys() {
     let mut old = grant(1, 1, 2);
     old.epoch = Epoch(0);
     assert!(matches!(engine.install_grant(old).await, Err(GrantInstallError::StaleEpoch { .. })));
+    // Same slice id, newer epoch, same number of keys, different keys: not a renewal.
+    let mut changed = grant(1, 1, 2);
+    changed.epoch = Epoch(5);
+    changed.keys[1].secret = Secret::new("SOMETHING-ELSE".into()).unwrap();
+    assert!(matches!(engine.install_grant(changed).await, Err(GrantInstallError::ChangedSlice { .. })));
+    let mut shifted = grant(1, 7, 2);
+    shifted.epoch = Epoch(5);
+    assert!(matches!(engine.install_grant(shifted).await, Err(GrantInstallError::ChangedSlice { .. })));
     let mut expired = grant(4, 50, 1);
     expired.lease_deadline = UnixMillis(1);
     assert!(matches!(engine.install_grant(expired).await, Err(GrantInstallError::Expired)));

@@ -603,7 +603,7 @@ impl OrderEngine {
                         installed: meta.epoch.0,
                     });
                 }
-                if meta.sku != grant.sku || meta.key_count != grant.keys.len() {
+                if meta.sku != grant.sku || meta.keys_digest != record::keys_digest(&grant.keys) {
                     return Err(GrantInstallError::ChangedSlice { slice: grant.slice_id });
                 }
                 if grant.epoch == meta.epoch && grant.lease_deadline == meta.lease_deadline {
@@ -640,6 +640,7 @@ impl OrderEngine {
                     issued_at: grant.issued_at,
                     lease_deadline: grant.lease_deadline,
                     key_count: grant.keys.len(),
+                    keys_digest: record::keys_digest(&grant.keys),
                 };
                 let mut batch = WriteBatch::default();
                 batch.put(slice_key, serde_json::to_vec(&meta).unwrap_or_default());

@@ -97,6 +97,20 @@ pub struct SliceMeta {
     pub issued_at: UnixMillis,
     pub lease_deadline: UnixMillis,
     pub key_count: usize,
+    /// SHA-256 over the slice's (key id, secret) list: a renewal must carry exactly these keys.
+    pub keys_digest: String,
+}
+
+/// The digest stored in [`SliceMeta::keys_digest`].
+pub fn keys_digest(keys: &[edgecard_protocol::GrantedKey]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for key in keys {
+        hasher.update(key.key_id.0.to_be_bytes());
+        hasher.update((key.secret.expose().len() as u64).to_be_bytes());
+        hasher.update(key.secret.expose().as_bytes());
+    }
+    hex::encode(hasher.finalize())
 }
 
 pub const ORDER: &[u8] = b"o/";
