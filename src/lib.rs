@@ -4,3 +4,4 @@ pub mod bench;
 pub mod demo;
 pub mod grant_tool;
 pub mod https_client;
+pub mod logging;

@@ -83,7 +83,7 @@ enum GrantCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging();
+    edgecard::logging::init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
         match cli.command {
@@ -94,18 +94,6 @@ fn main() -> Result<()> {
             Command::Bench(args) => bench::run(args).await,
         }
     })
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGECARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var("EDGECARD_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn run_node(args: ConfigArg) -> Result<()> {

@@ -190,6 +190,7 @@ pub async fn serve_with_stats(
             }
             accepted = listener.accept(), if permit.is_some() => match accepted {
                 Ok((tcp, peer)) => {
+                    tracing::trace!(%peer, "connection accepted");
                     if let Err(e) = tcp.set_nodelay(true) {
                         debug!(%peer, "set TCP_NODELAY: {e}");
                     }
