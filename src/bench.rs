@@ -158,9 +158,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     for buyer in buyers {
         buyer.await.context("buyer task")?;
     }
+    let elapsed = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = progress.await;
-    let elapsed = started.elapsed().as_secs_f64();
 
     let mut samples = std::mem::take(&mut *samples.lock());
     let report = build_report(&mut samples, args.concurrency, elapsed);

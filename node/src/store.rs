@@ -80,6 +80,9 @@ impl Store {
             .path(dir)
             .cache_capacity(cache_capacity)
             .mode(sled::Mode::HighThroughput)
+            // The group-commit flusher below flushes whenever anyone waits; sled's own
+            // periodic flusher would only add a second writer.
+            .flush_every_ms(None)
             .open()
             .map_err(|source| StoreError::Open { path: dir.to_path_buf(), source })?;
         let data_path = dir.join("db");
