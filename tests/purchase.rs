@@ -1,0 +1,222 @@
+//! End to end over real HTTPS against a real node process: catalog, reserve, pay, deliver, look up.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use edgecard::https_client::Request;
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buyer_reserves_pays_and_gets_a_granted_key() {
+    let env = TestEnv::new();
+    let secrets = make_secrets(10);
+    let node = env.start_node(&NodeOptions::with_grants(vec![env.grant_file(&secrets)]));
+    bounded("purchase", LIMIT, async {
+        let mut client = node.client().await;
+
+        let products = client.products().await;
+        assert_eq!(products.len(), 1, "{products:?}");
+        let product = &products[0];
+        assert_eq!(product["sku"], SKU);
+        assert_eq!(product["title"], "Game card");
+        assert_eq!(product["stock"], 10);
+        assert_eq!(product["price"]["amount_minor"], PRICE_MINOR);
+        assert_eq!(product["price"]["currency"], "USD");
+        assert_eq!(product["prices"].as_array().unwrap().len(), 2);
+        let zh = client.send(Request::get("/api/v1/products").header("accept-language", "zh-CN,zh;q=0.9")).await;
+        assert_eq!(zh.json::<Vec<Value>>().unwrap()[0]["title"], "游戏卡");
+
+        // Reserve.
+        let response = client.create_order(&serde_json::json!({ "sku": SKU })).await;
+        assert_eq!(response.status, 201, "{}", response.text());
+        assert_eq!(response.header("cache-control"), Some("no-store"));
+        let order = Created::from_response(&response);
+        assert_eq!(order.body["status"], "reserved");
+        assert_eq!(order.body["amount_minor"], PRICE_MINOR);
+        assert_eq!(order.body["currency"], "USD");
+        assert!(order.body["expires_at"].is_string(), "{}", order.body);
+        assert_eq!(order.order_id.len(), 32, "{}", order.body);
+        assert_eq!(order.token.len(), 32, "{}", order.body);
+        assert_eq!(order.pay_url, format!("{}/pay/sandbox/{}", node.public_url, order.order_id));
+        assert!(order.body.get("keys").is_none(), "a reservation shows no keys: {}", order.body);
+        assert_eq!(client.stock().await, 9, "the reservation holds its key");
+
+        // Before payment the order is reserved and shows no key.
+        let view = client.fetch_ok(&order).await;
+        assert_eq!(view["status"], "reserved", "{view}");
+        assert!(view.get("keys").is_none(), "{view}");
+
+        // Pay through the sandbox; the pay answer itself reveals nothing.
+        let paid = client.pay(&order.pay_url).await;
+        assert_eq!(paid.status, 200, "{}", paid.text());
+        assert_eq!(paid.header("cache-control"), Some("no-store"));
+        let paid_body: Value = paid.json().unwrap();
+        assert_eq!(paid_body["status"], "delivered", "{paid_body}");
+        assert_eq!(paid_body["order_id"], order.order_id.as_str());
+        for secret in &secrets {
+            assert!(!paid.text().contains(secret.as_str()), "the pay endpoint needs no token and must not show keys");
+        }
+
+        // The key, to the token holder.
+        let response = client.fetch(&order.order_id, Some(&order.token)).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(response.header("cache-control"), Some("no-store"));
+        let view: Value = response.json().unwrap();
+        assert_eq!(view["status"], "delivered", "{view}");
+        let keys = keys_of(&view);
+        assert_eq!(keys.len(), 1, "{view}");
+        assert!(secrets.contains(&keys[0]), "delivered key {} is not one of the granted keys", keys[0]);
+        assert_eq!(client.stock().await, 9);
+
+        // Paying again changes nothing: same single key.
+        let again = client.pay(&order.pay_url).await;
+        assert_eq!(again.status, 200, "{}", again.text());
+        assert_eq!(keys_of(&client.fetch_ok(&order).await), keys);
+        assert_eq!(client.stock().await, 9);
+
+        // Quantity 3: three distinct granted keys, none of them the first one.
+        let (big, big_keys) = client.buy(3).await;
+        assert_eq!(big.body["amount_minor"], 3 * PRICE_MINOR);
+        let distinct: HashSet<&String> = big_keys.iter().collect();
+        assert_eq!(distinct.len(), 3, "{big_keys:?}");
+        assert!(big_keys.iter().all(|k| secrets.contains(k)), "{big_keys:?}");
+        assert!(!big_keys.contains(&keys[0]), "a key was delivered twice");
+        assert_eq!(client.stock().await, 6);
+
+        // Another currency is priced from the catalog.
+        let eur = client.create_order(&serde_json::json!({ "sku": SKU, "currency": "EUR" })).await;
+        assert_eq!(eur.status, 201, "{}", eur.text());
+        let eur = Created::from_response(&eur);
+        assert_eq!(eur.body["currency"], "EUR");
+        assert_eq!(eur.body["amount_minor"], 900);
+
+        let metrics = node.metrics().await;
+        assert!(metrics["edgecard_purchases_total"] >= 2.0, "{metrics:?}");
+        assert!(metrics["edgecard_orders_created_total"] >= 3.0, "{metrics:?}");
+        let text = node.metrics_text().await;
+        for secret in &secrets {
+            assert!(!text.contains(secret.as_str()), "a key appears in /metrics");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_lookup_needs_the_order_token() {
+    let env = TestEnv::new();
+    let secrets = make_secrets(3);
+    let node = env.start_node(&NodeOptions::with_grants(vec![env.grant_file(&secrets)]));
+    bounded("lookup", LIMIT, async {
+        let mut client = node.client().await;
+        let (order, keys) = client.buy(1).await;
+        assert_eq!(keys.len(), 1);
+
+        let wrong_token = random_hex(16);
+        let cases: Vec<(&str, Request, u16)> = vec![
+            (
+                "wrong token",
+                Request::get(&format!("/api/v1/orders/{}", order.order_id))
+                    .header("authorization", &format!("Bearer {wrong_token}")),
+                404,
+            ),
+            (
+                "malformed token",
+                Request::get(&format!("/api/v1/orders/{}", order.order_id)).header("authorization", "Bearer abc"),
+                404,
+            ),
+            (
+                "token of another scheme",
+                Request::get(&format!("/api/v1/orders/{}", order.order_id))
+                    .header("authorization", &format!("Basic {}", order.token)),
+                401,
+            ),
+            ("no token", Request::get(&format!("/api/v1/orders/{}", order.order_id)), 401),
+            (
+                "unknown order",
+                Request::get(&format!("/api/v1/orders/{}", random_hex(16)))
+                    .header("authorization", &format!("Bearer {}", order.token)),
+                404,
+            ),
+            (
+                "order id is not an id",
+                Request::get("/api/v1/orders/1%20OR%201=1").header("authorization", &format!("Bearer {}", order.token)),
+                404,
+            ),
+            (
+                "token in the query string",
+                Request::get(&format!("/api/v1/orders/{}?token={}", order.order_id, order.token)),
+                401,
+            ),
+        ];
+        for (what, request, status) in cases {
+            let response = client.send(request).await;
+            assert_eq!(response.status, status, "{what}: {}", response.text());
+            assert_eq!(response.header("cache-control"), Some("no-store"), "{what}");
+            let code = error_code(&response);
+            assert!(!code.is_empty(), "{what}");
+            assert!(!response.text().contains(&keys[0]), "{what}: the key leaked");
+        }
+        // Unknown id and wrong token answer the same, so ids cannot be probed.
+        let wrong = client.fetch(&order.order_id, Some(&wrong_token)).await;
+        let unknown = client.fetch(&random_hex(16), Some(&order.token)).await;
+        assert_eq!(wrong.status, unknown.status);
+        assert_eq!(wrong.text(), unknown.text());
+
+        // The right token still works.
+        assert_eq!(keys_of(&client.fetch_ok(&order).await), keys);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_is_cacheable_and_revalidates_with_etag() {
+    let env = TestEnv::new();
+    let secrets = make_secrets(5);
+    let node = env.start_node(&NodeOptions::with_grants(vec![env.grant_file(&secrets)]));
+    bounded("catalog", LIMIT, async {
+        let mut client = node.client().await;
+        let first = client.send(Request::get("/api/v1/products")).await;
+        assert_eq!(first.status, 200, "{}", first.text());
+        assert!(first.header("content-type").unwrap().starts_with("application/json"));
+        let cache_control = first.header("cache-control").unwrap().to_string();
+        assert!(cache_control.contains("max-age="), "{cache_control}");
+        assert!(cache_control.contains("stale-while-revalidate="), "{cache_control}");
+        assert!(!cache_control.contains("no-store"), "{cache_control}");
+        let etag = first.header("etag").expect("an ETag").to_string();
+        assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+
+        // Same content, same tag: 304 without a body.
+        let second = client.send(Request::get("/api/v1/products").header("if-none-match", &etag)).await;
+        assert_eq!(second.status, 304, "{}", second.text());
+        assert!(second.body.is_empty());
+        assert_eq!(second.header("etag"), Some(etag.as_str()));
+        assert!(second.header("cache-control").unwrap().contains("max-age="));
+        let listed =
+            client.send(Request::get("/api/v1/products").header("if-none-match", &format!("\"other\", {etag}"))).await;
+        assert_eq!(listed.status, 304);
+        let stale = client.send(Request::get("/api/v1/products").header("if-none-match", "\"not-the-tag\"")).await;
+        assert_eq!(stale.status, 200);
+
+        // A sale changes the stock, so the old tag no longer matches.
+        client.buy(1).await;
+        let after = client.send(Request::get("/api/v1/products").header("if-none-match", &etag)).await;
+        assert_eq!(after.status, 200, "{}", after.text());
+        assert_ne!(after.header("etag"), Some(etag.as_str()));
+        assert_eq!(after.json::<Vec<Value>>().unwrap()[0]["stock"], 4);
+        for secret in &secrets {
+            assert!(!after.text().contains(secret.as_str()), "the catalog shows a key");
+        }
+
+        // Health for CDN origin checks, on both listeners.
+        let health = client.send(Request::get("/healthz")).await;
+        assert_eq!(health.status, 200);
+        assert_eq!(node.admin_get("/healthz").await.status, 200);
+    })
+    .await;
+}
