@@ -35,6 +35,8 @@ pub enum MessageKind {
     SliceGrant = 1,
     SignedGrant = 2,
     OrderEventBatch = 3,
+    SyncUpload = 4,
+    SyncAck = 5,
 }
 
 impl TryFrom<u8> for MessageKind {
@@ -44,6 +46,8 @@ impl TryFrom<u8> for MessageKind {
             1 => Ok(MessageKind::SliceGrant),
             2 => Ok(MessageKind::SignedGrant),
             3 => Ok(MessageKind::OrderEventBatch),
+            4 => Ok(MessageKind::SyncUpload),
+            5 => Ok(MessageKind::SyncAck),
             other => Err(EnvelopeError::UnknownKind(other)),
         }
     }
@@ -55,6 +59,8 @@ impl std::fmt::Display for MessageKind {
             MessageKind::SliceGrant => "slice grant",
             MessageKind::SignedGrant => "signed grant",
             MessageKind::OrderEventBatch => "order event batch",
+            MessageKind::SyncUpload => "sync upload",
+            MessageKind::SyncAck => "sync ack",
         })
     }
 }
@@ -242,11 +248,17 @@ mod tests {
 
     #[test]
     fn kind_from_u8() {
-        for k in [MessageKind::SliceGrant, MessageKind::SignedGrant, MessageKind::OrderEventBatch] {
+        for k in [
+            MessageKind::SliceGrant,
+            MessageKind::SignedGrant,
+            MessageKind::OrderEventBatch,
+            MessageKind::SyncUpload,
+            MessageKind::SyncAck,
+        ] {
             assert_eq!(MessageKind::try_from(k as u8).unwrap(), k);
         }
         assert_eq!(MessageKind::try_from(0), Err(EnvelopeError::UnknownKind(0)));
-        assert_eq!(MessageKind::try_from(4), Err(EnvelopeError::UnknownKind(4)));
+        assert_eq!(MessageKind::try_from(6), Err(EnvelopeError::UnknownKind(6)));
     }
 
     #[test]

@@ -14,9 +14,14 @@ pub mod event;
 pub mod grant;
 pub mod ids;
 pub mod keyfile;
+pub mod sync;
 
 pub use envelope::{decode, encode, peek_kind, Decodable, Encodable, EnvelopeError, MessageKind, MAX_PAYLOAD};
 pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind};
 pub use grant::{GrantError, GrantedKey, SignedGrant, SliceGrant, GRANT_SIGNATURE_DOMAIN, MAX_GRANT_KEYS};
 pub use ids::{Epoch, IdError, IdKind, KeyId, NodeId, OrderId, OrderToken, Secret, Sku, SliceId, UnixMillis};
+pub use sync::{
+    AckOutcome, CatalogProduct, ControlBody, ControlMessage, SliceStock, SyncAck, SyncClient, SyncError, SyncTiming,
+    SyncUpload, UploadPlan,
+};
 pub use keyfile::{decode_signing_key, decode_verifying_key, encode_signing_key, encode_verifying_key, KeyFileError};

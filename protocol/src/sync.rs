@@ -1,0 +1,392 @@
+//! Order sync between a node and the coordinator: the messages and the node's sans-IO client.
+//!
+//! The node uploads its outbox in batches, one bidirectional stream per batch: a [`SyncUpload`]
+//! goes up, a [`SyncAck`] comes back on the same stream. The coordinator ingests events keyed by
+//! (node id, seq) idempotently in one durable commit and answers with its high-water mark, so a
+//! batch re-sent after a lost ack is harmless. Control messages for the node (grants, catalog)
+//! ride on the ack, numbered; the node says in each upload which it has applied, so a lost ack
+//! only delays them.
+//!
+//! [`SyncClient`] decides when to upload, what to send and how to react to acks and failures. It
+//! does no I/O and reads no clock: callers pass `now` in milliseconds of a monotonic clock.
+
+use crate::envelope::{self, EnvelopeError, MessageKind};
+use crate::event::OrderEvent;
+use crate::ids::{NodeId, SliceId, Sku};
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SyncUpload {
+    pub node_id: NodeId,
+    /// Outbox events after the last acknowledged one, ascending by seq. May be empty (a poll).
+    pub events: Vec<OrderEvent>,
+    /// Highest control message seq the node has applied.
+    pub control_applied: u64,
+    /// What the node can sell now, per slice, for the coordinator's status view.
+    pub stock: Vec<SliceStock>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SliceStock {
+    pub slice_id: SliceId,
+    pub sku: Sku,
+    pub available: u64,
+    pub selling: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SyncAck {
+    /// Every event of this node with seq up to here is durably in the ledger (or durably
+    /// refused and recorded as an alarm). The node may prune its outbox through it.
+    pub events_high_water: u64,
+    /// Control messages after the upload's `control_applied`, ascending by seq.
+    pub control: Vec<ControlMessage>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ControlMessage {
+    pub seq: u64,
+    pub body: ControlBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ControlBody {
+    /// A `SignedGrant` envelope: install the slice, or renew its lease.
+    Grant { signed_grant: Vec<u8> },
+    /// The full catalog the node should sell.
+    Catalog { products: Vec<CatalogProduct> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct CatalogProduct {
+    pub sku: Sku,
+    /// (language tag, title)
+    pub titles: Vec<(String, String)>,
+    /// (amount in minor units, ISO 4217 code); the first is the default.
+    pub prices: Vec<(u64, String)>,
+}
+
+/// Largest number of events in one upload.
+pub const MAX_UPLOAD_EVENTS: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    #[error("malformed sync message: {0}")]
+    Malformed(#[from] EnvelopeError),
+    #[error("invalid sync message: {0}")]
+    Invalid(String),
+}
+
+impl SyncUpload {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, SyncError> {
+        Ok(envelope::encode(MessageKind::SyncUpload, self)?)
+    }
+
+    /// Decodes and validates: ids, event contents, order and sender.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SyncError> {
+        let upload: SyncUpload = envelope::decode(MessageKind::SyncUpload, bytes)?;
+        upload.node_id.validate().map_err(|e| SyncError::Invalid(e.to_string()))?;
+        if upload.events.len() > MAX_UPLOAD_EVENTS {
+            return Err(SyncError::Invalid(format!("{} events in one upload", upload.events.len())));
+        }
+        let mut last = 0;
+        for event in &upload.events {
+            event.validate().map_err(|e| SyncError::Invalid(e.to_string()))?;
+            if event.node_id != upload.node_id {
+                return Err(SyncError::Invalid("event from another node".into()));
+            }
+            if event.seq <= last {
+                return Err(SyncError::Invalid("event seqs must increase".into()));
+            }
+            last = event.seq;
+        }
+        for stock in &upload.stock {
+            stock.sku.validate().map_err(|e| SyncError::Invalid(e.to_string()))?;
+        }
+        Ok(upload)
+    }
+}
+
+impl SyncAck {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, SyncError> {
+        Ok(envelope::encode(MessageKind::SyncAck, self)?)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SyncError> {
+        let ack: SyncAck = envelope::decode(MessageKind::SyncAck, bytes)?;
+        let mut last = 0;
+        for message in &ack.control {
+            if message.seq <= last {
+                return Err(SyncError::Invalid("control seqs must increase".into()));
+            }
+            last = message.seq;
+            if let ControlBody::Catalog { products } = &message.body {
+                for product in products {
+                    product.sku.validate().map_err(|e| SyncError::Invalid(e.to_string()))?;
+                }
+            }
+        }
+        Ok(ack)
+    }
+}
+
+/// Timing of the sync client, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncTiming {
+    /// Upload (or poll for control messages) at least this often while idle.
+    pub idle_poll_ms: u64,
+    /// First retry delay after a failure; doubles per consecutive failure.
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    pub max_batch_events: usize,
+}
+
+impl Default for SyncTiming {
+    fn default() -> Self {
+        SyncTiming { idle_poll_ms: 1000, backoff_min_ms: 200, backoff_max_ms: 10_000, max_batch_events: 1024 }
+    }
+}
+
+/// What to upload: the events after `after_seq`, at most `max_events` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadPlan {
+    pub after_seq: u64,
+    pub max_events: usize,
+    pub control_applied: u64,
+}
+
+/// The result of an ack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// Outbox entries up to here may be deleted.
+    pub prune_through: u64,
+    /// Control messages to apply, in order; report each with [`SyncClient::control_applied`].
+    pub control: Vec<ControlMessage>,
+}
+
+/// The node's side of sync, without I/O.
+#[derive(Debug, Clone)]
+pub struct SyncClient {
+    timing: SyncTiming,
+    acked: u64,
+    control_applied: u64,
+    /// Highest seq of the upload in flight (its `after_seq` if it carried no events).
+    in_flight: Option<u64>,
+    next_upload_at: u64,
+    failures: u32,
+    rng: u64,
+}
+
+impl SyncClient {
+    /// `acked` and `control_applied` come from the node's store, so a restart resumes.
+    pub fn new(timing: SyncTiming, acked: u64, control_applied: u64, seed: u64) -> Self {
+        SyncClient { timing, acked, control_applied, in_flight: None, next_upload_at: 0, failures: 0, rng: seed | 1 }
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    pub fn control_applied(&self) -> u64 {
+        self.control_applied
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Whether to upload now, given the newest seq in the outbox.
+    pub fn poll_upload(&mut self, now_ms: u64, newest_outbox_seq: u64) -> Option<UploadPlan> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let pending = newest_outbox_seq > self.acked;
+        let due = now_ms >= self.next_upload_at;
+        let backing_off = self.failures > 0;
+        if !due && (backing_off || !pending) {
+            return None;
+        }
+        let max_events = self.timing.max_batch_events.clamp(1, MAX_UPLOAD_EVENTS);
+        let last = newest_outbox_seq.min(self.acked.saturating_add(max_events as u64)).max(self.acked);
+        self.in_flight = Some(last);
+        Some(UploadPlan { after_seq: self.acked, max_events, control_applied: self.control_applied })
+    }
+
+    /// The coordinator answered. An ack that goes backwards or past what was sent is a protocol
+    /// error: the caller drops the connection (and reports a failure).
+    pub fn handle_ack(&mut self, now_ms: u64, ack: &SyncAck) -> Result<AckOutcome, SyncError> {
+        let Some(sent_through) = self.in_flight.take() else {
+            return Err(SyncError::Invalid("ack without an upload in flight".into()));
+        };
+        if ack.events_high_water < self.acked || ack.events_high_water > sent_through {
+            self.register_failure(now_ms);
+            return Err(SyncError::Invalid(format!(
+                "ack {} outside [{}, {}]",
+                ack.events_high_water, self.acked, sent_through
+            )));
+        }
+        self.acked = ack.events_high_water;
+        self.failures = 0;
+        self.next_upload_at = now_ms.saturating_add(self.timing.idle_poll_ms);
+        let control = ack.control.iter().filter(|m| m.seq > self.control_applied).cloned().collect();
+        Ok(AckOutcome { prune_through: self.acked, control })
+    }
+
+    /// Records that control message `seq` was applied durably.
+    pub fn mark_control_applied(&mut self, seq: u64) {
+        self.control_applied = self.control_applied.max(seq);
+    }
+
+    /// The upload failed (connection, stream, timeout, or a refused batch).
+    pub fn handle_failure(&mut self, now_ms: u64) {
+        self.in_flight = None;
+        self.register_failure(now_ms);
+    }
+
+    fn register_failure(&mut self, now_ms: u64) {
+        self.failures = self.failures.saturating_add(1);
+        let exponent = self.failures.saturating_sub(1).min(20);
+        let base = self.timing.backoff_min_ms.saturating_mul(1u64 << exponent).min(self.timing.backoff_max_ms);
+        // Full jitter in [base/2, base], so reconnecting nodes do not stampede together.
+        let jitter = self.next_random() % (base / 2 + 1);
+        self.next_upload_at = now_ms.saturating_add(base - jitter);
+    }
+
+    /// When the client next wants to be polled (if nothing else happens first).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.in_flight.is_none().then_some(self.next_upload_at)
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64: deterministic per seed, which keeps simulations replayable.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::event::OrderEventKind;
+    use crate::ids::{KeyId, OrderId, UnixMillis};
+
+    fn timing() -> SyncTiming {
+        SyncTiming { idle_poll_ms: 1000, backoff_min_ms: 100, backoff_max_ms: 1600, max_batch_events: 10 }
+    }
+
+    fn ack(hw: u64, control: &[u64]) -> SyncAck {
+        SyncAck {
+            events_high_water: hw,
+            control: control
+                .iter()
+                .map(|seq| ControlMessage { seq: *seq, body: ControlBody::Grant { signed_grant: vec![1, 2, 3] } })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn uploads_pending_events_in_bounded_batches() {
+        let mut client = SyncClient::new(timing(), 0, 0, 7);
+        let plan = client.poll_upload(0, 25).unwrap();
+        assert_eq!(plan, UploadPlan { after_seq: 0, max_events: 10, control_applied: 0 });
+        assert_eq!(client.poll_upload(0, 25), None, "one upload in flight at a time");
+        let outcome = client.handle_ack(5, &ack(10, &[])).unwrap();
+        assert_eq!(outcome.prune_through, 10);
+        // More is pending: the next upload goes at once, not at the idle poll.
+        assert_eq!(client.poll_upload(6, 25).unwrap().after_seq, 10);
+    }
+
+    #[test]
+    fn idle_client_polls_for_control_messages() {
+        let mut client = SyncClient::new(timing(), 4, 0, 7);
+        assert!(client.poll_upload(0, 4).is_some(), "first contact at once");
+        client.handle_ack(0, &ack(4, &[1, 2])).unwrap();
+        assert_eq!(client.poll_upload(500, 4), None, "idle: wait for the poll interval");
+        assert_eq!(client.poll_timeout(), Some(1000));
+        assert!(client.poll_upload(1000, 4).is_some());
+    }
+
+    #[test]
+    fn control_messages_already_applied_are_dropped() {
+        let mut client = SyncClient::new(timing(), 0, 0, 7);
+        client.poll_upload(0, 0).unwrap();
+        let outcome = client.handle_ack(0, &ack(0, &[1, 2])).unwrap();
+        assert_eq!(outcome.control.len(), 2);
+        client.mark_control_applied(1);
+        client.poll_upload(2000, 0).unwrap();
+        // The ack carrying 1 and 2 again (the coordinator had not seen our report yet).
+        let outcome = client.handle_ack(2000, &ack(0, &[1, 2])).unwrap();
+        assert_eq!(outcome.control.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_with_bounded_jitter() {
+        let mut client = SyncClient::new(timing(), 0, 0, 99);
+        let mut now = 0;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            client.poll_upload(now, 5).unwrap();
+            client.handle_failure(now);
+            let next = client.poll_timeout().unwrap();
+            assert_eq!(client.poll_upload(next - 1, 5), None, "no retry before the backoff");
+            delays.push(next - now);
+            now = next;
+        }
+        for (i, delay) in delays.iter().enumerate() {
+            let base = (100u64 << i).min(1600);
+            assert!(*delay >= base / 2 && *delay <= base, "attempt {i}: {delay} not in [{}, {base}]", base / 2);
+        }
+        client.poll_upload(now, 5).unwrap();
+        client.handle_ack(now, &ack(5, &[])).unwrap();
+        assert_eq!(client.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn acks_out_of_range_are_protocol_errors() {
+        let mut client = SyncClient::new(timing(), 5, 0, 1);
+        client.poll_upload(0, 8).unwrap();
+        assert!(client.handle_ack(0, &ack(9, &[])).is_err(), "acked more than was sent");
+        client.poll_upload(10_000, 8).unwrap();
+        assert!(client.handle_ack(10_000, &ack(4, &[])).is_err(), "ack went backwards");
+        assert_eq!(client.acked(), 5);
+        assert!(client.handle_ack(10_000, &ack(5, &[])).is_err(), "no upload in flight");
+    }
+
+    fn event(node: &NodeId, seq: u64) -> OrderEvent {
+        OrderEvent {
+            node_id: node.clone(),
+            seq,
+            at: UnixMillis(1),
+            order_id: OrderId::from_bytes([seq as u8; 16]),
+            sku: Sku::new("game").unwrap(),
+            kind: OrderEventKind::Delivered { key_ids: vec![KeyId(seq)] },
+        }
+    }
+
+    #[test]
+    fn uploads_round_trip_and_reject_foreign_or_unordered_events() {
+        let node = NodeId::new("eu-1").unwrap();
+        let upload = SyncUpload {
+            node_id: node.clone(),
+            events: vec![event(&node, 1), event(&node, 2)],
+            control_applied: 3,
+            stock: vec![SliceStock { slice_id: SliceId(1), sku: Sku::new("game").unwrap(), available: 5, selling: true }],
+        };
+        assert_eq!(SyncUpload::from_bytes(&upload.to_bytes().unwrap()).unwrap(), upload);
+
+        let mut foreign = upload.clone();
+        foreign.events[1] = event(&NodeId::new("us-1").unwrap(), 2);
+        assert!(SyncUpload::from_bytes(&foreign.to_bytes().unwrap()).is_err());
+        let mut unordered = upload.clone();
+        unordered.events.swap(0, 1);
+        assert!(SyncUpload::from_bytes(&unordered.to_bytes().unwrap()).is_err());
+        assert!(SyncUpload::from_bytes(b"random bytes that are not a frame").is_err());
+        let ack = ack(2, &[1, 3]);
+        assert_eq!(SyncAck::from_bytes(&ack.to_bytes().unwrap()).unwrap(), ack);
+        assert!(SyncUpload::from_bytes(&ack.to_bytes().unwrap()).is_err(), "kind is checked");
+    }
+}
