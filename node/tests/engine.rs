@@ -337,3 +337,46 @@ async fn concurrent_buyers_never_share_a_key() {
     assert_eq!(delivered.len(), 100);
     assert_eq!(sold_out, 150);
 }
+
+#[tokio::test]
+async fn outbox_holds_every_change_in_order_until_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = open(dir.path(), config()).await;
+        engine.install_grant(grant(1, 1, 5)).await.unwrap();
+        let a = engine.create_order(buy(1)).await.unwrap();
+        engine.confirm_payment(payment_for(&a.record, "t1")).await.unwrap();
+        let b = engine.create_order(buy(2)).await.unwrap();
+        engine.expire_due(b.record.expires_at).await.unwrap();
+        let events = engine.outbox_after(0, 100).unwrap();
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| match &e.kind {
+                edgecard_protocol::OrderEventKind::Reserved { .. } => "reserved",
+                edgecard_protocol::OrderEventKind::Paid { .. } => "paid",
+                edgecard_protocol::OrderEventKind::Delivered { .. } => "delivered",
+                edgecard_protocol::OrderEventKind::Expired { .. } => "expired",
+                edgecard_protocol::OrderEventKind::AwaitingStock { .. } => "awaiting",
+            })
+            .collect();
+        assert_eq!(kinds, vec!["reserved", "paid", "delivered", "reserved", "expired"]);
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+        assert_eq!(engine.outbox_newest(), 5);
+        assert_eq!(engine.outbox_after(3, 100).unwrap().len(), 2);
+        assert_eq!(engine.outbox_after(0, 2).unwrap().len(), 2);
+
+        engine.record_sync_ack(3).unwrap();
+        engine.record_control_applied(7).await.unwrap();
+        assert_eq!(engine.outbox_after(0, 100).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+        engine.store().close();
+    }
+    let engine = open(dir.path(), config()).await;
+    assert_eq!(engine.sync_progress().unwrap(), (3, 7));
+    assert_eq!(engine.outbox_newest(), 5, "sequence numbers continue after a restart");
+    let c = engine.create_order(buy(3)).await.unwrap();
+    let last = engine.outbox_after(5, 10).unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].seq, 6);
+    assert_eq!(last[0].order_id, c.record.id);
+}

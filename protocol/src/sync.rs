@@ -267,6 +267,83 @@ impl SyncClient {
     }
 }
 
+/// ALPN protocol id of the sync link (QUIC, mutual TLS).
+pub const SYNC_ALPN: &[u8] = b"edgecard-sync/1";
+
+/// Largest sync message on the wire, upload or ack: the envelope's payload limit plus room for
+/// its header. A stream longer than this is refused unread.
+pub const MAX_SYNC_MESSAGE_BYTES: usize = envelope::MAX_PAYLOAD + 64;
+
+/// QUIC application error codes of the sync link: a stream reset (one upload failed) or a
+/// connection close (the node may not sync at all). Both sides read the code; the text, if any,
+/// travels only in a connection close's reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum SyncErrorCode {
+    /// A clean close; not an error.
+    Closed = 0,
+    /// Stream: the bytes are not a valid [`SyncUpload`] (or [`SyncAck`]).
+    Malformed = 1,
+    /// Stream: the upload names a node other than the one in the client certificate.
+    WrongNode = 2,
+    /// Stream: the message is longer than [`MAX_SYNC_MESSAGE_BYTES`].
+    TooLarge = 3,
+    /// Stream: the coordinator could not take the batch now; the same batch may be retried.
+    Unavailable = 4,
+    /// Stream: the coordinator refused the batch.
+    Refused = 5,
+    /// Connection: the node's certificate has been revoked.
+    Revoked = 16,
+    /// Connection: the client certificate names no valid node.
+    BadIdentity = 17,
+    /// Connection: the coordinator is shutting down.
+    ShuttingDown = 18,
+    /// Connection: the peer broke the sync protocol (for example an ack out of range).
+    Protocol = 19,
+}
+
+impl SyncErrorCode {
+    pub const ALL: [SyncErrorCode; 10] = [
+        SyncErrorCode::Closed,
+        SyncErrorCode::Malformed,
+        SyncErrorCode::WrongNode,
+        SyncErrorCode::TooLarge,
+        SyncErrorCode::Unavailable,
+        SyncErrorCode::Refused,
+        SyncErrorCode::Revoked,
+        SyncErrorCode::BadIdentity,
+        SyncErrorCode::ShuttingDown,
+        SyncErrorCode::Protocol,
+    ];
+
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The code for a number read off the wire; `None` for codes this version does not know.
+    pub fn from_code(code: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| u64::from(c.code()) == code)
+    }
+}
+
+impl std::fmt::Display for SyncErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = match self {
+            SyncErrorCode::Closed => "closed",
+            SyncErrorCode::Malformed => "malformed message",
+            SyncErrorCode::WrongNode => "upload for another node",
+            SyncErrorCode::TooLarge => "message too large",
+            SyncErrorCode::Unavailable => "coordinator unavailable",
+            SyncErrorCode::Refused => "batch refused",
+            SyncErrorCode::Revoked => "node revoked",
+            SyncErrorCode::BadIdentity => "certificate names no node",
+            SyncErrorCode::ShuttingDown => "coordinator shutting down",
+            SyncErrorCode::Protocol => "sync protocol violation",
+        };
+        f.write_str(text)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -388,5 +465,13 @@ mod tests {
         let ack = ack(2, &[1, 3]);
         assert_eq!(SyncAck::from_bytes(&ack.to_bytes().unwrap()).unwrap(), ack);
         assert!(SyncUpload::from_bytes(&ack.to_bytes().unwrap()).is_err(), "kind is checked");
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for code in SyncErrorCode::ALL {
+            assert_eq!(SyncErrorCode::from_code(u64::from(code.code())), Some(code));
+        }
+        assert_eq!(SyncErrorCode::from_code(999), None);
     }
 }

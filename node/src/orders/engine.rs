@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::inventory::{Inventory, SliceLease};
-use super::record::{self, OrderRecord, OrderStatus, PaymentRecord, SliceMeta};
+use super::record::{self, OrderRecord, OrderStatus, PaymentAttempt, PaymentRecord, SliceMeta};
 use crate::catalog::Catalog;
 use crate::config::{Currency, OrdersConfig};
 use crate::limiter::{limit_key, LimitKey};
@@ -127,6 +127,8 @@ struct State {
     /// PaidAwaitingStock orders per sku, oldest first: (queue seq, order).
     awaiting: HashMap<Sku, VecDeque<(u64, OrderId)>>,
     next_seq: u64,
+    /// Signalled whenever an outbox event is appended (the sync link waits on it).
+    outbox_notify: Arc<tokio::sync::Notify>,
 }
 
 impl State {
@@ -165,6 +167,7 @@ impl State {
         let event = OrderEvent { node_id: node.clone(), seq, at, order_id: order.id, sku: order.sku.clone(), kind };
         batch.put(record::outbox_key(seq), serde_json::to_vec(&event).unwrap_or_default());
         batch.put(record::NEXT_SEQ.to_vec(), self.next_seq.to_be_bytes().to_vec());
+        self.outbox_notify.notify_one();
     }
 }
 
@@ -316,10 +319,13 @@ impl OrderEngine {
                 secrets: Vec::new(),
                 payment: None,
                 delivered_at: None,
+                payment_attempt: None,
             };
             let mut batch = WriteBatch::default();
             batch.put(record::order_key(&record.id), record.encode());
             batch.put(record::open_key(&record.id), expires_at.0.to_be_bytes().to_vec());
+            // Awaiting payment confirmation until a callback or compensation settles it.
+            batch.put(record::confirm_key(&record.id), now.0.to_be_bytes().to_vec());
             let event = OrderEventKind::Reserved {
                 key_ids: key_ids.clone(),
                 quantity: request.quantity,
@@ -415,6 +421,7 @@ impl OrderEngine {
                     };
                     state.push_event(&mut batch, &self.node_id, &order, now, paid_event);
                     order.payment = Some(paid);
+                    batch.delete(record::confirm_key(&order.id));
                     let held =
                         if order.status == OrderStatus::Reserved { state.close_reservation(&order.id) } else { None };
                     if held.is_some() {
@@ -479,6 +486,82 @@ impl OrderEngine {
             _ => {}
         }
         Ok(outcome)
+    }
+
+    /// Records on an unpaid order that its payment was created at `attempt.channel` (with the
+    /// provider's handle and pay link when it has them). One batch under the engine lock, durable
+    /// before returning, so the pay link is never shown for a payment compensation cannot find.
+    pub async fn record_payment_attempt(&self, id: &OrderId, attempt: PaymentAttempt) -> Result<(), OrderError> {
+        {
+            let _state = self.state.lock();
+            let raw = self.store.get(&record::order_key(id))?.ok_or(OrderError::NotFound)?;
+            let mut order = OrderRecord::decode(&raw)?;
+            if !matches!(order.status, OrderStatus::Reserved | OrderStatus::Expired) {
+                // Settled meanwhile (a fast callback): nothing to record.
+                return Ok(());
+            }
+            order.channel = attempt.channel.clone();
+            order.payment_attempt = Some(attempt);
+            let mut batch = WriteBatch::default();
+            batch.put(record::order_key(id), order.encode());
+            self.store.apply(batch)?;
+        }
+        self.store.durable().await?;
+        Ok(())
+    }
+
+    /// Orders awaiting payment confirmation (the compensation index), with their creation time.
+    pub fn awaiting_confirmation(&self) -> Result<Vec<(OrderId, UnixMillis)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.store.scan_prefix(record::CONFIRM) {
+            let (key, value) = item?;
+            let corrupt = |reason: &str| StoreError::Corrupt { key: "p/".into(), reason: reason.into() };
+            let id = record::order_id_from(&key[record::CONFIRM.len()..]).ok_or_else(|| corrupt("bad order id"))?;
+            let at = record::be_u64(&value).ok_or_else(|| corrupt("bad time"))?;
+            out.push((id, UnixMillis(at)));
+        }
+        Ok(out)
+    }
+
+    /// Takes an order off the compensation index (settled, failed at the provider, or given up).
+    /// Losing this write in a crash only means one more query after restart.
+    pub fn drop_awaiting_confirmation(&self, id: &OrderId) -> Result<(), StoreError> {
+        let _state = self.state.lock();
+        let mut batch = WriteBatch::default();
+        batch.delete(record::confirm_key(id));
+        self.store.apply(batch)
+    }
+
+    /// Ends an unpaid reservation at once (no payment could be created for it): its keys go back
+    /// on sale and it leaves the compensation index. Returns whether it was open.
+    pub async fn cancel_unpaid(&self, id: &OrderId) -> Result<bool, StoreError> {
+        let now = now_millis();
+        {
+            let mut state = self.state.lock();
+            let Some(held) = state.close_reservation(id) else { return Ok(false) };
+            let mut batch = WriteBatch::default();
+            batch.delete(record::open_key(id));
+            batch.delete(record::confirm_key(id));
+            if let Some(raw) = self.store.get(&record::order_key(id))? {
+                let mut order = OrderRecord::decode(&raw)?;
+                order.status = OrderStatus::Expired;
+                batch.put(record::order_key(id), order.encode());
+                let event = OrderEventKind::Expired { key_ids: held.key_ids.clone() };
+                state.push_event(&mut batch, &self.node_id, &order, now, event);
+            }
+            if let Err(e) = self.store.apply(batch) {
+                // Not applied: the reservation stays open and expires by its TTL.
+                state.expiry.insert((held.expires_at, *id));
+                state.count_open(held.ip, held.email.as_ref());
+                state.open.insert(*id, held);
+                return Err(e);
+            }
+            self.return_keys(&mut state, &held.sku, &held.key_ids)?;
+        }
+        self.metrics.expired.inc();
+        self.metrics.open_reservations.add(-1);
+        self.store.durable().await?;
+        Ok(true)
     }
 
     fn keys_still_sellable(&self, state: &State, held: &OpenReservation) -> bool {
@@ -716,6 +799,68 @@ impl OrderEngine {
             self.store.apply(batch)?;
         }
         Ok(delivered.len())
+    }
+
+    /// Signalled (with a stored permit, so no wake-up is lost) each time an outbox event is
+    /// appended. The event's batch is applied once the engine lock is free; it may not be
+    /// durable yet. Meant for one waiter: the sync link.
+    pub fn outbox_notify(&self) -> Arc<tokio::sync::Notify> {
+        self.state.lock().outbox_notify.clone()
+    }
+
+    /// The newest outbox seq (0 when nothing was ever written).
+    pub fn outbox_newest(&self) -> u64 {
+        self.state.lock().next_seq.saturating_sub(1)
+    }
+
+    /// Up to `max` outbox events with seq > `after`, ascending.
+    pub fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<OrderEvent>, StoreError> {
+        let start = record::outbox_key(after.saturating_add(1));
+        let mut events = Vec::new();
+        for item in self.store.scan_prefix(record::OUTBOX) {
+            let (key, value) = item?;
+            if key.as_ref() < start.as_slice() {
+                continue;
+            }
+            let event: OrderEvent = serde_json::from_slice(&value)
+                .map_err(|e| StoreError::Corrupt { key: "e/".into(), reason: e.to_string() })?;
+            events.push(event);
+            if events.len() >= max {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Sync progress as last stored: (events acknowledged through, control applied through).
+    pub fn sync_progress(&self) -> Result<(u64, u64), StoreError> {
+        let read = |key: &[u8]| -> Result<u64, StoreError> {
+            Ok(self.store.get(key)?.and_then(|raw| record::be_u64(&raw)).unwrap_or(0))
+        };
+        Ok((read(record::SYNC_ACKED)?, read(record::CONTROL_APPLIED)?))
+    }
+
+    /// Drops acknowledged outbox entries and records the progress. Not awaited for durability:
+    /// if it is lost in a crash the coordinator sees those events again and skips them.
+    pub fn record_sync_ack(&self, acked_through: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for item in self.store.scan_prefix(record::OUTBOX) {
+            let (key, _) = item?;
+            match record::be_u64(&key[record::OUTBOX.len()..]) {
+                Some(seq) if seq <= acked_through => batch.delete(key.to_vec()),
+                _ => break,
+            }
+        }
+        batch.put(record::SYNC_ACKED.to_vec(), acked_through.to_be_bytes().to_vec());
+        self.store.apply(batch)
+    }
+
+    /// Records that control message `seq` was applied; durable before returning, so a restart
+    /// does not apply it twice (applying a grant twice is harmless, but a catalog may be older).
+    pub async fn record_control_applied(&self, seq: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put(record::CONTROL_APPLIED.to_vec(), seq.to_be_bytes().to_vec());
+        self.store.commit(batch).await
     }
 
     /// Orders paid but waiting for stock, oldest first.

@@ -9,4 +9,4 @@ pub use engine::{
     CreateOrder, CreatedOrder, GrantInstallError, GrantOutcome, OrderEngine, OrderError, PaymentConfirmation,
     PaymentOutcome,
 };
-pub use record::{OrderRecord, OrderStatus};
+pub use record::{OrderRecord, OrderStatus, PaymentAttempt};

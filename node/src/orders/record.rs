@@ -11,8 +11,10 @@
 //! | `s/` | sku, 0, key id | order id: sold tombstone, so a key can never be installed again |
 //! | `g/` | slice id (8 bytes BE) | [`SliceMeta`] as JSON |
 //! | `c/` | channel, 0, provider transaction id | order id: callback idempotency |
+//! | `p/` | order id | created at, unix ms BE: awaiting payment confirmation (compensation index) |
 //! | `e/` | event seq (8 bytes BE) | outbox: an `OrderEvent` envelope for the coordinator |
 //! | `m/next_seq` | | next outbox sequence number |
+//! | `m/sync_acked`, `m/control_applied` | | sync progress with the coordinator |
 
 use std::net::IpAddr;
 
@@ -50,6 +52,18 @@ pub struct PaymentRecord {
     pub paid_at: UnixMillis,
 }
 
+/// A payment created at a provider for an order (recorded when the provider returned a handle of
+/// its own, or when creation fell through to another channel than the one first chosen).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentAttempt {
+    pub channel: String,
+    /// The provider's handle (a Stripe Checkout Session id), used to query the payment.
+    pub provider_ref: Option<String>,
+    /// Where the buyer pays, when the channel cannot derive it from the order.
+    pub pay_url: Option<String>,
+    pub created_at: UnixMillis,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OrderRecord {
     pub id: OrderId,
@@ -74,6 +88,8 @@ pub struct OrderRecord {
     pub payment: Option<PaymentRecord>,
     #[serde(default)]
     pub delivered_at: Option<UnixMillis>,
+    #[serde(default)]
+    pub payment_attempt: Option<PaymentAttempt>,
 }
 
 impl OrderRecord {
@@ -121,7 +137,12 @@ pub const SOLD: &[u8] = b"s/";
 pub const SLICE: &[u8] = b"g/";
 pub const CALLBACK: &[u8] = b"c/";
 pub const OUTBOX: &[u8] = b"e/";
+pub const CONFIRM: &[u8] = b"p/";
 pub const NEXT_SEQ: &[u8] = b"m/next_seq";
+/// Sync progress: highest outbox seq the coordinator acknowledged, and the highest control
+/// message applied (both 8 bytes BE).
+pub const SYNC_ACKED: &[u8] = b"m/sync_acked";
+pub const CONTROL_APPLIED: &[u8] = b"m/control_applied";
 
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
@@ -157,6 +178,10 @@ pub fn slice_key(id: SliceId) -> Vec<u8> {
 
 pub fn callback_key(channel: &str, provider_txn: &str) -> Vec<u8> {
     cat(&[CALLBACK, channel.as_bytes(), &[0], provider_txn.as_bytes()])
+}
+
+pub fn confirm_key(id: &OrderId) -> Vec<u8> {
+    cat(&[CONFIRM, id.as_bytes()])
 }
 
 pub fn outbox_key(seq: u64) -> Vec<u8> {

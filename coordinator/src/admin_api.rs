@@ -1,0 +1,310 @@
+//! The coordinator's admin API: JSON over HTTP, on loopback by default, behind a bearer token.
+//! The operator CLI is a typed client of it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use edgecard_protocol::{NodeId, Sku, UnixMillis};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use crate::import::KeyFormat;
+use crate::records::{LedgerStatus, Price, ProductRecord};
+use crate::service::{Coordinator, CoordinatorError, OrderFilter};
+
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// Key files can be large; JSON bodies are small.
+const MAX_IMPORT_BYTES: usize = 64 * 1024 * 1024;
+const MAX_JSON_BYTES: usize = 64 * 1024;
+
+/// Issues node bundles (certificate, key, trust anchors); provided by the runtime, which owns
+/// the CA.
+pub trait BundleIssuer: Send + Sync {
+    fn issue(&self, node: &NodeId, region: &str) -> Result<Value, String>;
+}
+
+pub struct AdminApi {
+    pub coordinator: Arc<Coordinator>,
+    pub token: String,
+    pub bundles: Arc<dyn BundleIssuer>,
+}
+
+struct ApiError(StatusCode, &'static str, String);
+
+impl From<CoordinatorError> for ApiError {
+    fn from(e: CoordinatorError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match e {
+            CoordinatorError::UnknownSku(_) | CoordinatorError::UnknownNode(_) => (StatusCode::NOT_FOUND, "not_found"),
+            CoordinatorError::ProductExists(_) | CoordinatorError::NodeExists(_) => (StatusCode::CONFLICT, "exists"),
+            CoordinatorError::NotEnoughKeys { .. } => (StatusCode::CONFLICT, "not_enough_keys"),
+            CoordinatorError::NodeRevoked(_) => (StatusCode::CONFLICT, "node_revoked"),
+            CoordinatorError::InvalidProduct(_) | CoordinatorError::ZeroCount => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
+            CoordinatorError::ImportRefused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "import_refused"),
+            CoordinatorError::Grant(_) | CoordinatorError::Store(_) => {
+                tracing::error!(error = %message, "admin request failed");
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+        };
+        ApiError(status, code, message)
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, "invalid_request", message.into())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewProduct {
+    sku: String,
+    title: BTreeMap<String, String>,
+    prices: Vec<Price>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewNode {
+    name: String,
+    region: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSlice {
+    sku: String,
+    node: String,
+    count: u64,
+}
+
+impl AdminApi {
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, _peer: SocketAddr) -> HttpResponse {
+        if !self.authorized(&request) {
+            return error_response(ApiError(StatusCode::UNAUTHORIZED, "unauthorized", "bearer token required".into()));
+        }
+        match self.route(request).await {
+            Ok(response) => response,
+            Err(e) => error_response(e),
+        }
+    }
+
+    fn authorized(&self, request: &Request<Incoming>) -> bool {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        !self.token.is_empty() && bool::from(presented.as_bytes().ct_eq(self.token.as_bytes()))
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+        let path = request.uri().path().to_string();
+        let query = parse_query(request.uri().query());
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let c = &self.coordinator;
+        match (request.method().clone(), segments.as_slice()) {
+            (Method::GET, ["v1", "products"]) => {
+                let products: Vec<Value> = c
+                    .products()
+                    .map_err(CoordinatorError::from)?
+                    .into_iter()
+                    .map(|p| {
+                        let pool = c.pool_size(&p.sku);
+                        json!({ "sku": p.sku.as_str(), "titles": titles_json(&p), "prices": p.prices, "pool": pool })
+                    })
+                    .collect();
+                Ok(ok(json!(products)))
+            }
+            (Method::POST, ["v1", "products"]) => {
+                let new: NewProduct = read_json(request).await?;
+                let sku = parse_sku(&new.sku)?;
+                let mut titles: Vec<(String, String)> = new.title.into_iter().collect();
+                titles.sort_by_key(|(lang, _)| lang != "en");
+                c.add_product(ProductRecord { sku: sku.clone(), titles, prices: new.prices }).await?;
+                Ok(ok(json!({ "sku": sku.as_str() })))
+            }
+            (Method::POST, ["v1", "products", sku, "prices"]) => {
+                let sku = parse_sku(sku)?;
+                let price: Price = read_json(request).await?;
+                let product = c.set_price(&sku, price).await?;
+                Ok(ok(json!({ "sku": product.sku.as_str(), "prices": product.prices })))
+            }
+            (Method::POST, ["v1", "products", sku, "keys"]) => {
+                let sku = parse_sku(sku)?;
+                let format = match query.get("format").map(String::as_str) {
+                    None | Some("lines") => KeyFormat::Lines,
+                    Some("csv") => KeyFormat::Csv {
+                        column: query
+                            .get("column")
+                            .map_or(Ok(0), |c| c.parse())
+                            .map_err(|_| bad_request("column must be a number"))?,
+                        header: query.get("header").is_some_and(|h| h == "true"),
+                    },
+                    Some(other) => return Err(bad_request(format!("unknown format {other:?}; use lines or csv"))),
+                };
+                let strict = query.get("strict").is_some_and(|s| s == "true");
+                let body = read_body(request, MAX_IMPORT_BYTES).await?;
+                let text = std::str::from_utf8(&body).map_err(|_| bad_request("the key file is not UTF-8"))?;
+                let report = c.import_keys(&sku, text, format, strict).await?;
+                Ok(ok(json!(report)))
+            }
+            (Method::GET, ["v1", "nodes"]) => {
+                let nodes = c.nodes().map_err(CoordinatorError::from)?;
+                Ok(ok(json!(nodes)))
+            }
+            (Method::POST, ["v1", "nodes"]) => {
+                let new: NewNode = read_json(request).await?;
+                let node = NodeId::new(new.name.clone()).map_err(|e| bad_request(e.to_string()))?;
+                if new.region.is_empty() || new.region.len() > 32 {
+                    return Err(bad_request("region must be 1 to 32 characters"));
+                }
+                let bundle = self
+                    .bundles
+                    .issue(&node, &new.region)
+                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
+                c.add_node(&node, &new.region).await?;
+                Ok(ok(bundle))
+            }
+            (Method::POST, ["v1", "nodes", name, "revoke"]) => {
+                let node = NodeId::new(*name).map_err(|e| bad_request(e.to_string()))?;
+                c.revoke_node(&node).await?;
+                Ok(ok(json!({ "node": node.as_str(), "revoked": true })))
+            }
+            (Method::GET, ["v1", "slices"]) => Ok(ok(json!(c.slices().map_err(CoordinatorError::from)?))),
+            (Method::POST, ["v1", "slices"]) => {
+                let new: NewSlice = read_json(request).await?;
+                let sku = parse_sku(&new.sku)?;
+                let node = NodeId::new(new.node).map_err(|e| bad_request(e.to_string()))?;
+                let slice = c.allocate(&sku, &node, new.count).await?;
+                Ok(ok(json!(slice)))
+            }
+            (Method::GET, ["v1", "orders"]) => {
+                let filter = OrderFilter {
+                    since: query
+                        .get("since")
+                        .map(|s| s.parse().map(UnixMillis))
+                        .transpose()
+                        .map_err(|_| bad_request("since is unix milliseconds"))?,
+                    sku: query.get("sku").map(|s| parse_sku(s)).transpose()?,
+                    node: query
+                        .get("node")
+                        .map(|n| NodeId::new(n.clone()).map_err(|e| bad_request(e.to_string())))
+                        .transpose()?,
+                    status: query.get("status").map(|s| parse_status(s)).transpose()?,
+                };
+                Ok(ok(json!(c.orders(&filter).map_err(CoordinatorError::from)?)))
+            }
+            (Method::GET, ["v1", "alarms"]) => Ok(ok(json!(c.alarms().map_err(CoordinatorError::from)?))),
+            (Method::GET, ["v1", "status"]) => Ok(ok(self.status()?)),
+            _ => Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"))),
+        }
+    }
+
+    fn status(&self) -> Result<Value, ApiError> {
+        let c = &self.coordinator;
+        let products = c.products().map_err(CoordinatorError::from)?;
+        let slices = c.slices().map_err(CoordinatorError::from)?;
+        let nodes = c.nodes().map_err(CoordinatorError::from)?;
+        let orders = c.orders(&OrderFilter::default()).map_err(CoordinatorError::from)?;
+        let skus: Vec<Value> = products
+            .iter()
+            .map(|p| {
+                let mut granted: BTreeMap<String, u64> = BTreeMap::new();
+                for slice in slices.iter().filter(|s| s.sku == p.sku) {
+                    *granted.entry(slice.node.to_string()).or_default() += slice.key_count();
+                }
+                let sold: usize = orders
+                    .iter()
+                    .filter(|o| o.sku == p.sku && o.status == LedgerStatus::Delivered)
+                    .map(|o| o.key_ids.len())
+                    .sum();
+                let awaiting =
+                    orders.iter().filter(|o| o.sku == p.sku && o.status == LedgerStatus::PaidAwaitingStock).count();
+                json!({ "sku": p.sku.as_str(), "pool": c.pool_size(&p.sku), "granted": granted, "sold": sold, "paid_awaiting_stock": awaiting })
+            })
+            .collect();
+        let nodes: Vec<Value> = nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "node": n.node_id.as_str(), "region": n.region, "revoked": n.revoked,
+                    "last_contact": n.last_contact.map(|t| t.0),
+                    "events_high_water": n.events_high_water,
+                    "pending_control": n.next_control_seq.saturating_sub(1).saturating_sub(n.control_applied),
+                    "stock": n.stock,
+                })
+            })
+            .collect();
+        let alarms = c.alarms().map_err(CoordinatorError::from)?;
+        Ok(
+            json!({ "skus": skus, "nodes": nodes, "alarms": alarms.len(), "latest_alarms": alarms.iter().rev().take(10).collect::<Vec<_>>() }),
+        )
+    }
+}
+
+fn titles_json(product: &ProductRecord) -> Value {
+    json!(product.titles.iter().cloned().collect::<BTreeMap<String, String>>())
+}
+
+fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
+    Sku::new(raw).map_err(|e| bad_request(e.to_string()))
+}
+
+fn parse_status(raw: &str) -> Result<LedgerStatus, ApiError> {
+    Ok(match raw {
+        "reserved" => LedgerStatus::Reserved,
+        "paid" => LedgerStatus::Paid,
+        "delivered" => LedgerStatus::Delivered,
+        "expired" => LedgerStatus::Expired,
+        "paid_awaiting_stock" => LedgerStatus::PaidAwaitingStock,
+        other => return Err(bad_request(format!("unknown status {other:?}"))),
+    })
+}
+
+fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(_) => Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("body over {limit} bytes"))),
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Result<T, ApiError> {
+    let body = read_body(request, MAX_JSON_BYTES).await?;
+    serde_json::from_slice(&body).map_err(|e| bad_request(format!("invalid JSON: {e}")))
+}
+
+fn ok(body: Value) -> HttpResponse {
+    respond(StatusCode::OK, &body)
+}
+
+fn error_response(ApiError(status, code, message): ApiError) -> HttpResponse {
+    respond(status, &json!({ "error": { "code": code, "message": message } }))
+}
+
+fn respond(status: StatusCode, body: &Value) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(serde_json::to_vec(body).unwrap_or_default())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,274 @@
+//! What the coordinator stores, and under which keys (one sled tree, prefixed keys, so that each
+//! change is one atomic batch):
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `p/` | sku | [`ProductRecord`] |
+//! | `k/` | sku, 0, key id (8 bytes BE) | [`KeyRecord`] |
+//! | `f/` | sku, 0, key id | empty: the key is in the pool (free), so allocation scans only these |
+//! | `h/` | SHA-256 of the secret | sku, 0, key id: deduplication across imports |
+//! | `b/` | batch id (8 bytes BE) | [`ImportBatch`] |
+//! | `s/` | slice id (8 bytes BE) | [`SliceRecord`] |
+//! | `n/` | node id | [`NodeRecord`] |
+//! | `q/` | node id, 0, control seq (8 bytes BE) | a queued control message for the node |
+//! | `l/` | node id, 0, event seq (8 bytes BE) | the ledger: an `OrderEvent` as JSON |
+//! | `o/` | order id (16 bytes) | [`LedgerOrder`]: the order as the ledger sees it |
+//! | `a/` | alarm seq (8 bytes BE) | [`Alarm`] |
+//! | `m/…` | counter name | next id (8 bytes BE) |
+
+use edgecard_protocol::{Epoch, KeyId, NodeId, OrderId, Secret, Sku, SliceId, UnixMillis};
+use edgecard_store::StoreError;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    pub amount_minor: u64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductRecord {
+    pub sku: Sku,
+    /// (language tag, title); `en` first.
+    pub titles: Vec<(String, String)>,
+    pub prices: Vec<Price>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum KeyState {
+    Pool,
+    Granted { slice: SliceId, node_index: u32 },
+    Sold { slice: SliceId, node_index: u32, order: OrderId },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub secret: Secret,
+    pub batch: u64,
+    pub state: KeyState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportBatch {
+    pub id: u64,
+    pub sku: Sku,
+    pub at: UnixMillis,
+    pub imported: u64,
+    pub first_key: KeyId,
+    pub last_key: KeyId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceRecord {
+    pub slice_id: SliceId,
+    pub sku: Sku,
+    pub node: NodeId,
+    pub epoch: Epoch,
+    pub issued_at: UnixMillis,
+    pub lease_deadline: UnixMillis,
+    /// Key ids as inclusive runs, since allocation takes the lowest free ids.
+    pub key_runs: Vec<(u64, u64)>,
+}
+
+impl SliceRecord {
+    pub fn key_count(&self) -> u64 {
+        self.key_runs.iter().map(|(a, b)| b - a + 1).sum()
+    }
+
+    pub fn key_ids(&self) -> impl Iterator<Item = KeyId> + '_ {
+        self.key_runs.iter().flat_map(|(a, b)| (*a..=*b).map(KeyId))
+    }
+}
+
+/// Compresses ascending ids into inclusive runs.
+pub fn runs_of(ids: &[KeyId]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for id in ids {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == id.0 => *end = id.0,
+            _ => runs.push((id.0, id.0)),
+        }
+    }
+    runs
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStock {
+    pub slice_id: SliceId,
+    pub sku: Sku,
+    pub available: u64,
+    pub selling: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_id: NodeId,
+    /// Small stable number used inside key states instead of the id string.
+    pub index: u32,
+    pub region: String,
+    pub added_at: UnixMillis,
+    pub revoked: bool,
+    /// Highest event seq in the ledger for this node.
+    pub events_high_water: u64,
+    /// Newest seq the node reported in its outbox at its last contact.
+    pub reported_newest: u64,
+    pub next_control_seq: u64,
+    pub control_applied: u64,
+    pub last_contact: Option<UnixMillis>,
+    pub stock: Vec<NodeStock>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerStatus {
+    Reserved,
+    Paid,
+    Delivered,
+    Expired,
+    PaidAwaitingStock,
+}
+
+impl LedgerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerStatus::Reserved => "reserved",
+            LedgerStatus::Paid => "paid",
+            LedgerStatus::Delivered => "delivered",
+            LedgerStatus::Expired => "expired",
+            LedgerStatus::PaidAwaitingStock => "paid_awaiting_stock",
+        }
+    }
+}
+
+/// An order as the coordinator's ledger knows it (no secrets: events carry key ids only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerOrder {
+    pub order_id: OrderId,
+    pub node: NodeId,
+    pub sku: Sku,
+    pub quantity: u32,
+    pub amount_minor: u64,
+    pub currency: String,
+    pub status: LedgerStatus,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+    pub key_ids: Vec<KeyId>,
+    pub channel: Option<String>,
+    pub provider_txn: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alarm {
+    pub seq: u64,
+    pub at: UnixMillis,
+    pub node: NodeId,
+    pub kind: String,
+    pub detail: String,
+}
+
+pub fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+pub fn product_key(sku: &Sku) -> Vec<u8> {
+    cat(&[b"p/", sku.as_str().as_bytes()])
+}
+
+pub fn key_key(sku: &Sku, id: KeyId) -> Vec<u8> {
+    cat(&[b"k/", sku.as_str().as_bytes(), &[0], &id.0.to_be_bytes()])
+}
+
+pub fn free_prefix(sku: &Sku) -> Vec<u8> {
+    cat(&[b"f/", sku.as_str().as_bytes(), &[0]])
+}
+
+pub fn free_key(sku: &Sku, id: KeyId) -> Vec<u8> {
+    cat(&[b"f/", sku.as_str().as_bytes(), &[0], &id.0.to_be_bytes()])
+}
+
+pub fn hash_key(hash: &[u8; 32]) -> Vec<u8> {
+    cat(&[b"h/", hash])
+}
+
+pub fn batch_key(id: u64) -> Vec<u8> {
+    cat(&[b"b/", &id.to_be_bytes()])
+}
+
+pub fn slice_key(id: SliceId) -> Vec<u8> {
+    cat(&[b"s/", &id.0.to_be_bytes()])
+}
+
+pub fn node_key(node: &NodeId) -> Vec<u8> {
+    cat(&[b"n/", node.as_str().as_bytes()])
+}
+
+pub fn control_prefix(node: &NodeId) -> Vec<u8> {
+    cat(&[b"q/", node.as_str().as_bytes(), &[0]])
+}
+
+pub fn control_key(node: &NodeId, seq: u64) -> Vec<u8> {
+    cat(&[b"q/", node.as_str().as_bytes(), &[0], &seq.to_be_bytes()])
+}
+
+pub fn ledger_key(node: &NodeId, seq: u64) -> Vec<u8> {
+    cat(&[b"l/", node.as_str().as_bytes(), &[0], &seq.to_be_bytes()])
+}
+
+pub fn order_key(id: &OrderId) -> Vec<u8> {
+    cat(&[b"o/", id.as_bytes()])
+}
+
+pub fn alarm_key(seq: u64) -> Vec<u8> {
+    cat(&[b"a/", &seq.to_be_bytes()])
+}
+
+pub fn counter_key(name: &str) -> Vec<u8> {
+    cat(&[b"m/", name.as_bytes()])
+}
+
+/// The trailing 8-byte big-endian id of a key.
+pub fn trailing_u64(raw: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = raw.get(raw.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain data always serializes.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+pub fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt { key: what.to_string(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_compress_ascending_ids() {
+        let ids: Vec<KeyId> = [1, 2, 3, 7, 8, 10].into_iter().map(KeyId).collect();
+        let runs = runs_of(&ids);
+        assert_eq!(runs, vec![(1, 3), (7, 8), (10, 10)]);
+        let slice = SliceRecord {
+            slice_id: SliceId(1),
+            sku: Sku::new("a").unwrap_or_else(|_| unreachable!()),
+            node: NodeId::new("n").unwrap_or_else(|_| unreachable!()),
+            epoch: Epoch(1),
+            issued_at: UnixMillis(0),
+            lease_deadline: UnixMillis(1),
+            key_runs: runs,
+        };
+        assert_eq!(slice.key_count(), 6);
+        assert_eq!(slice.key_ids().collect::<Vec<_>>(), ids);
+        assert_eq!(runs_of(&[]), vec![]);
+    }
+
+    #[test]
+    fn trailing_ids_parse() {
+        assert_eq!(trailing_u64(&ledger_key(&NodeId::new("eu-1").unwrap_or_else(|_| unreachable!()), 42)), Some(42));
+        assert_eq!(trailing_u64(b"short"), None);
+    }
+}

@@ -1,0 +1,290 @@
+//! Initialising a coordinator's data directory, and starting and stopping a coordinator.
+//!
+//! `init` writes everything a coordinator needs into one directory: the grant-signing key, the
+//! private CA, the sync endpoint's server certificate, and `coordinator.toml`. `start` serves the
+//! admin API and the QUIC sync endpoint from it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use edgecard_net::http_server::{self, Handler, ServerOptions};
+use edgecard_protocol::{decode_signing_key, encode_signing_key, encode_verifying_key, NodeId, SyncAck, SyncUpload};
+use edgecard_store::{Store, StoreMetrics};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin_api::{AdminApi, BundleIssuer};
+use crate::pki::CertificateAuthority;
+use crate::quic::{self, HandlerError, SyncHandler};
+use crate::service::{Coordinator, CoordinatorError, Settings};
+
+pub const CONFIG_FILE: &str = "coordinator.toml";
+pub const SIGNING_KEY_FILE: &str = "grant-signing.key";
+pub const CA_CERT_FILE: &str = "ca-cert.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+pub const SERVER_CERT_FILE: &str = "sync-server-cert.pem";
+pub const SERVER_KEY_FILE: &str = "sync-server-key.pem";
+/// Environment variable that overrides `admin_token`.
+pub const ENV_ADMIN_TOKEN: &str = "EDGECARD_ADMIN_TOKEN";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Admin API listener (the CLI talks to it). Default "127.0.0.1:7070": keep it on loopback.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Bearer token of the admin API (env EDGECARD_ADMIN_TOKEN overrides).
+    #[serde(default)]
+    pub admin_token: String,
+    /// QUIC sync listener. Default "0.0.0.0:7443".
+    #[serde(default = "default_sync_listen")]
+    pub sync_listen: SocketAddr,
+    /// The address nodes dial, written into node bundles. Default: `sync_listen`.
+    #[serde(default)]
+    pub sync_public_addr: Option<SocketAddr>,
+    /// The name in the sync server certificate that nodes verify. Default "localhost".
+    #[serde(default = "default_server_name")]
+    pub sync_server_name: String,
+    /// Lease length of granted slices, in hours. Default 24.
+    #[serde(default = "default_lease_hours")]
+    pub lease_hours: u64,
+    /// sled page cache in MiB. Default 64.
+    #[serde(default = "default_cache_mb")]
+    pub cache_capacity_mb: u64,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7070))
+}
+fn default_sync_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7443))
+}
+fn default_server_name() -> String {
+    "localhost".into()
+}
+fn default_lease_hours() -> u64 {
+    24
+}
+fn default_cache_mb() -> u64 {
+    64
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Io { path: path.to_path_buf(), source }
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), RuntimeError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).map_err(io(path))?;
+    file.write_all(contents).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
+/// What `init` made.
+#[derive(Debug, Clone)]
+pub struct Initialised {
+    pub config_path: PathBuf,
+    pub admin_token: String,
+    pub verifying_key: String,
+}
+
+/// Creates a coordinator data directory. Refuses to overwrite an existing one.
+pub fn init(dir: &Path, mut config: CoordinatorConfig) -> Result<Initialised, RuntimeError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let config_path = dir.join(CONFIG_FILE);
+    if config_path.exists() {
+        return Err(RuntimeError::Invalid { path: config_path, message: "already initialised".into() });
+    }
+    let signing = SigningKey::generate(&mut rand::rngs::OsRng);
+    write_private(&dir.join(SIGNING_KEY_FILE), encode_signing_key(&signing).as_bytes())?;
+    let ca =
+        CertificateAuthority::generate("edgecard coordinator CA").map_err(|e| RuntimeError::Other(e.to_string()))?;
+    write_private(&dir.join(CA_CERT_FILE), ca.cert_pem().as_bytes())?;
+    write_private(&dir.join(CA_KEY_FILE), ca.key_pem().as_bytes())?;
+    let mut names = vec![config.sync_server_name.clone()];
+    for extra in ["localhost", "127.0.0.1", "::1"] {
+        if !names.iter().any(|n| n == extra) {
+            names.push(extra.to_string());
+        }
+    }
+    let server = ca.issue_server(&names).map_err(|e| RuntimeError::Other(e.to_string()))?;
+    write_private(&dir.join(SERVER_CERT_FILE), server.cert_pem.as_bytes())?;
+    write_private(&dir.join(SERVER_KEY_FILE), server.key_pem.as_bytes())?;
+    if config.admin_token.is_empty() {
+        let mut token = [0u8; 24];
+        rand::rngs::OsRng.fill_bytes(&mut token);
+        config.admin_token = hex_encode(&token);
+    }
+    let text = toml::to_string_pretty(&config).map_err(|e| RuntimeError::Other(e.to_string()))?;
+    write_private(&config_path, text.as_bytes())?;
+    Ok(Initialised {
+        config_path,
+        admin_token: config.admin_token,
+        verifying_key: encode_verifying_key(&signing.verifying_key()),
+    })
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn load_config(dir: &Path) -> Result<CoordinatorConfig, RuntimeError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let mut config: CoordinatorConfig =
+        toml::from_str(&text).map_err(|e| RuntimeError::Invalid { path: path.clone(), message: e.to_string() })?;
+    if let Ok(token) = std::env::var(ENV_ADMIN_TOKEN) {
+        config.admin_token = token;
+    }
+    if config.admin_token.len() < 16 {
+        return Err(RuntimeError::Invalid { path, message: "admin_token must be at least 16 characters".into() });
+    }
+    if config.lease_hours == 0 {
+        return Err(RuntimeError::Invalid { path, message: "lease_hours must be at least 1".into() });
+    }
+    Ok(config)
+}
+
+/// A started coordinator.
+pub struct RunningCoordinator {
+    pub admin_addr: SocketAddr,
+    pub sync_addr: SocketAddr,
+    pub coordinator: Arc<Coordinator>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningCoordinator {
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.coordinator.store().close();
+        tracing::info!("coordinator stopped");
+    }
+}
+
+struct Bundles {
+    ca: CertificateAuthority,
+    verifying_key: String,
+    sync_addr: SocketAddr,
+    server_name: String,
+}
+
+impl BundleIssuer for Bundles {
+    fn issue(&self, node: &NodeId, region: &str) -> Result<Value, String> {
+        let issued = self.ca.issue_node(node).map_err(|e| e.to_string())?;
+        Ok(json!({
+            "node_id": node.as_str(),
+            "region": region,
+            "node_cert_pem": issued.cert_pem,
+            "node_key_pem": issued.key_pem,
+            "ca_cert_pem": self.ca.cert_pem(),
+            "coordinator_key": self.verifying_key,
+            "coordinator_addr": self.sync_addr.to_string(),
+            "coordinator_server_name": self.server_name,
+        }))
+    }
+}
+
+struct LedgerHandler(Arc<Coordinator>);
+
+impl SyncHandler for LedgerHandler {
+    async fn handle_upload(&self, node: &NodeId, upload: SyncUpload) -> Result<SyncAck, HandlerError> {
+        self.0.ingest(node, upload).await.map_err(|e| match e {
+            CoordinatorError::Store(_) => HandlerError::Unavailable(e.to_string()),
+            other => HandlerError::Refused(other.to_string()),
+        })
+    }
+
+    fn is_revoked(&self, node: &NodeId) -> bool {
+        self.0.is_revoked(node)
+    }
+}
+
+fn read(dir: &Path, name: &str) -> Result<String, RuntimeError> {
+    let path = dir.join(name);
+    std::fs::read_to_string(&path).map_err(io(&path))
+}
+
+pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoordinator, RuntimeError> {
+    edgecard_net::tls::install_crypto_provider();
+    let signing = decode_signing_key(&read(dir, SIGNING_KEY_FILE)?)
+        .map_err(|e| RuntimeError::Invalid { path: dir.join(SIGNING_KEY_FILE), message: e.to_string() })?;
+    let ca = CertificateAuthority::from_pem(&read(dir, CA_CERT_FILE)?, &read(dir, CA_KEY_FILE)?)
+        .map_err(|e| RuntimeError::Invalid { path: dir.join(CA_CERT_FILE), message: e.to_string() })?;
+    let store_dir = dir.join("store");
+    std::fs::create_dir_all(&store_dir).map_err(io(&store_dir))?;
+    let store =
+        Store::open(&store_dir, config.cache_capacity_mb.saturating_mul(1 << 20), Arc::new(StoreMetrics::default()))
+            .map_err(|e| RuntimeError::Other(e.to_string()))?;
+    let settings = Settings { lease: Duration::from_secs(config.lease_hours.saturating_mul(3600)) };
+    let coordinator = Arc::new(Coordinator::new(Arc::new(store), signing.clone(), settings));
+
+    let endpoint = quic::server_endpoint(
+        config.sync_listen,
+        &ca.cert_pem(),
+        &read(dir, SERVER_CERT_FILE)?,
+        &read(dir, SERVER_KEY_FILE)?,
+    )
+    .map_err(|e| RuntimeError::Other(e.to_string()))?;
+    let sync_addr = endpoint.local_addr().map_err(io(dir))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| RuntimeError::Other(format!("cannot listen on {}: {e}", config.admin_listen)))?;
+    let admin_addr = admin_listener.local_addr().map_err(io(dir))?;
+
+    let public_sync = config.sync_public_addr.unwrap_or(if sync_addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], sync_addr.port()))
+    } else {
+        sync_addr
+    });
+    let bundles = Arc::new(Bundles {
+        ca,
+        verifying_key: encode_verifying_key(&signing.verifying_key()),
+        sync_addr: public_sync,
+        server_name: config.sync_server_name.clone(),
+    });
+    let admin = Arc::new(AdminApi { coordinator: coordinator.clone(), token: config.admin_token.clone(), bundles });
+    let handler: Handler = Arc::new(move |request, peer| Box::pin(admin.clone().handle(request, peer)));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = http_server::serve(admin_listener, None, handler, ServerOptions::default(), rx).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    }));
+    let ledger = Arc::new(LedgerHandler(coordinator.clone()));
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = quic::serve(endpoint, ledger, shutdown_rx).await {
+            tracing::error!(error = %e, "sync endpoint failed");
+        }
+    }));
+    tracing::info!(%admin_addr, %sync_addr, "coordinator serving");
+    Ok(RunningCoordinator { admin_addr, sync_addr, coordinator, shutdown, tasks })
+}

@@ -1,0 +1,695 @@
+//! The coordinator's state machine over the durable store: products, key import, nodes, slice
+//! allocation, and the ledger that ingests every node's order events exactly once.
+//!
+//! Like the node's engine, each change is decided under one lock, applied as one atomic batch
+//! under it, and awaited for durability after it is released; nothing is acknowledged (to the CLI
+//! or to a node) before it is durable.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::SigningKey;
+use edgecard_protocol::{
+    CatalogProduct, ControlBody, ControlMessage, Epoch, GrantedKey, KeyId, NodeId, OrderEvent, OrderEventKind, Sku,
+    SliceGrant, SliceId, SyncAck, SyncUpload, UnixMillis,
+};
+use edgecard_store::{Store, StoreError, WriteBatch};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::import::{parse_keys, InvalidRow, KeyFormat};
+use crate::records::{self as rec, *};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("unknown sku {0}")]
+    UnknownSku(String),
+    #[error("product {0} already exists")]
+    ProductExists(String),
+    #[error("invalid product: {0}")]
+    InvalidProduct(String),
+    #[error("unknown node {0}")]
+    UnknownNode(String),
+    #[error("node {0} already exists")]
+    NodeExists(String),
+    #[error("node {0} is revoked")]
+    NodeRevoked(String),
+    #[error("only {available} keys of {sku} are in the pool; asked for {requested}")]
+    NotEnoughKeys { sku: String, available: u64, requested: u64 },
+    #[error("count must be at least 1")]
+    ZeroCount,
+    #[error("import refused: {0}")]
+    ImportRefused(String),
+    #[error("signing the grant failed: {0}")]
+    Grant(#[from] edgecard_protocol::GrantError),
+    #[error("storage failure: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl CoordinatorError {
+    /// Whether the caller may retry the same request later (a storage failure), as opposed to
+    /// a request that will fail the same way again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, CoordinatorError::Store(_))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ImportReport {
+    pub sku: String,
+    pub batch: Option<u64>,
+    pub imported: u64,
+    pub first_key_id: Option<u64>,
+    pub last_key_id: Option<u64>,
+    pub duplicates_in_file: Vec<usize>,
+    /// Lines whose key the coordinator already holds (under any sku).
+    pub duplicates_known: Vec<usize>,
+    pub invalid: Vec<InvalidRowReport>,
+    pub blank_lines: usize,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct InvalidRowReport {
+    pub line: usize,
+    pub reason: String,
+}
+
+impl From<&InvalidRow> for InvalidRowReport {
+    fn from(row: &InvalidRow) -> Self {
+        InvalidRowReport { line: row.line, reason: row.reason.clone() }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OrderFilter {
+    pub since: Option<UnixMillis>,
+    pub sku: Option<Sku>,
+    pub node: Option<NodeId>,
+    pub status: Option<LedgerStatus>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Lease length of new grants.
+    pub lease: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { lease: Duration::from_secs(24 * 3600) }
+    }
+}
+
+pub fn now_millis() -> UnixMillis {
+    UnixMillis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+}
+
+const CONTROL_GRANT: u8 = 1;
+const CONTROL_CATALOG: u8 = 2;
+
+pub struct Coordinator {
+    store: Arc<Store>,
+    signing_key: SigningKey,
+    settings: Settings,
+    lock: Mutex<()>,
+}
+
+impl Coordinator {
+    pub fn new(store: Arc<Store>, signing_key: SigningKey, settings: Settings) -> Self {
+        Coordinator { store, signing_key, settings, lock: Mutex::new(()) }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn next_counter(&self, batch: &mut WriteBatch, name: &str, take: u64) -> Result<u64, StoreError> {
+        let key = rec::counter_key(name);
+        let next = self.store.get(&key)?.and_then(|raw| rec::trailing_u64(&raw)).unwrap_or(1);
+        batch.put(key, (next + take).to_be_bytes().to_vec());
+        Ok(next)
+    }
+
+    fn load<T: serde::de::DeserializeOwned>(&self, what: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.store.get(key)? {
+            Some(raw) => Ok(Some(rec::decode(what, &raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn node(&self, node: &NodeId) -> Result<NodeRecord, CoordinatorError> {
+        self.load("node", &rec::node_key(node))?.ok_or_else(|| CoordinatorError::UnknownNode(node.to_string()))
+    }
+
+    // ---- products -------------------------------------------------------------------------
+
+    pub fn products(&self) -> Result<Vec<ProductRecord>, StoreError> {
+        self.store.scan_prefix(b"p/").map(|item| rec::decode("product", &item?.1)).collect()
+    }
+
+    pub fn product(&self, sku: &Sku) -> Result<Option<ProductRecord>, StoreError> {
+        self.load("product", &rec::product_key(sku))
+    }
+
+    pub async fn add_product(&self, product: ProductRecord) -> Result<(), CoordinatorError> {
+        validate_product(&product)?;
+        {
+            let _guard = self.lock.lock();
+            if self.store.get(&rec::product_key(&product.sku))?.is_some() {
+                return Err(CoordinatorError::ProductExists(product.sku.to_string()));
+            }
+            let mut batch = WriteBatch::default();
+            batch.put(rec::product_key(&product.sku), rec::encode(&product));
+            let mut products = self.products()?;
+            products.push(product);
+            self.queue_catalog(&mut batch, &products)?;
+            self.store.apply(batch)?;
+        }
+        self.store.durable().await?;
+        Ok(())
+    }
+
+    /// Sets (adds or replaces) the price of `sku` in `currency`.
+    pub async fn set_price(&self, sku: &Sku, price: Price) -> Result<ProductRecord, CoordinatorError> {
+        let product = {
+            let _guard = self.lock.lock();
+            let mut product = self.product(sku)?.ok_or_else(|| CoordinatorError::UnknownSku(sku.to_string()))?;
+            match product.prices.iter_mut().find(|p| p.currency == price.currency) {
+                Some(existing) => existing.amount_minor = price.amount_minor,
+                None => product.prices.push(price),
+            }
+            validate_product(&product)?;
+            let mut batch = WriteBatch::default();
+            batch.put(rec::product_key(sku), rec::encode(&product));
+            let products: Vec<ProductRecord> =
+                self.products()?.into_iter().map(|p| if &p.sku == sku { product.clone() } else { p }).collect();
+            self.queue_catalog(&mut batch, &products)?;
+            self.store.apply(batch)?;
+            product
+        };
+        self.store.durable().await?;
+        Ok(product)
+    }
+
+    fn queue_catalog(&self, batch: &mut WriteBatch, products: &[ProductRecord]) -> Result<(), CoordinatorError> {
+        for node in self.nodes()? {
+            if !node.revoked {
+                self.queue_control(batch, node, CONTROL_CATALOG, rec::encode(&products))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a control message for `node` to `batch` (and the node record with its new seq).
+    fn queue_control(
+        &self,
+        batch: &mut WriteBatch,
+        mut node: NodeRecord,
+        tag: u8,
+        payload: Vec<u8>,
+    ) -> Result<NodeRecord, StoreError> {
+        let seq = node.next_control_seq.max(1);
+        node.next_control_seq = seq + 1;
+        let mut value = vec![tag];
+        value.extend_from_slice(&payload);
+        batch.put(rec::control_key(&node.node_id, seq), value);
+        batch.put(rec::node_key(&node.node_id), rec::encode(&node));
+        Ok(node)
+    }
+
+    // ---- keys -----------------------------------------------------------------------------
+
+    /// Imports the valid keys of `text` as one batch. With `strict`, any invalid or duplicate row
+    /// refuses the whole file.
+    pub async fn import_keys(
+        &self,
+        sku: &Sku,
+        text: &str,
+        format: KeyFormat,
+        strict: bool,
+    ) -> Result<ImportReport, CoordinatorError> {
+        let parsed = parse_keys(text, format);
+        let report = {
+            let _guard = self.lock.lock();
+            if self.product(sku)?.is_none() {
+                return Err(CoordinatorError::UnknownSku(sku.to_string()));
+            }
+            let mut duplicates_known = Vec::new();
+            let mut fresh = Vec::new();
+            for key in parsed.keys {
+                if self.store.get(&rec::hash_key(&key.hash))?.is_some() {
+                    duplicates_known.push(key.line);
+                } else {
+                    fresh.push((key.secret, key.hash));
+                }
+            }
+            let mut report = ImportReport {
+                sku: sku.to_string(),
+                batch: None,
+                imported: 0,
+                first_key_id: None,
+                last_key_id: None,
+                duplicates_in_file: parsed.duplicates_in_file,
+                duplicates_known,
+                invalid: parsed.invalid.iter().map(InvalidRowReport::from).collect(),
+                blank_lines: parsed.blank_lines,
+            };
+            let problems = report.invalid.len() + report.duplicates_in_file.len() + report.duplicates_known.len();
+            if strict && problems > 0 {
+                return Err(CoordinatorError::ImportRefused(format!(
+                    "{problems} rows are invalid or duplicates; nothing was imported"
+                )));
+            }
+            if fresh.is_empty() {
+                return Ok(report);
+            }
+            let mut batch = WriteBatch::default();
+            let first = self.next_counter(&mut batch, "next_key_id", fresh.len() as u64)?;
+            let batch_id = self.next_counter(&mut batch, "next_batch_id", 1)?;
+            for (offset, (secret, hash)) in fresh.iter().enumerate() {
+                let id = KeyId(first + offset as u64);
+                let record = KeyRecord { secret: secret.clone(), batch: batch_id, state: KeyState::Pool };
+                batch.put(rec::key_key(sku, id), rec::encode(&record));
+                batch.put(rec::free_key(sku, id), Vec::new());
+                let mut location = sku.as_str().as_bytes().to_vec();
+                location.push(0);
+                location.extend_from_slice(&id.0.to_be_bytes());
+                batch.put(rec::hash_key(hash), location);
+            }
+            let last = first + fresh.len() as u64 - 1;
+            let meta = ImportBatch {
+                id: batch_id,
+                sku: sku.clone(),
+                at: now_millis(),
+                imported: fresh.len() as u64,
+                first_key: KeyId(first),
+                last_key: KeyId(last),
+            };
+            batch.put(rec::batch_key(batch_id), rec::encode(&meta));
+            self.store.apply(batch)?;
+            report.batch = Some(batch_id);
+            report.imported = fresh.len() as u64;
+            report.first_key_id = Some(first);
+            report.last_key_id = Some(last);
+            report
+        };
+        self.store.durable().await?;
+        tracing::info!(sku = %sku, imported = report.imported, batch = ?report.batch, "keys imported");
+        Ok(report)
+    }
+
+    /// Keys of `sku` in the pool (not granted to any node).
+    pub fn pool_size(&self, sku: &Sku) -> usize {
+        self.store.scan_prefix(&rec::free_prefix(sku)).count()
+    }
+
+    // ---- nodes ----------------------------------------------------------------------------
+
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.store.scan_prefix(b"n/").map(|item| rec::decode("node", &item?.1)).collect()
+    }
+
+    pub async fn add_node(&self, node_id: &NodeId, region: &str) -> Result<NodeRecord, CoordinatorError> {
+        let record = {
+            let _guard = self.lock.lock();
+            if self.store.get(&rec::node_key(node_id))?.is_some() {
+                return Err(CoordinatorError::NodeExists(node_id.to_string()));
+            }
+            let mut batch = WriteBatch::default();
+            let index = self.next_counter(&mut batch, "next_node_index", 1)?;
+            let record = NodeRecord {
+                node_id: node_id.clone(),
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                region: region.to_string(),
+                added_at: now_millis(),
+                revoked: false,
+                events_high_water: 0,
+                reported_newest: 0,
+                next_control_seq: 1,
+                control_applied: 0,
+                last_contact: None,
+                stock: Vec::new(),
+            };
+            let products = self.products()?;
+            let record = self.queue_control(&mut batch, record, CONTROL_CATALOG, rec::encode(&products))?;
+            self.store.apply(batch)?;
+            record
+        };
+        self.store.durable().await?;
+        Ok(record)
+    }
+
+    pub async fn revoke_node(&self, node_id: &NodeId) -> Result<(), CoordinatorError> {
+        {
+            let _guard = self.lock.lock();
+            let mut node = self.node(node_id)?;
+            node.revoked = true;
+            let mut batch = WriteBatch::default();
+            batch.put(rec::node_key(node_id), rec::encode(&node));
+            self.store.apply(batch)?;
+        }
+        self.store.durable().await?;
+        tracing::warn!(node = %node_id, "node revoked");
+        Ok(())
+    }
+
+    pub fn is_revoked(&self, node_id: &NodeId) -> bool {
+        self.node(node_id).map_or(true, |n| n.revoked)
+    }
+
+    // ---- slices ---------------------------------------------------------------------------
+
+    /// Grants `count` pool keys of `sku` (lowest ids first) to `node` as a new signed slice,
+    /// queued for delivery with the node's next sync.
+    pub async fn allocate(&self, sku: &Sku, node_id: &NodeId, count: u64) -> Result<SliceRecord, CoordinatorError> {
+        if count == 0 {
+            return Err(CoordinatorError::ZeroCount);
+        }
+        let slice = {
+            let _guard = self.lock.lock();
+            let node = self.node(node_id)?;
+            if node.revoked {
+                return Err(CoordinatorError::NodeRevoked(node_id.to_string()));
+            }
+            if self.product(sku)?.is_none() {
+                return Err(CoordinatorError::UnknownSku(sku.to_string()));
+            }
+            let free: Vec<KeyId> = self
+                .store
+                .scan_prefix(&rec::free_prefix(sku))
+                .take(count as usize)
+                .map(|item| item.map(|(k, _)| KeyId(rec::trailing_u64(&k).unwrap_or(0))))
+                .collect::<Result<_, _>>()?;
+            if (free.len() as u64) < count {
+                return Err(CoordinatorError::NotEnoughKeys {
+                    sku: sku.to_string(),
+                    available: self.pool_size(sku) as u64,
+                    requested: count,
+                });
+            }
+            let mut batch = WriteBatch::default();
+            let slice_id = SliceId(self.next_counter(&mut batch, "next_slice_id", 1)?);
+            let mut keys = Vec::with_capacity(free.len());
+            for id in &free {
+                let mut record: KeyRecord = self.load("key", &rec::key_key(sku, *id))?.ok_or_else(|| {
+                    StoreError::Corrupt { key: format!("k/{sku}/{id}"), reason: "free key missing".into() }
+                })?;
+                record.state = KeyState::Granted { slice: slice_id, node_index: node.index };
+                keys.push(GrantedKey { key_id: *id, secret: record.secret.clone() });
+                batch.put(rec::key_key(sku, *id), rec::encode(&record));
+                batch.delete(rec::free_key(sku, *id));
+            }
+            let now = now_millis();
+            let grant = SliceGrant {
+                slice_id,
+                sku: sku.clone(),
+                node_id: node_id.clone(),
+                epoch: Epoch(1),
+                issued_at: now,
+                lease_deadline: now.saturating_add_ms(self.settings.lease.as_millis() as u64),
+                keys,
+            };
+            let signed = grant.sign(&self.signing_key)?;
+            let slice = SliceRecord {
+                slice_id,
+                sku: sku.clone(),
+                node: node_id.clone(),
+                epoch: grant.epoch,
+                issued_at: now,
+                lease_deadline: grant.lease_deadline,
+                key_runs: rec::runs_of(&free),
+            };
+            batch.put(rec::slice_key(slice_id), rec::encode(&slice));
+            self.queue_control(&mut batch, node, CONTROL_GRANT, signed.to_bytes()?)?;
+            self.store.apply(batch)?;
+            slice
+        };
+        self.store.durable().await?;
+        tracing::info!(slice = %slice.slice_id, sku = %sku, node = %node_id, keys = count, "slice allocated");
+        Ok(slice)
+    }
+
+    pub fn slices(&self) -> Result<Vec<SliceRecord>, StoreError> {
+        self.store.scan_prefix(b"s/").map(|item| rec::decode("slice", &item?.1)).collect()
+    }
+
+    // ---- ledger ---------------------------------------------------------------------------
+
+    /// Ingests a node's upload: new events in seq order, exactly once, in one durable commit;
+    /// events about keys not granted to the node, or delivering a key twice, are refused and
+    /// raised as alarms. Returns the ack with the node's pending control messages.
+    pub async fn ingest(&self, node_id: &NodeId, upload: SyncUpload) -> Result<SyncAck, CoordinatorError> {
+        // A node that lost its own record of an ack re-sends from further back; acking past what
+        // it sent would look like a protocol error to it, so the ack stops at its last event.
+        let sent_through = upload.events.last().map(|e| e.seq);
+        let high_water = {
+            let _guard = self.lock.lock();
+            let mut node = self.node(node_id)?;
+            if node.revoked {
+                return Err(CoordinatorError::NodeRevoked(node_id.to_string()));
+            }
+            let mut batch = WriteBatch::default();
+            let mut keys: HashMap<(Sku, KeyId), KeyRecord> = HashMap::new();
+            let mut orders: HashMap<edgecard_protocol::OrderId, LedgerOrder> = HashMap::new();
+            let now = now_millis();
+            for event in upload.events {
+                if event.seq <= node.events_high_water {
+                    continue;
+                }
+                if event.seq != node.events_high_water + 1 {
+                    self.alarm(
+                        &mut batch,
+                        node_id,
+                        "sequence_gap",
+                        format!("events {} to {} never arrived", node.events_high_water + 1, event.seq - 1),
+                    )?;
+                }
+                node.events_high_water = event.seq;
+                match self.check_event(&node, &event, &mut keys)? {
+                    Ok(()) => {
+                        self.apply_to_order(&event, &mut orders)?;
+                        batch.put(rec::ledger_key(node_id, event.seq), rec::encode(&event));
+                    }
+                    Err((kind, detail)) => self.alarm(&mut batch, node_id, kind, detail)?,
+                }
+            }
+            for ((sku, id), record) in keys {
+                batch.put(rec::key_key(&sku, id), rec::encode(&record));
+            }
+            for (id, order) in orders {
+                batch.put(rec::order_key(&id), rec::encode(&order));
+            }
+            for item in self.store.scan_prefix(&rec::control_prefix(node_id)) {
+                let (key, _) = item?;
+                if rec::trailing_u64(&key).is_some_and(|seq| seq <= upload.control_applied) {
+                    batch.delete(key.to_vec());
+                }
+            }
+            node.control_applied = node.control_applied.max(upload.control_applied);
+            node.last_contact = Some(now);
+            node.stock = upload
+                .stock
+                .into_iter()
+                .map(|s| NodeStock { slice_id: s.slice_id, sku: s.sku, available: s.available, selling: s.selling })
+                .collect();
+            batch.put(rec::node_key(node_id), rec::encode(&node));
+            self.store.apply(batch)?;
+            node.events_high_water
+        };
+        self.store.durable().await?;
+        let events_high_water = sent_through.map_or(high_water, |last| high_water.min(last));
+        Ok(SyncAck { events_high_water, control: self.pending_control(node_id)? })
+    }
+
+    /// Validates one event against key ownership; on success updates the key overlay.
+    #[allow(clippy::type_complexity)]
+    fn check_event(
+        &self,
+        node: &NodeRecord,
+        event: &OrderEvent,
+        keys: &mut HashMap<(Sku, KeyId), KeyRecord>,
+    ) -> Result<Result<(), (&'static str, String)>, StoreError> {
+        let key_ids = match &event.kind {
+            OrderEventKind::Reserved { key_ids, .. } | OrderEventKind::Delivered { key_ids } => key_ids,
+            _ => return Ok(Ok(())),
+        };
+        let mut loaded = Vec::with_capacity(key_ids.len());
+        for id in key_ids {
+            let slot = (event.sku.clone(), *id);
+            let record = match keys.get(&slot) {
+                Some(record) => record.clone(),
+                None => match self.load::<KeyRecord>("key", &rec::key_key(&event.sku, *id))? {
+                    Some(record) => record,
+                    None => {
+                        return Ok(Err((
+                            "key_not_granted",
+                            format!("seq {}: key {id} of {} does not exist", event.seq, event.sku),
+                        )))
+                    }
+                },
+            };
+            let owner = match record.state {
+                KeyState::Granted { node_index, .. } | KeyState::Sold { node_index, .. } => Some(node_index),
+                KeyState::Pool => None,
+            };
+            if owner != Some(node.index) {
+                return Ok(Err((
+                    "key_not_granted",
+                    format!("seq {}: key {id} of {} is not granted to {}", event.seq, event.sku, node.node_id),
+                )));
+            }
+            if let (OrderEventKind::Delivered { .. }, KeyState::Sold { order, .. }) = (&event.kind, record.state) {
+                if order != event.order_id {
+                    return Ok(Err((
+                        "key_delivered_twice",
+                        format!("seq {}: key {id} of {} was already delivered to order {order}", event.seq, event.sku),
+                    )));
+                }
+            }
+            loaded.push((slot, record));
+        }
+        if matches!(event.kind, OrderEventKind::Delivered { .. }) {
+            for (slot, mut record) in loaded {
+                if let KeyState::Granted { slice, node_index } = record.state {
+                    record.state = KeyState::Sold { slice, node_index, order: event.order_id };
+                }
+                keys.insert(slot, record);
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn apply_to_order(
+        &self,
+        event: &OrderEvent,
+        orders: &mut HashMap<edgecard_protocol::OrderId, LedgerOrder>,
+    ) -> Result<(), StoreError> {
+        let existing = match orders.remove(&event.order_id) {
+            Some(order) => Some(order),
+            None => self.load("order", &rec::order_key(&event.order_id))?,
+        };
+        let mut order = existing.unwrap_or_else(|| LedgerOrder {
+            order_id: event.order_id,
+            node: event.node_id.clone(),
+            sku: event.sku.clone(),
+            quantity: 0,
+            amount_minor: 0,
+            currency: String::new(),
+            status: LedgerStatus::Reserved,
+            created_at: event.at,
+            updated_at: event.at,
+            key_ids: Vec::new(),
+            channel: None,
+            provider_txn: None,
+        });
+        order.updated_at = event.at;
+        match &event.kind {
+            OrderEventKind::Reserved { key_ids, quantity, amount_minor, currency, .. } => {
+                order.quantity = *quantity;
+                order.amount_minor = *amount_minor;
+                order.currency = currency.clone();
+                order.key_ids = key_ids.clone();
+                order.status = LedgerStatus::Reserved;
+            }
+            OrderEventKind::Paid { channel, provider_txn, .. } => {
+                order.channel = Some(channel.clone());
+                order.provider_txn = Some(provider_txn.clone());
+                order.status = LedgerStatus::Paid;
+            }
+            OrderEventKind::Delivered { key_ids } => {
+                order.key_ids = key_ids.clone();
+                order.status = LedgerStatus::Delivered;
+            }
+            OrderEventKind::Expired { .. } => {
+                if order.status == LedgerStatus::Reserved {
+                    order.status = LedgerStatus::Expired;
+                }
+            }
+            OrderEventKind::AwaitingStock { .. } => {
+                order.key_ids.clear();
+                order.status = LedgerStatus::PaidAwaitingStock;
+            }
+        }
+        orders.insert(event.order_id, order);
+        Ok(())
+    }
+
+    fn alarm(&self, batch: &mut WriteBatch, node: &NodeId, kind: &str, detail: String) -> Result<(), StoreError> {
+        let seq = self.next_counter(batch, "next_alarm", 1)?;
+        tracing::error!(node = %node, kind, %detail, "ledger alarm");
+        let alarm = Alarm { seq, at: now_millis(), node: node.clone(), kind: kind.to_string(), detail };
+        batch.put(rec::alarm_key(seq), rec::encode(&alarm));
+        Ok(())
+    }
+
+    pub fn alarms(&self) -> Result<Vec<Alarm>, StoreError> {
+        self.store.scan_prefix(b"a/").map(|item| rec::decode("alarm", &item?.1)).collect()
+    }
+
+    /// Control messages queued for `node` and not yet reported applied, in order.
+    pub fn pending_control(&self, node_id: &NodeId) -> Result<Vec<ControlMessage>, StoreError> {
+        let mut messages = Vec::new();
+        for item in self.store.scan_prefix(&rec::control_prefix(node_id)) {
+            let (key, value) = item?;
+            let Some(seq) = rec::trailing_u64(&key) else { continue };
+            let body = match value.split_first() {
+                Some((&CONTROL_GRANT, payload)) => ControlBody::Grant { signed_grant: payload.to_vec() },
+                Some((&CONTROL_CATALOG, payload)) => {
+                    let products: Vec<ProductRecord> = rec::decode("catalog", payload)?;
+                    ControlBody::Catalog { products: products.iter().map(catalog_product).collect() }
+                }
+                _ => return Err(StoreError::Corrupt { key: "q/".into(), reason: "unknown control message".into() }),
+            };
+            messages.push(ControlMessage { seq, body });
+        }
+        Ok(messages)
+    }
+
+    /// Orders in the ledger matching `filter`, oldest first.
+    pub fn orders(&self, filter: &OrderFilter) -> Result<Vec<LedgerOrder>, StoreError> {
+        let mut orders = Vec::new();
+        for item in self.store.scan_prefix(b"o/") {
+            let order: LedgerOrder = rec::decode("order", &item?.1)?;
+            let keep = filter.since.is_none_or(|since| order.created_at >= since)
+                && filter.sku.as_ref().is_none_or(|sku| &order.sku == sku)
+                && filter.node.as_ref().is_none_or(|node| &order.node == node)
+                && filter.status.is_none_or(|status| order.status == status);
+            if keep {
+                orders.push(order);
+            }
+        }
+        orders.sort_by_key(|o| (o.created_at, o.order_id.to_string()));
+        Ok(orders)
+    }
+}
+
+fn catalog_product(product: &ProductRecord) -> CatalogProduct {
+    CatalogProduct {
+        sku: product.sku.clone(),
+        titles: product.titles.clone(),
+        prices: product.prices.iter().map(|p| (p.amount_minor, p.currency.clone())).collect(),
+    }
+}
+
+fn validate_product(product: &ProductRecord) -> Result<(), CoordinatorError> {
+    let invalid = |m: &str| Err(CoordinatorError::InvalidProduct(format!("{}: {m}", product.sku)));
+    if !product.titles.iter().any(|(lang, _)| lang == "en") {
+        return invalid("an `en` title is required");
+    }
+    if product.titles.iter().any(|(lang, title)| lang.is_empty() || title.trim().is_empty() || title.len() > 200) {
+        return invalid("titles must be 1 to 200 bytes with a language tag");
+    }
+    if product.prices.is_empty() {
+        return invalid("at least one price is required");
+    }
+    for price in &product.prices {
+        if price.amount_minor == 0 {
+            return invalid("prices must be above zero");
+        }
+        if price.currency.len() != 3 || !price.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return invalid("currencies are three upper-case letters (ISO 4217)");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! The coordinator's service against a real sled store: products, import, allocation, and the
+//! ledger's exactly-once ingest with its alarms.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use edgecard_coordinator::import::KeyFormat;
+use edgecard_coordinator::records::{LedgerStatus, Price, ProductRecord};
+use edgecard_coordinator::service::{Coordinator, CoordinatorError, OrderFilter, Settings};
+use edgecard_protocol::{
+    ControlBody, KeyId, NodeId, OrderEvent, OrderEventKind, OrderId, SignedGrant, Sku, SyncUpload, UnixMillis,
+};
+use edgecard_store::{Store, StoreMetrics};
+
+fn sku(s: &str) -> Sku {
+    Sku::new(s).unwrap()
+}
+
+fn node(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[7u8; 32])
+}
+
+fn open(dir: &Path) -> Coordinator {
+    let store = Arc::new(Store::open(dir, 8 << 20, Arc::new(StoreMetrics::default())).unwrap());
+    Coordinator::new(store, key(), Settings::default())
+}
+
+fn product(s: &str) -> ProductRecord {
+    ProductRecord {
+        sku: sku(s),
+        titles: vec![("en".into(), format!("Product {s}")), ("zh-CN".into(), "产品".into())],
+        prices: vec![Price { amount_minor: 1000, currency: "USD".into() }],
+    }
+}
+
+async fn with_keys(c: &Coordinator, s: &str, n: usize) {
+    c.add_product(product(s)).await.unwrap();
+    let text: String = (0..n).map(|i| format!("{s}-KEY-{i:05}\n")).collect();
+    let report = c.import_keys(&sku(s), &text, KeyFormat::Lines, false).await.unwrap();
+    assert_eq!(report.imported, n as u64);
+}
+
+fn event(n: &NodeId, seq: u64, order: u8, s: &str, kind: OrderEventKind) -> OrderEvent {
+    OrderEvent {
+        node_id: n.clone(),
+        seq,
+        at: UnixMillis(seq),
+        order_id: OrderId::from_bytes([order; 16]),
+        sku: sku(s),
+        kind,
+    }
+}
+
+fn upload(n: &NodeId, events: Vec<OrderEvent>, control_applied: u64) -> SyncUpload {
+    SyncUpload { node_id: n.clone(), events, control_applied, stock: vec![] }
+}
+
+#[tokio::test]
+async fn products_are_validated_and_prices_updated() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    c.add_product(product("game")).await.unwrap();
+    assert!(matches!(c.add_product(product("game")).await, Err(CoordinatorError::ProductExists(_))));
+    let mut bad = product("bad");
+    bad.prices[0].currency = "usd".into();
+    assert!(matches!(c.add_product(bad).await, Err(CoordinatorError::InvalidProduct(_))));
+    let mut untitled = product("untitled");
+    untitled.titles.retain(|(lang, _)| lang != "en");
+    assert!(matches!(c.add_product(untitled).await, Err(CoordinatorError::InvalidProduct(_))));
+    let updated = c.set_price(&sku("game"), Price { amount_minor: 7200, currency: "CNY".into() }).await.unwrap();
+    assert_eq!(updated.prices.len(), 2);
+    let updated = c.set_price(&sku("game"), Price { amount_minor: 900, currency: "USD".into() }).await.unwrap();
+    assert_eq!(updated.prices[0], Price { amount_minor: 900, currency: "USD".into() });
+    assert!(matches!(
+        c.set_price(&sku("nope"), Price { amount_minor: 1, currency: "USD".into() }).await,
+        Err(CoordinatorError::UnknownSku(_))
+    ));
+    assert_eq!(c.products().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn import_reports_every_kind_of_row_and_deduplicates_across_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    c.add_product(product("game")).await.unwrap();
+    c.add_product(product("gift")).await.unwrap();
+    let first =
+        c.import_keys(&sku("game"), "\u{feff}A-1\r\nA-2\r\n\r\nA-1\r\n", KeyFormat::Lines, false).await.unwrap();
+    assert_eq!(first.imported, 2);
+    assert_eq!((first.first_key_id, first.last_key_id), (Some(1), Some(2)));
+    assert_eq!(first.duplicates_in_file, vec![4]);
+    assert_eq!(first.blank_lines, 1);
+
+    let long = "Z".repeat(513);
+    let text = format!("A-2\nB-1\n{long}\nB-2\n");
+    let second = c.import_keys(&sku("gift"), &text, KeyFormat::Lines, false).await.unwrap();
+    assert_eq!(second.imported, 2, "{second:?}");
+    assert_eq!(second.duplicates_known, vec![1], "a key known under another sku is a duplicate");
+    assert_eq!(second.invalid.len(), 1);
+    assert_eq!(second.invalid[0].line, 3);
+    assert_eq!((second.first_key_id, second.last_key_id), (Some(3), Some(4)));
+
+    let strict = c.import_keys(&sku("gift"), "C-1\nB-1\n", KeyFormat::Lines, true).await;
+    assert!(matches!(strict, Err(CoordinatorError::ImportRefused(_))));
+    assert_eq!(c.pool_size(&sku("gift")), 2, "a refused strict import lands nothing");
+
+    let empty = c.import_keys(&sku("gift"), "", KeyFormat::Lines, false).await.unwrap();
+    assert_eq!(empty.imported, 0);
+    assert!(matches!(
+        c.import_keys(&sku("nope"), "X", KeyFormat::Lines, false).await,
+        Err(CoordinatorError::UnknownSku(_))
+    ));
+
+    let csv = c
+        .import_keys(&sku("gift"), "id,code\n1,CSV-1\n2,CSV-2\n", KeyFormat::Csv { column: 1, header: true }, false)
+        .await
+        .unwrap();
+    assert_eq!(csv.imported, 2);
+    assert_eq!(c.pool_size(&sku("gift")), 4);
+}
+
+#[tokio::test]
+async fn allocation_grants_lowest_pool_keys_as_a_signed_slice() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    with_keys(&c, "game", 10).await;
+    let eu = node("eu-1");
+    c.add_node(&eu, "eu").await.unwrap();
+    assert!(matches!(c.add_node(&eu, "eu").await, Err(CoordinatorError::NodeExists(_))));
+
+    let slice = c.allocate(&sku("game"), &eu, 4).await.unwrap();
+    assert_eq!(slice.key_runs, vec![(1, 4)]);
+    assert_eq!(c.pool_size(&sku("game")), 6);
+    let second = c.allocate(&sku("game"), &eu, 3).await.unwrap();
+    assert_eq!(second.key_runs, vec![(5, 7)]);
+    assert!(matches!(
+        c.allocate(&sku("game"), &eu, 4).await,
+        Err(CoordinatorError::NotEnoughKeys { available: 3, .. })
+    ));
+    assert!(matches!(c.allocate(&sku("game"), &node("us-1"), 1).await, Err(CoordinatorError::UnknownNode(_))));
+    assert!(matches!(c.allocate(&sku("game"), &eu, 0).await, Err(CoordinatorError::ZeroCount)));
+
+    // The node's queue: the catalog (at node add), then both grants, verifiable by the node.
+    let pending = c.pending_control(&eu).unwrap();
+    assert_eq!(pending.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(matches!(&pending[0].body, ControlBody::Catalog { products } if products.len() == 1));
+    let ControlBody::Grant { signed_grant } = &pending[1].body else { panic!("expected a grant") };
+    let grant = SignedGrant::from_bytes(signed_grant).unwrap().verify(&key().verifying_key(), &eu).unwrap();
+    assert_eq!(grant.keys.iter().map(|k| k.key_id).collect::<Vec<_>>(), vec![KeyId(1), KeyId(2), KeyId(3), KeyId(4)]);
+    assert_eq!(grant.keys[0].secret.expose(), "game-KEY-00000");
+
+    // Reporting control applied prunes the queue.
+    let ack = c.ingest(&eu, upload(&eu, vec![], 2)).await.unwrap();
+    assert_eq!(ack.control.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
+
+    c.revoke_node(&eu).await.unwrap();
+    assert!(c.is_revoked(&eu));
+    assert!(matches!(c.allocate(&sku("game"), &eu, 1).await, Err(CoordinatorError::NodeRevoked(_))));
+    assert!(matches!(c.ingest(&eu, upload(&eu, vec![], 0)).await, Err(CoordinatorError::NodeRevoked(_))));
+}
+
+fn reserved(keys: &[u64]) -> OrderEventKind {
+    OrderEventKind::Reserved {
+        key_ids: keys.iter().map(|k| KeyId(*k)).collect(),
+        quantity: keys.len() as u32,
+        amount_minor: 1000 * keys.len() as u64,
+        currency: "USD".into(),
+        expires_at: UnixMillis(10_000),
+    }
+}
+
+fn delivered(keys: &[u64]) -> OrderEventKind {
+    OrderEventKind::Delivered { key_ids: keys.iter().map(|k| KeyId(*k)).collect() }
+}
+
+fn paid() -> OrderEventKind {
+    OrderEventKind::Paid {
+        channel: "sandbox".into(),
+        provider_txn: "t".into(),
+        amount_minor: 1000,
+        currency: "USD".into(),
+    }
+}
+
+#[tokio::test]
+async fn ingest_is_exactly_once_and_refuses_keys_not_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let eu = node("eu-1");
+    let us = node("us-1");
+    {
+        let c = open(dir.path());
+        with_keys(&c, "game", 10).await;
+        c.add_node(&eu, "eu").await.unwrap();
+        c.add_node(&us, "us").await.unwrap();
+        c.allocate(&sku("game"), &eu, 5).await.unwrap(); // keys 1..=5
+        c.allocate(&sku("game"), &us, 5).await.unwrap(); // keys 6..=10
+
+        let events = vec![
+            event(&eu, 1, 1, "game", reserved(&[1])),
+            event(&eu, 2, 1, "game", paid()),
+            event(&eu, 3, 1, "game", delivered(&[1])),
+        ];
+        let ack = c.ingest(&eu, upload(&eu, events.clone(), 0)).await.unwrap();
+        assert_eq!(ack.events_high_water, 3);
+        // The ack was lost: the node sends the same batch again, plus one more.
+        let mut again = events.clone();
+        again.push(event(&eu, 4, 2, "game", reserved(&[2])));
+        let ack = c.ingest(&eu, upload(&eu, again, 0)).await.unwrap();
+        assert_eq!(ack.events_high_water, 4);
+        // A node that lost its ack record re-sends only the first two: the ack stops there.
+        let ack = c.ingest(&eu, upload(&eu, events[..2].to_vec(), 0)).await.unwrap();
+        assert_eq!(ack.events_high_water, 2);
+        let orders = c.orders(&OrderFilter::default()).unwrap();
+        assert_eq!(orders.len(), 2, "no duplicates from the re-sent batches");
+        assert_eq!(orders[0].status, LedgerStatus::Delivered);
+        assert_eq!(orders[0].key_ids, vec![KeyId(1)]);
+
+        // eu reports a key granted to us: refused, alarm, still acked.
+        let ack = c.ingest(&eu, upload(&eu, vec![event(&eu, 5, 3, "game", reserved(&[7]))], 0)).await.unwrap();
+        assert_eq!(ack.events_high_water, 5);
+        // A second order delivering key 1: refused as a double delivery.
+        let ack = c.ingest(&eu, upload(&eu, vec![event(&eu, 6, 4, "game", delivered(&[1]))], 0)).await.unwrap();
+        assert_eq!(ack.events_high_water, 6);
+        let alarms = c.alarms().unwrap();
+        assert_eq!(
+            alarms.iter().map(|a| a.kind.as_str()).collect::<Vec<_>>(),
+            vec!["key_not_granted", "key_delivered_twice"]
+        );
+        assert_eq!(c.orders(&OrderFilter::default()).unwrap().len(), 2, "refused events make no orders");
+        c.store().close();
+    }
+    // After a restart the high-water mark holds: old events are still skipped.
+    let c = open(dir.path());
+    let ack = c.ingest(&eu, upload(&eu, vec![event(&eu, 6, 4, "game", delivered(&[1]))], 0)).await.unwrap();
+    assert_eq!(ack.events_high_water, 6);
+    assert_eq!(c.alarms().unwrap().len(), 2, "a replayed refused event is not alarmed twice");
+    let delivered_only = OrderFilter { status: Some(LedgerStatus::Delivered), ..OrderFilter::default() };
+    assert_eq!(c.orders(&delivered_only).unwrap().len(), 1);
+    let by_node = OrderFilter { node: Some(us.clone()), ..OrderFilter::default() };
+    assert!(c.orders(&by_node).unwrap().is_empty());
+}

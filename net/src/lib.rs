@@ -1,0 +1,6 @@
+//! Network plumbing shared by the node and the coordinator: the one rustls crypto provider,
+//! certificates, and the HTTP connection layer (TLS accept, HTTP/1.1 and HTTP/2, timeouts,
+//! connection cap, graceful shutdown). Nothing here knows about routes or orders.
+
+pub mod http_server;
+pub mod tls;
