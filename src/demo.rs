@@ -1,31 +1,37 @@
-//! `edgecard demo`: three regional nodes on loopback with sample stock, each selling from its own
-//! signed slice, and instructions to buy from them.
+//! `edgecard demo`: a coordinator and three regional nodes on loopback. The demo drives the
+//! coordinator through its admin API like an operator would (products, key import, nodes,
+//! slices); the nodes get their catalog and signed slices over the QUIC sync link and stream
+//! their orders back.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use edgecard_node::config::{
-    AdminConfig, ClientIpConfig, HttpConfig, NodeConfig, OrdersConfig, PaymentsConfig, PriceConfig, ProductConfig,
+    AdminConfig, ClientIpConfig, CoordinatorLinkConfig, HttpConfig, NodeConfig, OrdersConfig, PaymentsConfig,
     SandboxConfig, StoreConfig, TrustConfig,
 };
-use edgecard_protocol::{encode_verifying_key, Epoch, NodeId, Secret, Sku, SliceId};
+use edgecard_node::runtime::RunningNode;
+use edgecard_protocol::NodeId;
 use rand::Rng;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::grant_tool::{self, GrantSpec};
+use crate::admin_client::AdminClient;
+use crate::https_client::{Endpoint, Request};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Data directory; default: a new temporary directory.
+    /// Data directory; default: a new temporary directory, removed on exit.
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// First HTTPS port; nodes use this and the next two, admin listeners the same +1000.
+    /// First HTTPS port; nodes use this and the next two, their admin listeners the same +1000.
     #[arg(long, default_value_t = 8441)]
     pub base_port: u16,
+    /// Coordinator admin API port; its QUIC sync port is this +373 (7070 → 7443).
+    #[arg(long, default_value_t = 7070)]
+    pub coordinator_port: u16,
     /// Keys per product per node.
     #[arg(long, default_value_t = 200)]
     pub keys: usize,
@@ -33,33 +39,17 @@ pub struct DemoArgs {
 
 const REGIONS: [(&str, &str); 3] = [("eu-1", "eu"), ("us-1", "us"), ("ap-1", "ap")];
 
-fn sample_products() -> Vec<ProductConfig> {
-    let product = |sku: &str, en: &str, zh: &str, usd: u64, cny: u64| -> Result<ProductConfig> {
-        Ok(ProductConfig {
-            sku: Sku::new(sku)?,
-            title: BTreeMap::from([("en".to_string(), en.to_string()), ("zh-CN".to_string(), zh.to_string())]),
-            prices: vec![
-                PriceConfig { amount_minor: usd, currency: "USD".parse().map_err(anyhow::Error::msg)? },
-                PriceConfig { amount_minor: cny, currency: "CNY".parse().map_err(anyhow::Error::msg)? },
-            ],
-        })
-    };
-    [
-        product("game-card-10", "Game card, 10 USD", "游戏点卡 10 美元", 1000, 7200),
-        product("gift-code-25", "Gift code, 25 USD", "礼品码 25 美元", 2500, 18000),
-        product("licence-pro", "Pro licence key, 1 year", "专业版授权码(一年)", 4900, 35000),
-    ]
-    .into_iter()
-    .collect::<Result<Vec<_>>>()
-    .unwrap_or_default()
-}
+/// (sku, English title, Chinese title, USD cents, CNY fen)
+const PRODUCTS: [(&str, &str, &str, u64, u64); 3] = [
+    ("game-card-10", "Game card, 10 USD", "游戏点卡 10 美元", 1000, 7200),
+    ("gift-code-25", "Gift code, 25 USD", "礼品码 25 美元", 2500, 18000),
+    ("licence-pro", "Pro licence key, 1 year", "专业版授权码(一年)", 4900, 35000),
+];
 
-fn sample_secret(rng: &mut impl Rng) -> Result<Secret> {
+fn sample_secret(rng: &mut impl Rng) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let group = |rng: &mut dyn rand::RngCore| -> String {
-        (0..4).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
-    };
-    Ok(Secret::new(format!("DEMO-{}-{}-{}", group(rng), group(rng), group(rng)))?)
+    let mut group = || -> String { (0..4).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect() };
+    format!("DEMO-{}-{}-{}", group(), group(), group())
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
@@ -74,66 +64,91 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let signing_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
-    let verifying = encode_verifying_key(&signing_key.verifying_key());
-    let products = sample_products();
-    let mut rng = rand::thread_rng();
-    let mut nodes = Vec::new();
-    let mut next_key_id = 1u64;
-    let mut next_slice = 1u64;
-    for (i, (node_name, region)) in REGIONS.iter().enumerate() {
-        let node_dir = dir.join(node_name);
-        std::fs::create_dir_all(&node_dir)?;
-        let mut grant_files = Vec::new();
-        for product in &products {
-            let secrets = (0..args.keys).map(|_| sample_secret(&mut rng)).collect::<Result<Vec<_>>>()?;
-            let spec = GrantSpec {
-                slice_id: SliceId(next_slice),
-                sku: product.sku.clone(),
-                node: NodeId::new(*node_name)?,
-                epoch: Epoch(1),
-                first_key_id: next_key_id,
-                lease: Duration::from_secs(7 * 24 * 3600),
-            };
-            next_slice += 1;
-            next_key_id += args.keys as u64;
-            let signed = grant_tool::sign_grant(&signing_key, &spec, secrets)?;
-            let path = node_dir.join(format!("{}.grant", product.sku));
-            grant_tool::write_private(&path, &signed.to_bytes()?)?;
-            grant_files.push(path);
-        }
-        let port = args.base_port + i as u16;
-        let config = demo_node_config(node_name, region, &node_dir, port, &verifying, grant_files, products.clone())?;
-        let node = edgecard_node::runtime::start(config).await.with_context(|| format!("starting node {node_name}"))?;
-        nodes.push((node_name, region, node));
-    }
+    let started = Instant::now();
 
-    print_instructions(&dir, &nodes)?;
+    // The coordinator, initialised and served from dir/coordinator.
+    let coordinator_dir = dir.join("coordinator");
+    let admin_listen = SocketAddr::from(([127, 0, 0, 1], args.coordinator_port));
+    let sync_listen = SocketAddr::from(([127, 0, 0, 1], args.coordinator_port.saturating_add(373)));
+    let config = match edgecard_coordinator::runtime::load_config(&coordinator_dir) {
+        Ok(config) => config,
+        Err(_) => {
+            let fresh = edgecard_coordinator::runtime::CoordinatorConfig {
+                admin_listen,
+                admin_token: String::new(),
+                sync_listen,
+                sync_public_addr: None,
+                sync_server_name: "localhost".into(),
+                lease_hours: 24,
+                cache_capacity_mb: 64,
+            };
+            edgecard_coordinator::runtime::init(&coordinator_dir, fresh)?;
+            edgecard_coordinator::runtime::load_config(&coordinator_dir)?
+        }
+    };
+    let token = config.admin_token.clone();
+    let coordinator = edgecard_coordinator::runtime::start(&coordinator_dir, config)
+        .await
+        .with_context(|| format!("starting the coordinator on {admin_listen}"))?;
+    let admin_url = format!("http://{}", coordinator.admin_addr);
+    let admin = AdminClient::new(&admin_url, &token)?;
+
+    // Stock it like an operator: products, keys, nodes, slices.
+    let fresh_stock = admin.get("/v1/products").await?.as_array().is_none_or(Vec::is_empty);
+    if fresh_stock {
+        let mut rng = rand::thread_rng();
+        for (sku, en, zh, usd, cny) in PRODUCTS {
+            admin
+                .post_json(
+                    "/v1/products",
+                    &json!({ "sku": sku, "title": { "en": en, "zh-CN": zh },
+                             "prices": [{ "amount_minor": usd, "currency": "USD" }, { "amount_minor": cny, "currency": "CNY" }] }),
+                )
+                .await?;
+            let keys: String = (0..args.keys * REGIONS.len()).map(|_| sample_secret(&mut rng) + "\n").collect();
+            admin.post_bytes(&format!("/v1/products/{sku}/keys"), keys.into_bytes()).await?;
+        }
+    }
+    let mut nodes: Vec<(&str, &str, RunningNode)> = Vec::new();
+    for (i, (name, region)) in REGIONS.iter().enumerate() {
+        let node_dir = dir.join(name);
+        if !node_dir.join("node-key.pem").exists() {
+            let bundle = admin.post_json("/v1/nodes", &json!({ "name": name, "region": region })).await?;
+            crate::ops::write_bundle(&node_dir, &bundle)?;
+            for (sku, ..) in PRODUCTS {
+                admin.post_json("/v1/slices", &json!({ "sku": sku, "node": name, "count": args.keys })).await?;
+            }
+        }
+        let port = args.base_port.saturating_add(i as u16);
+        let config = demo_node_config(name, region, &node_dir, port, coordinator.sync_addr)?;
+        let node = edgecard_node::runtime::start(config).await.with_context(|| format!("starting node {name}"))?;
+        nodes.push((name, region, node));
+    }
+    wait_for_stock(&nodes).await?;
+    print_instructions(&dir, &admin_url, &token, &nodes, started.elapsed())?;
+
     wait_for_signal().await?;
     println!("\nstopping…");
     for (_, _, node) in nodes {
         node.shutdown().await;
     }
+    coordinator.shutdown().await;
     Ok(())
 }
 
-fn demo_node_config(
-    name: &str,
-    region: &str,
-    dir: &Path,
-    port: u16,
-    verifying_key: &str,
-    grant_files: Vec<PathBuf>,
-    products: Vec<ProductConfig>,
-) -> Result<NodeConfig> {
+fn demo_node_config(name: &str, region: &str, dir: &Path, port: u16, sync_addr: SocketAddr) -> Result<NodeConfig> {
+    let verifying = std::fs::read_to_string(dir.join("node.toml"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("coordinator_key = \"").and_then(|v| v.strip_suffix('"')).map(str::to_string))
+        .context("the node bundle has no coordinator_key")?;
     let config = NodeConfig {
         node_id: NodeId::new(name)?,
         region: region.to_string(),
-        data_dir: dir.to_path_buf(),
+        data_dir: dir.join("data"),
         public_url: None,
         http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], port)), ..HttpConfig::default() },
-        admin: AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], port + 1000)), token: None },
-        trust: TrustConfig { coordinator_key: verifying_key.to_string(), grant_files },
+        admin: AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], port.saturating_add(1000))), token: None },
+        trust: TrustConfig { coordinator_key: verifying, grant_files: Vec::new() },
         orders: OrdersConfig::default(),
         // The bench gives each simulated buyer its own address in X-Forwarded-For; trusting
         // loopback as a proxy is right only because this demo listens on loopback alone.
@@ -142,52 +157,109 @@ fn demo_node_config(
             header: edgecard_node::client_ip::ClientIpHeader::XForwardedFor,
         },
         limits: Default::default(),
-        payments: PaymentsConfig { sandbox: SandboxConfig { enabled: true, ..SandboxConfig::default() } },
+        payments: PaymentsConfig {
+            sandbox: SandboxConfig { enabled: true, ..SandboxConfig::default() },
+            ..PaymentsConfig::default()
+        },
         store: StoreConfig::default(),
-        products,
+        coordinator: Some(CoordinatorLinkConfig {
+            addr: sync_addr,
+            server_name: "localhost".into(),
+            ca_cert: dir.join("ca-cert.pem"),
+            node_cert: dir.join("node-cert.pem"),
+            node_key: dir.join("node-key.pem"),
+            idle_poll_ms: 500,
+        }),
+        products: Vec::new(),
     };
     config.validate(Path::new("demo"))?;
     Ok(config)
 }
 
-fn print_instructions(dir: &Path, nodes: &[(&&str, &&str, edgecard_node::runtime::RunningNode)]) -> Result<()> {
-    let cert = nodes.first().and_then(|(_, _, n)| n.self_signed_cert.clone()).unwrap_or_default();
-    println!("Edgecard demo: {} regional nodes on loopback, data in {}\n", nodes.len(), dir.display());
+/// Waits (bounded) until every node lists stock: catalog and grants arrived over the link.
+async fn wait_for_stock(nodes: &[(&str, &str, RunningNode)]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (name, _, node) in nodes {
+        let ca = match &node.self_signed_cert {
+            Some(path) => std::fs::read(path)?,
+            None => bail!("node {name} has no self-signed certificate"),
+        };
+        let endpoint = Endpoint::parse(&format!("https://{}", node.https_addr), Some(&ca))?;
+        loop {
+            let listed = endpoint.request(Request::get("/api/v1/products")).await?.json::<Value>().ok();
+            let stocked = listed.as_ref().and_then(Value::as_array).is_some_and(|products| {
+                products.len() == PRODUCTS.len() && products.iter().all(|p| p["stock"].as_u64().unwrap_or(0) > 0)
+            });
+            if stocked {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("node {name} did not receive its catalog and slices within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+fn print_instructions(
+    dir: &Path,
+    admin_url: &str,
+    token: &str,
+    nodes: &[(&str, &str, RunningNode)],
+    took: Duration,
+) -> Result<()> {
+    println!(
+        "Edgecard demo: a coordinator and {} regional nodes on loopback ({:.1} s), data in {}\n",
+        nodes.len(),
+        took.as_secs_f64(),
+        dir.display()
+    );
+    println!("  coordinator  admin {admin_url}");
     let mut summary = Vec::new();
     for (name, region, node) in nodes {
-        println!(
-            "  {name:<5} region {region:<3} store https://{}  metrics http://{}/metrics",
-            node.https_addr, node.admin_addr
-        );
+        println!("  {name:<11}  store https://{}  metrics http://{}/metrics", node.https_addr, node.admin_addr);
         summary.push(json!({
             "name": name, "region": region, "url": format!("https://{}", node.https_addr),
             "admin_url": format!("http://{}", node.admin_addr),
             "ca_cert": node.self_signed_cert.as_ref().map(|p| p.display().to_string()),
         }));
     }
-    let manifest = json!({ "nodes": summary });
+    let manifest = json!({
+        "admin_url": admin_url,
+        "env": { "EDGECARD_ADMIN_URL": admin_url, "EDGECARD_ADMIN_TOKEN": token },
+        "nodes": summary,
+    });
     std::fs::write(dir.join("demo.json"), serde_json::to_vec_pretty(&manifest)?)?;
-    let (_, _, first) = &nodes[0];
+    let first = &nodes[0].2;
     let url = format!("https://{}", first.https_addr);
+    let cert = first.self_signed_cert.clone().unwrap_or_default();
     println!(
         r#"
-Each node serves a self-signed certificate; curl needs --cacert for it. Buy a key:
+Buy a key (each node serves a self-signed certificate, so curl needs --cacert):
 
   CA={ca}
   curl --cacert $CA {url}/api/v1/products
   ORDER=$(curl -s --cacert $CA -H 'content-type: application/json' \
       -d '{{"sku":"game-card-10","quantity":1}}' {url}/api/v1/orders)
-  echo "$ORDER"
   ID=$(echo "$ORDER" | sed -E 's/.*"order_id":"([0-9a-f]+)".*/\1/')
   TOKEN=$(echo "$ORDER" | sed -E 's/.*"token":"([0-9a-f]+)".*/\1/')
   curl -s --cacert $CA -X POST {url}/pay/sandbox/$ID        # pay with the sandbox channel
   curl -s --cacert $CA -H "authorization: Bearer $TOKEN" {url}/api/v1/orders/$ID
 
+Operate the coordinator from another shell:
+
+  export EDGECARD_ADMIN_URL={admin_url}
+  export EDGECARD_ADMIN_TOKEN={token}
+  cargo run --release -- status
+  cargo run --release -- orders list
+  cargo run --release -- slices allocate game-card-10 --node ap-1 --count 50
+
 Load test one node:
 
   cargo run --release -- bench purchase --url {url} --ca $CA --concurrency 64 --duration 10
 
-Machine-readable addresses: {manifest}
+Machine-readable addresses and environment: {manifest}
 Press Ctrl-C to stop."#,
         ca = cert.display(),
         manifest = dir.join("demo.json").display(),

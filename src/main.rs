@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use edgecard::ops::{self, AdminArgs};
 use edgecard::{bench, demo, grant_tool};
 use edgecard_node::config::NodeConfig;
 use edgecard_protocol::{Epoch, NodeId, Sku, SliceId};
@@ -28,6 +29,75 @@ enum Command {
     Grant(GrantCommand),
     /// Load-test nodes and print the KPI table.
     Bench(bench::BenchArgs),
+    /// Create or run the coordinator.
+    #[command(subcommand)]
+    Coordinator(CoordinatorCommand),
+    /// Register, list or revoke nodes.
+    Nodes {
+        #[command(subcommand)]
+        command: ops::NodesCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Manage the catalog.
+    Products {
+        #[command(subcommand)]
+        command: ops::ProductsCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Import keys into the pool.
+    Keys {
+        #[command(subcommand)]
+        command: ops::KeysCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Grant slices of the pool to nodes, and show them.
+    Slices {
+        #[command(subcommand)]
+        command: ops::SlicesCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List or export the ledger's orders.
+    Orders {
+        #[command(subcommand)]
+        command: ops::OrdersCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stock per sku per node, sync progress, alarms.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CoordinatorCommand {
+    /// Create a data directory: grant-signing key, private CA, sync certificate, coordinator.toml.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Admin API address.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        admin_listen: std::net::SocketAddr,
+        /// QUIC sync address.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        sync_listen: std::net::SocketAddr,
+        /// Address nodes dial (default: the sync address, loopback if unspecified).
+        #[arg(long)]
+        sync_public_addr: Option<std::net::SocketAddr>,
+        /// Name in the sync certificate that nodes verify.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+    },
+    /// Serve the admin API and the sync endpoint until SIGINT or SIGTERM.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,7 +151,33 @@ enum GrantCommand {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, whatever RUST_BACKTRACE says: operators read this, not developers.
+            eprintln!("error: {}", one_line(&error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping causes a message already quotes.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     edgecard::logging::init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
@@ -92,6 +188,13 @@ fn main() -> Result<()> {
             Command::Node(NodeCommand::CheckConfig(args)) => check_config(args),
             Command::Grant(command) => grant(command),
             Command::Bench(args) => bench::run(args).await,
+            Command::Coordinator(command) => coordinator(command).await,
+            Command::Nodes { command, admin } => ops::nodes(&admin, command).await,
+            Command::Products { command, admin } => ops::products(&admin, command).await,
+            Command::Keys { command, admin } => ops::keys(&admin, command).await,
+            Command::Slices { command, admin } => ops::slices(&admin, command).await,
+            Command::Orders { command, admin } => ops::orders(&admin, command).await,
+            Command::Status { admin } => ops::status(&admin).await,
         }
     })
 }
@@ -122,6 +225,46 @@ pub async fn wait_for_signal() -> Result<()> {
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,
         _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn coordinator(command: CoordinatorCommand) -> Result<()> {
+    use edgecard_coordinator::runtime;
+    match command {
+        CoordinatorCommand::Init { dir, admin_listen, sync_listen, sync_public_addr, server_name } => {
+            let config = runtime::CoordinatorConfig {
+                admin_listen,
+                admin_token: String::new(),
+                sync_listen,
+                sync_public_addr,
+                sync_server_name: server_name,
+                lease_hours: 24,
+                cache_capacity_mb: 64,
+            };
+            let made = runtime::init(&dir, config)?;
+            println!("coordinator initialised in {}", dir.display());
+            println!("grant verifying key: {}", made.verifying_key);
+            println!("admin token (shown once; it is also in {}):", made.config_path.display());
+            println!("  export EDGECARD_ADMIN_TOKEN={}", made.admin_token);
+            println!("  export EDGECARD_ADMIN_URL=http://{admin_listen}");
+            println!("start it with: edgecard coordinator run --dir {}", dir.display());
+        }
+        CoordinatorCommand::Run { dir } => {
+            let config = runtime::load_config(&dir)?;
+            let running = runtime::start(&dir, config).await?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "ready",
+                    "admin": running.admin_addr.to_string(),
+                    "sync": running.sync_addr.to_string(),
+                })
+            );
+            wait_for_signal().await?;
+            tracing::info!("shutting down");
+            running.shutdown().await;
+        }
     }
     Ok(())
 }

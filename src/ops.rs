@@ -1,0 +1,492 @@
+//! Operator commands: the coordinator's CLI. Each is a typed call of the admin API; errors are
+//! one line and a non-zero exit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::admin_client::{AdminClient, DEFAULT_ADMIN_URL, ENV_ADMIN_TOKEN, ENV_ADMIN_URL};
+use crate::grant_tool::write_private;
+
+#[derive(Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// Admin API URL (env EDGECARD_ADMIN_URL; default http://127.0.0.1:7070).
+    #[arg(long, global = true, env = ENV_ADMIN_URL, default_value = DEFAULT_ADMIN_URL)]
+    pub admin_url: String,
+    /// Admin bearer token (env EDGECARD_ADMIN_TOKEN).
+    #[arg(long, global = true, env = ENV_ADMIN_TOKEN, hide_env_values = true, default_value = "")]
+    pub admin_token: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl AdminArgs {
+    fn client(&self) -> Result<AdminClient> {
+        if self.admin_token.is_empty() {
+            bail!("no admin token: set {ENV_ADMIN_TOKEN} or pass --admin-token");
+        }
+        Ok(AdminClient::new(&self.admin_url, &self.admin_token)?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodesCommand {
+    /// Register a node and write its bundle (certificate, key, trust anchors, node.toml).
+    Add {
+        name: String,
+        #[arg(long)]
+        region: String,
+        /// Directory for the bundle; default ./<name>.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Nodes with last contact, sync high-water mark and stock per slice.
+    List,
+    /// Shut a node out: its connections and uploads are refused from now on.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProductsCommand {
+    /// Add a product: `products add game-10 --title en="Game card" --title zh-CN="游戏卡" --price 1000:USD`.
+    Add {
+        sku: String,
+        /// LANG=TITLE; `en` is required.
+        #[arg(long = "title", required = true)]
+        titles: Vec<String>,
+        /// AMOUNT_MINOR:CURRENCY, e.g. 1000:USD; the first is the default.
+        #[arg(long = "price", required = true)]
+        prices: Vec<String>,
+    },
+    List,
+    /// Set the price in one currency (added if the product has none in it).
+    SetPrice {
+        sku: String,
+        /// AMOUNT_MINOR:CURRENCY
+        price: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Import keys: one per line, or CSV with `--csv-column`. All valid rows land as one batch.
+    Import {
+        sku: String,
+        file: PathBuf,
+        /// Read CSV and take the key from this 1-based column.
+        #[arg(long)]
+        csv_column: Option<usize>,
+        /// The CSV's first row is a header.
+        #[arg(long)]
+        header: bool,
+        /// Refuse the whole file if any row is invalid or a duplicate.
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SlicesCommand {
+    /// Grant COUNT pool keys of SKU to a node (signed; delivered with its next sync).
+    Allocate {
+        sku: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        count: u64,
+    },
+    /// Every slice with its node, lease and key count.
+    Show,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ExportFormat {
+    Csv,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OrderFilterArgs {
+    /// reserved, paid, delivered, expired, paid_awaiting_stock
+    #[arg(long)]
+    pub status: Option<String>,
+    #[arg(long)]
+    pub sku: Option<String>,
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Only orders created at or after this unix time in milliseconds.
+    #[arg(long)]
+    pub since: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OrdersCommand {
+    List(OrderFilterArgs),
+    /// Export for accounting.
+    Export {
+        #[command(flatten)]
+        filter: OrderFilterArgs,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: ExportFormat,
+        /// Output file; default standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn print(args: &AdminArgs, value: &Value, table: impl FnOnce(&Value)) -> Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        table(value);
+    }
+    Ok(())
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+pub async fn nodes(args: &AdminArgs, command: NodesCommand) -> Result<()> {
+    let client = args.client()?;
+    match command {
+        NodesCommand::Add { name, region, out } => {
+            let bundle = client.post_json("/v1/nodes", &json!({ "name": name, "region": region })).await?;
+            let dir = out.unwrap_or_else(|| PathBuf::from(&name));
+            write_bundle(&dir, &bundle)?;
+            println!("node {name} registered; bundle written to {}", dir.display());
+            println!("start it with: edgecard node run --config {}", dir.join("node.toml").display());
+        }
+        NodesCommand::List => {
+            let nodes = client.get("/v1/nodes").await?;
+            print(args, &nodes, |nodes| {
+                println!(
+                    "{:<12} {:<8} {:<8} {:>10} {:>16}",
+                    "node", "region", "revoked", "acked seq", "last contact ms"
+                );
+                for n in nodes.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<12} {:<8} {:<8} {:>10} {:>16}",
+                        text(&n["node_id"]),
+                        text(&n["region"]),
+                        text(&n["revoked"]),
+                        text(&n["events_high_water"]),
+                        text(&n["last_contact"])
+                    );
+                }
+            })?;
+        }
+        NodesCommand::Revoke { name } => {
+            client.post_json(&format!("/v1/nodes/{name}/revoke"), &json!({})).await?;
+            println!("node {name} revoked");
+        }
+    }
+    Ok(())
+}
+
+/// Writes the files a node needs; the private key and the config are owner-only.
+pub fn write_bundle(dir: &Path, bundle: &Value) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let field = |name: &str| -> Result<&str> {
+        bundle[name].as_str().with_context(|| format!("the coordinator's bundle lacks {name}"))
+    };
+    let node_id = field("node_id")?;
+    std::fs::write(dir.join("ca-cert.pem"), field("ca_cert_pem")?)?;
+    std::fs::write(dir.join("node-cert.pem"), field("node_cert_pem")?)?;
+    write_private(&dir.join("node-key.pem"), field("node_key_pem")?.as_bytes())?;
+    let config = format!(
+        "# Written by `edgecard nodes add`. See docs/node-config.md for every field.\n\
+         node_id = \"{node_id}\"\nregion = \"{region}\"\ndata_dir = \"data\"\n\n\
+         [trust]\ncoordinator_key = \"{key}\"\n\n\
+         [coordinator]\naddr = \"{addr}\"\nserver_name = \"{server_name}\"\n\
+         ca_cert = \"ca-cert.pem\"\nnode_cert = \"node-cert.pem\"\nnode_key = \"node-key.pem\"\n",
+        region = field("region")?,
+        key = field("coordinator_key")?,
+        addr = field("coordinator_addr")?,
+        server_name = field("coordinator_server_name")?,
+    );
+    let config_path = dir.join("node.toml");
+    write_private(&config_path, config.as_bytes())?;
+    Ok(config_path)
+}
+
+fn parse_price(raw: &str) -> Result<Value> {
+    let (amount, currency) =
+        raw.split_once(':').with_context(|| format!("price {raw:?} is not AMOUNT_MINOR:CURRENCY"))?;
+    let amount: u64 =
+        amount.parse().with_context(|| format!("price amount {amount:?} is not a whole number of minor units"))?;
+    Ok(json!({ "amount_minor": amount, "currency": currency }))
+}
+
+pub async fn products(args: &AdminArgs, command: ProductsCommand) -> Result<()> {
+    let client = args.client()?;
+    match command {
+        ProductsCommand::Add { sku, titles, prices } => {
+            let mut title = BTreeMap::new();
+            for t in titles {
+                let (lang, value) = t.split_once('=').with_context(|| format!("title {t:?} is not LANG=TITLE"))?;
+                title.insert(lang.to_string(), value.to_string());
+            }
+            let prices = prices.iter().map(|p| parse_price(p)).collect::<Result<Vec<_>>>()?;
+            client.post_json("/v1/products", &json!({ "sku": sku, "title": title, "prices": prices })).await?;
+            println!("product {sku} added");
+        }
+        ProductsCommand::List => {
+            let products = client.get("/v1/products").await?;
+            print(args, &products, |products| {
+                println!("{:<20} {:>8}  {:<30} prices", "sku", "pool", "title");
+                for p in products.as_array().into_iter().flatten() {
+                    let prices: Vec<String> = p["prices"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|pr| format!("{} {}", text(&pr["amount_minor"]), text(&pr["currency"])))
+                        .collect();
+                    println!(
+                        "{:<20} {:>8}  {:<30} {}",
+                        text(&p["sku"]),
+                        text(&p["pool"]),
+                        text(&p["titles"]["en"]),
+                        prices.join(", ")
+                    );
+                }
+            })?;
+        }
+        ProductsCommand::SetPrice { sku, price } => {
+            let updated = client.post_json(&format!("/v1/products/{sku}/prices"), &parse_price(&price)?).await?;
+            println!("{sku} prices: {}", updated["prices"]);
+        }
+    }
+    Ok(())
+}
+
+pub async fn keys(args: &AdminArgs, command: KeysCommand) -> Result<()> {
+    let client = args.client()?;
+    let KeysCommand::Import { sku, file, csv_column, header, strict } = command;
+    let body = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+    let mut path = format!("/v1/products/{sku}/keys?strict={strict}");
+    if let Some(column) = csv_column {
+        if column == 0 {
+            bail!("--csv-column counts from 1");
+        }
+        path.push_str(&format!("&format=csv&column={}&header={header}", column - 1));
+    }
+    let report = client.post_bytes(&path, body).await?;
+    print(args, &report, |r| {
+        println!("imported {} keys of {} (batch {})", text(&r["imported"]), text(&r["sku"]), text(&r["batch"]));
+        let lines = |v: &Value| v.as_array().map_or(0, Vec::len);
+        println!("duplicates in the file: {}", lines(&r["duplicates_in_file"]));
+        println!("duplicates already known: {}", lines(&r["duplicates_known"]));
+        println!("blank lines: {}", text(&r["blank_lines"]));
+        let invalid = r["invalid"].as_array().cloned().unwrap_or_default();
+        println!("invalid rows: {}", invalid.len());
+        for row in invalid.iter().take(20) {
+            println!("  line {}: {}", text(&row["line"]), text(&row["reason"]));
+        }
+    })
+}
+
+pub async fn slices(args: &AdminArgs, command: SlicesCommand) -> Result<()> {
+    let client = args.client()?;
+    match command {
+        SlicesCommand::Allocate { sku, node, count } => {
+            let slice = client.post_json("/v1/slices", &json!({ "sku": sku, "node": node, "count": count })).await?;
+            println!(
+                "slice {} of {sku}: {count} keys granted to {node}; it reaches the node with its next sync",
+                text(&slice["slice_id"])
+            );
+        }
+        SlicesCommand::Show => {
+            let slices = client.get("/v1/slices").await?;
+            print(args, &slices, |slices| {
+                println!(
+                    "{:>6} {:<20} {:<12} {:>6} {:>8} {:>16}",
+                    "slice", "sku", "node", "epoch", "keys", "lease until ms"
+                );
+                for s in slices.as_array().into_iter().flatten() {
+                    let keys: u64 = s["key_runs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| r[1].as_u64().unwrap_or(0).saturating_sub(r[0].as_u64().unwrap_or(0)) + 1)
+                        .sum();
+                    println!(
+                        "{:>6} {:<20} {:<12} {:>6} {:>8} {:>16}",
+                        text(&s["slice_id"]),
+                        text(&s["sku"]),
+                        text(&s["node"]),
+                        text(&s["epoch"]),
+                        keys,
+                        text(&s["lease_deadline"])
+                    );
+                }
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn order_query(filter: &OrderFilterArgs) -> String {
+    let mut params = Vec::new();
+    if let Some(s) = &filter.status {
+        params.push(format!("status={s}"));
+    }
+    if let Some(s) = &filter.sku {
+        params.push(format!("sku={s}"));
+    }
+    if let Some(n) = &filter.node {
+        params.push(format!("node={n}"));
+    }
+    if let Some(since) = filter.since {
+        params.push(format!("since={since}"));
+    }
+    if params.is_empty() {
+        "/v1/orders".into()
+    } else {
+        format!("/v1/orders?{}", params.join("&"))
+    }
+}
+
+const CSV_COLUMNS: [&str; 10] = [
+    "order_id",
+    "node",
+    "sku",
+    "quantity",
+    "amount_minor",
+    "currency",
+    "status",
+    "created_at",
+    "channel",
+    "provider_txn",
+];
+
+/// The ledger's orders as CSV (RFC 4180 quoting).
+pub fn orders_csv(orders: &Value) -> String {
+    let mut out = CSV_COLUMNS.join(",");
+    out.push('\n');
+    for order in orders.as_array().into_iter().flatten() {
+        let row: Vec<String> = CSV_COLUMNS
+            .iter()
+            .map(|c| {
+                let value = match &order[*c] {
+                    Value::Null => String::new(),
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                if value.contains([',', '"', '\n']) {
+                    format!("\"{}\"", value.replace('"', "\"\""))
+                } else {
+                    value
+                }
+            })
+            .collect();
+        out.push_str(&row.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+pub async fn orders(args: &AdminArgs, command: OrdersCommand) -> Result<()> {
+    let client = args.client()?;
+    match command {
+        OrdersCommand::List(filter) => {
+            let orders = client.get(&order_query(&filter)).await?;
+            print(args, &orders, |orders| {
+                println!("{:<32} {:<10} {:<16} {:>4} {:>10} {:<20}", "order", "node", "sku", "qty", "amount", "status");
+                for o in orders.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<32} {:<10} {:<16} {:>4} {:>10} {:<20}",
+                        text(&o["order_id"]),
+                        text(&o["node"]),
+                        text(&o["sku"]),
+                        text(&o["quantity"]),
+                        format!("{} {}", text(&o["amount_minor"]), text(&o["currency"])),
+                        text(&o["status"])
+                    );
+                }
+            })?;
+        }
+        OrdersCommand::Export { filter, format, out } => {
+            let orders = client.get(&order_query(&filter)).await?;
+            let rendered = match format {
+                ExportFormat::Json => serde_json::to_string_pretty(&orders)?,
+                ExportFormat::Csv => orders_csv(&orders),
+            };
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, rendered).with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("{} orders written to {}", orders.as_array().map_or(0, Vec::len), path.display());
+                }
+                None => print!("{rendered}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(args: &AdminArgs) -> Result<()> {
+    let client = args.client()?;
+    let status = client.get("/v1/status").await?;
+    print(args, &status, |s| {
+        println!("{:<20} {:>8} {:>8} {:>10}  granted per node", "sku", "pool", "sold", "awaiting");
+        for sku in s["skus"].as_array().into_iter().flatten() {
+            println!(
+                "{:<20} {:>8} {:>8} {:>10}  {}",
+                text(&sku["sku"]),
+                text(&sku["pool"]),
+                text(&sku["sold"]),
+                text(&sku["paid_awaiting_stock"]),
+                sku["granted"]
+            );
+        }
+        println!(
+            "\n{:<12} {:<8} {:<8} {:>10} {:>9} {:>16}",
+            "node", "region", "revoked", "acked seq", "pending", "last contact ms"
+        );
+        for n in s["nodes"].as_array().into_iter().flatten() {
+            println!(
+                "{:<12} {:<8} {:<8} {:>10} {:>9} {:>16}",
+                text(&n["node"]),
+                text(&n["region"]),
+                text(&n["revoked"]),
+                text(&n["events_high_water"]),
+                text(&n["pending_control"]),
+                text(&n["last_contact"])
+            );
+        }
+        println!("\nalarms: {}", text(&s["alarms"]));
+        for a in s["latest_alarms"].as_array().into_iter().flatten() {
+            println!("  [{}] {} {}: {}", text(&a["seq"]), text(&a["node"]), text(&a["kind"]), text(&a["detail"]));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_export_quotes_what_needs_quoting() {
+        let orders = json!([{ "order_id": "ab", "node": "eu-1", "sku": "g", "quantity": 1, "amount_minor": 100,
+            "currency": "USD", "status": "delivered", "created_at": 5, "channel": "x,y", "provider_txn": null }]);
+        let csv = orders_csv(&orders);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], CSV_COLUMNS.join(","));
+        assert_eq!(lines[1], "ab,eu-1,g,1,100,USD,delivered,5,\"x,y\",");
+    }
+
+    #[test]
+    fn prices_parse_or_explain() {
+        assert_eq!(parse_price("1000:USD").ok(), Some(json!({ "amount_minor": 1000, "currency": "USD" })));
+        assert!(parse_price("10.00:USD").is_err());
+        assert!(parse_price("1000").is_err());
+    }
+}
