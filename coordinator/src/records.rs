@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `p/` | sku | [`ProductRecord`] |
 //! | `k/` | sku, 0, key id (8 bytes BE) | [`KeyRecord`] |
-//! | `f/` | sku, 0, key id | empty: the key is in the pool (free), so allocation scans only these |
+//! | `f/` | sku | the pool (keys not granted to any node) as ascending inclusive id runs |
 //! | `h/` | SHA-256 of the secret | sku, 0, key id: deduplication across imports |
 //! | `b/` | batch id (8 bytes BE) | [`ImportBatch`] |
 //! | `s/` | slice id (8 bytes BE) | [`SliceRecord`] |
@@ -180,12 +180,48 @@ pub fn key_key(sku: &Sku, id: KeyId) -> Vec<u8> {
     cat(&[b"k/", sku.as_str().as_bytes(), &[0], &id.0.to_be_bytes()])
 }
 
-pub fn free_prefix(sku: &Sku) -> Vec<u8> {
-    cat(&[b"f/", sku.as_str().as_bytes(), &[0]])
+pub fn pool_key(sku: &Sku) -> Vec<u8> {
+    cat(&[b"f/", sku.as_str().as_bytes()])
 }
 
-pub fn free_key(sku: &Sku, id: KeyId) -> Vec<u8> {
-    cat(&[b"f/", sku.as_str().as_bytes(), &[0], &id.0.to_be_bytes()])
+/// Keys in a list of inclusive runs.
+pub fn runs_len(runs: &[(u64, u64)]) -> u64 {
+    runs.iter().map(|(a, b)| b - a + 1).sum()
+}
+
+/// Removes and returns the `count` lowest ids of `runs`, or `None` (and no change) if there are
+/// fewer.
+pub fn take_lowest(runs: &mut Vec<(u64, u64)>, count: u64) -> Option<Vec<KeyId>> {
+    if runs_len(runs) < count {
+        return None;
+    }
+    let mut taken = Vec::with_capacity(count as usize);
+    while (taken.len() as u64) < count {
+        let (start, end) = runs[0];
+        let want = count - taken.len() as u64;
+        let last = end.min(start + want - 1);
+        taken.extend((start..=last).map(KeyId));
+        if last == end {
+            runs.remove(0);
+        } else {
+            runs[0].0 = last + 1;
+        }
+    }
+    Some(taken)
+}
+
+/// Adds the inclusive run `[start, end]` to ascending, disjoint `runs`, merging neighbours.
+pub fn add_run(runs: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    runs.push((start, end));
+    runs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (a, b) in runs.drain(..) {
+        match merged.last_mut() {
+            Some((_, last)) if a <= last.saturating_add(1) => *last = (*last).max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    *runs = merged;
 }
 
 pub fn hash_key(hash: &[u8; 32]) -> Vec<u8> {
@@ -264,6 +300,24 @@ mod tests {
         assert_eq!(slice.key_count(), 6);
         assert_eq!(slice.key_ids().collect::<Vec<_>>(), ids);
         assert_eq!(runs_of(&[]), vec![]);
+    }
+
+    #[test]
+    fn pool_runs_give_lowest_ids_and_merge() {
+        let mut runs = vec![(1, 3), (7, 8)];
+        assert_eq!(take_lowest(&mut runs, 6), None);
+        assert_eq!(runs, vec![(1, 3), (7, 8)], "a failed take changes nothing");
+        assert_eq!(
+            take_lowest(&mut runs, 4).map(|v| v.iter().map(|k| k.0).collect::<Vec<_>>()),
+            Some(vec![1, 2, 3, 7])
+        );
+        assert_eq!(runs, vec![(8, 8)]);
+        add_run(&mut runs, 9, 12);
+        add_run(&mut runs, 2, 4);
+        assert_eq!(runs, vec![(2, 4), (8, 12)]);
+        add_run(&mut runs, 5, 7);
+        assert_eq!(runs, vec![(2, 12)]);
+        assert_eq!(runs_len(&runs), 11);
     }
 
     #[test]

@@ -271,13 +271,15 @@ impl Coordinator {
                 let id = KeyId(first + offset as u64);
                 let record = KeyRecord { secret: secret.clone(), batch: batch_id, state: KeyState::Pool };
                 batch.put(rec::key_key(sku, id), rec::encode(&record));
-                batch.put(rec::free_key(sku, id), Vec::new());
                 let mut location = sku.as_str().as_bytes().to_vec();
                 location.push(0);
                 location.extend_from_slice(&id.0.to_be_bytes());
                 batch.put(rec::hash_key(hash), location);
             }
             let last = first + fresh.len() as u64 - 1;
+            let mut pool = self.pool_runs(sku)?;
+            rec::add_run(&mut pool, first, last);
+            batch.put(rec::pool_key(sku), rec::encode(&pool));
             let meta = ImportBatch {
                 id: batch_id,
                 sku: sku.clone(),
@@ -299,9 +301,13 @@ impl Coordinator {
         Ok(report)
     }
 
+    fn pool_runs(&self, sku: &Sku) -> Result<Vec<(u64, u64)>, StoreError> {
+        Ok(self.load("pool", &rec::pool_key(sku))?.unwrap_or_default())
+    }
+
     /// Keys of `sku` in the pool (not granted to any node).
-    pub fn pool_size(&self, sku: &Sku) -> usize {
-        self.store.scan_prefix(&rec::free_prefix(sku)).count()
+    pub fn pool_size(&self, sku: &Sku) -> u64 {
+        self.pool_runs(sku).map_or(0, |runs| rec::runs_len(&runs))
     }
 
     // ---- nodes ----------------------------------------------------------------------------
@@ -375,19 +381,14 @@ impl Coordinator {
             if self.product(sku)?.is_none() {
                 return Err(CoordinatorError::UnknownSku(sku.to_string()));
             }
-            let free: Vec<KeyId> = self
-                .store
-                .scan_prefix(&rec::free_prefix(sku))
-                .take(count as usize)
-                .map(|item| item.map(|(k, _)| KeyId(rec::trailing_u64(&k).unwrap_or(0))))
-                .collect::<Result<_, _>>()?;
-            if (free.len() as u64) < count {
+            let mut pool = self.pool_runs(sku)?;
+            let Some(free) = rec::take_lowest(&mut pool, count) else {
                 return Err(CoordinatorError::NotEnoughKeys {
                     sku: sku.to_string(),
-                    available: self.pool_size(sku) as u64,
+                    available: rec::runs_len(&pool),
                     requested: count,
                 });
-            }
+            };
             let mut batch = WriteBatch::default();
             let slice_id = SliceId(self.next_counter(&mut batch, "next_slice_id", 1)?);
             let mut keys = Vec::with_capacity(free.len());
@@ -398,7 +399,6 @@ impl Coordinator {
                 record.state = KeyState::Granted { slice: slice_id, node_index: node.index };
                 keys.push(GrantedKey { key_id: *id, secret: record.secret.clone() });
                 batch.put(rec::key_key(sku, *id), rec::encode(&record));
-                batch.delete(rec::free_key(sku, *id));
             }
             let now = now_millis();
             let grant = SliceGrant {
@@ -421,6 +421,7 @@ impl Coordinator {
                 key_runs: rec::runs_of(&free),
             };
             batch.put(rec::slice_key(slice_id), rec::encode(&slice));
+            batch.put(rec::pool_key(sku), rec::encode(&pool));
             self.queue_control(&mut batch, node, CONTROL_GRANT, signed.to_bytes()?)?;
             self.store.apply(batch)?;
             slice
