@@ -35,6 +35,7 @@ pub struct AdminApi {
     pub coordinator: Arc<Coordinator>,
     pub token: String,
     pub bundles: Arc<dyn BundleIssuer>,
+    pub quic: Arc<crate::quic::QuicMetrics>,
 }
 
 struct ApiError(StatusCode, &'static str, String);
@@ -207,8 +208,49 @@ impl AdminApi {
             }
             (Method::GET, ["v1", "alarms"]) => Ok(ok(json!(c.alarms().map_err(CoordinatorError::from)?))),
             (Method::GET, ["v1", "status"]) => Ok(ok(self.status()?)),
+            (Method::GET, ["metrics"]) => Ok(self.metrics()?),
             _ => Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"))),
         }
+    }
+
+    /// Prometheus text: the sync endpoint, the store, and per-node ledger progress.
+    fn metrics(&self) -> Result<HttpResponse, ApiError> {
+        use edgecard_store::metrics::{render_gauge, render_labelled};
+        let c = &self.coordinator;
+        let mut out = String::with_capacity(4096);
+        self.quic.render(&mut out);
+        c.store().metrics().render(&mut out);
+        let nodes = c.nodes().map_err(CoordinatorError::from)?;
+        let high_water: Vec<(String, i64)> =
+            nodes.iter().map(|n| (n.node_id.to_string(), n.events_high_water as i64)).collect();
+        render_labelled(
+            &mut out,
+            "edgecard_ledger_events_high_water",
+            "gauge",
+            "Highest event seq in the ledger, per node.",
+            "node",
+            &high_water,
+        );
+        let contact: Vec<(String, i64)> =
+            nodes.iter().map(|n| (n.node_id.to_string(), n.last_contact.map_or(0, |t| t.0 as i64))).collect();
+        render_labelled(
+            &mut out,
+            "edgecard_node_last_contact_ms",
+            "gauge",
+            "Unix ms of each node's last upload.",
+            "node",
+            &contact,
+        );
+        render_gauge(
+            &mut out,
+            "edgecard_ledger_alarms",
+            "Ledger alarms raised (refused events).",
+            c.alarms().map_err(CoordinatorError::from)?.len() as i64,
+        );
+        let mut response = Response::new(Full::new(Bytes::from(out)));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Ok(response)
     }
 
     fn status(&self) -> Result<Value, ApiError> {

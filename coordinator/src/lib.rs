@@ -1,4 +1,11 @@
 //! The Edgecard coordinator: master inventory, ledger, slice planner, QUIC server and admin API.
 //!
-//! Nothing is implemented here yet; nodes run standalone from signed grant files until the
-//! coordinator work lands (see ARCHITECTURE.md).
+//! Pure logic (key-file parsing, records) sits apart from the modules that do I/O (the service
+//! over the store, the QUIC server, the admin API).
+pub mod admin_api;
+pub mod import;
+pub mod pki;
+pub mod quic;
+pub mod records;
+pub mod runtime;
+pub mod service;

@@ -269,7 +269,13 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
         sync_addr: public_sync,
         server_name: config.sync_server_name.clone(),
     });
-    let admin = Arc::new(AdminApi { coordinator: coordinator.clone(), token: config.admin_token.clone(), bundles });
+    let quic_metrics = Arc::new(quic::QuicMetrics::default());
+    let admin = Arc::new(AdminApi {
+        coordinator: coordinator.clone(),
+        token: config.admin_token.clone(),
+        bundles,
+        quic: quic_metrics.clone(),
+    });
     let handler: Handler = Arc::new(move |request, peer| Box::pin(admin.clone().handle(request, peer)));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -281,7 +287,7 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
     }));
     let ledger = Arc::new(LedgerHandler(coordinator.clone()));
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = quic::serve(endpoint, ledger, shutdown_rx).await {
+        if let Err(e) = quic::serve_with_metrics(endpoint, ledger, quic_metrics, shutdown_rx).await {
             tracing::error!(error = %e, "sync endpoint failed");
         }
     }));
