@@ -147,6 +147,34 @@ fn print(args: &AdminArgs, value: &Value, table: impl FnOnce(&Value)) -> Result<
     Ok(())
 }
 
+/// Time since a node's last contact (unix ms), e.g. "0.4s"; "never" before the first.
+fn lag(last_contact: &Value) -> String {
+    let Some(at) = last_contact.as_u64() else { return "never".into() };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    format!("{:.1}s", now.saturating_sub(at) as f64 / 1000.0)
+}
+
+/// A node's reported stock summed per sku, e.g. "game-10=120 gift=0(lease expired)".
+fn stock_per_sku(stock: &Value) -> String {
+    let mut per_sku: BTreeMap<String, (u64, bool)> = BTreeMap::new();
+    for slice in stock.as_array().into_iter().flatten() {
+        let entry = per_sku.entry(text(&slice["sku"])).or_insert((0, false));
+        if slice["selling"].as_bool() == Some(true) {
+            entry.0 += slice["available"].as_u64().unwrap_or(0);
+            entry.1 = true;
+        }
+    }
+    let parts: Vec<String> = per_sku
+        .into_iter()
+        .map(|(sku, (n, selling))| if selling { format!("{sku}={n}") } else { format!("{sku}=0(lease expired)") })
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -169,17 +197,18 @@ pub async fn nodes(args: &AdminArgs, command: NodesCommand) -> Result<()> {
             let nodes = client.get("/v1/nodes").await?;
             print(args, &nodes, |nodes| {
                 println!(
-                    "{:<12} {:<8} {:<8} {:>10} {:>16}",
-                    "node", "region", "revoked", "acked seq", "last contact ms"
+                    "{:<12} {:<8} {:<8} {:>10} {:>9}  stock per sku",
+                    "node", "region", "revoked", "acked seq", "lag"
                 );
                 for n in nodes.as_array().into_iter().flatten() {
                     println!(
-                        "{:<12} {:<8} {:<8} {:>10} {:>16}",
+                        "{:<12} {:<8} {:<8} {:>10} {:>9}  {}",
                         text(&n["node_id"]),
                         text(&n["region"]),
                         text(&n["revoked"]),
                         text(&n["events_high_water"]),
-                        text(&n["last_contact"])
+                        lag(&n["last_contact"]),
+                        stock_per_sku(&n["stock"])
                     );
                 }
             })?;
@@ -448,18 +477,19 @@ pub async fn status(args: &AdminArgs) -> Result<()> {
             );
         }
         println!(
-            "\n{:<12} {:<8} {:<8} {:>10} {:>9} {:>16}",
-            "node", "region", "revoked", "acked seq", "pending", "last contact ms"
+            "\n{:<12} {:<8} {:<8} {:>10} {:>8} {:>9}  stock per sku",
+            "node", "region", "revoked", "acked seq", "pending", "lag"
         );
         for n in s["nodes"].as_array().into_iter().flatten() {
             println!(
-                "{:<12} {:<8} {:<8} {:>10} {:>9} {:>16}",
+                "{:<12} {:<8} {:<8} {:>10} {:>8} {:>9}  {}",
                 text(&n["node"]),
                 text(&n["region"]),
                 text(&n["revoked"]),
                 text(&n["events_high_water"]),
                 text(&n["pending_control"]),
-                text(&n["last_contact"])
+                lag(&n["last_contact"]),
+                stock_per_sku(&n["stock"])
             );
         }
         println!("\nalarms: {}", text(&s["alarms"]));

@@ -30,6 +30,10 @@ pub struct AdminApi {
     pub coordinator_key: VerifyingKey,
     pub token: Option<String>,
     pub region: String,
+    /// Payment channels: per-channel metrics and breaker states.
+    pub payments: Arc<crate::payments::router::Router>,
+    /// The sync link's metrics, when the node syncs with a coordinator.
+    pub sync: Arc<crate::sync_link::SyncLinkMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +132,10 @@ impl AdminApi {
             "open_reservations": self.engine.open_reservations(),
             "slices": leases,
             "paid_awaiting_stock": awaiting,
+            "awaiting_payment_confirmation": self.engine.awaiting_confirmation().map(|p| p.len()).unwrap_or(0),
+            "payment_channels": self.payments.breaker_states().into_iter()
+                .map(|(name, state)| json!({ "channel": name, "breaker": state.as_str() }))
+                .collect::<Vec<_>>(),
         });
         json_response(StatusCode::OK, &body, "no-store")
     }
@@ -137,6 +145,8 @@ impl AdminApi {
         self.http_metrics.render(&mut out);
         self.engine.metrics().render(&mut out);
         self.engine.store().metrics().render(&mut out);
+        self.payments.metrics().render(&mut out);
+        self.sync.render(&mut out);
         let stock: Vec<(String, i64)> =
             self.engine.catalog().all().iter().map(|p| (p.sku.to_string(), self.engine.stock(&p.sku) as i64)).collect();
         render_labelled(&mut out, "edgecard_stock_keys", "gauge", "Keys sellable now, per sku.", "sku", &stock);

@@ -15,6 +15,9 @@ use crate::limiter::LimiterConfig;
 pub const ENV_SANDBOX_SECRET: &str = "EDGECARD_SANDBOX_SECRET";
 pub const ENV_ADMIN_TOKEN: &str = "EDGECARD_NODE_ADMIN_TOKEN";
 pub const ENV_COORDINATOR_KEY: &str = "EDGECARD_COORDINATOR_KEY";
+pub const ENV_STRIPE_SECRET_KEY: &str = "EDGECARD_STRIPE_SECRET_KEY";
+pub const ENV_STRIPE_WEBHOOK_SECRET: &str = "EDGECARD_STRIPE_WEBHOOK_SECRET";
+pub const ENV_EPAY_KEY: &str = "EDGECARD_EPAY_KEY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -55,6 +58,9 @@ pub struct NodeConfig {
     pub payments: PaymentsConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    /// The coordinator to sync with. Default: none (standalone, from grant files).
+    #[serde(default)]
+    pub coordinator: Option<CoordinatorLinkConfig>,
     /// The catalog this node sells. Keys arrive through grants; a grant for a sku that is not
     /// listed here is installed but not sold until the sku appears.
     #[serde(default)]
@@ -162,10 +168,165 @@ pub struct ClientIpConfig {
     pub header: ClientIpHeader,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PaymentsConfig {
+    /// Channel order per currency, e.g. `{ USD = ["stripe", "sandbox"], CNY = ["epay"] }`: order
+    /// creation tries them in this order, skipping channels whose breaker is open. Default: for
+    /// every currency, the enabled channels in the order stripe, epay (its currency only), sandbox.
+    pub routes: BTreeMap<String, Vec<String>>,
+    /// Extra CA certificate (PEM) trusted for providers' HTTPS APIs, besides the webpki roots.
+    /// Default: none.
+    pub extra_ca_file: Option<PathBuf>,
+    /// Attempts per channel when creating a payment times out or gets a 5xx (same idempotency
+    /// key each time). Default 3.
+    pub create_attempts: u32,
+    /// Bound on one creation attempt (and on one provider request). Default 5000 ms.
+    pub create_timeout_ms: u64,
+    /// Pause before retry n is n × this. Default 100 ms.
+    pub retry_backoff_ms: u64,
+    pub breaker: BreakerSettings,
+    pub compensation: CompensationSettings,
     pub sandbox: SandboxConfig,
+    pub stripe: StripeConfig,
+    pub epay: EpayConfig,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig {
+            routes: BTreeMap::new(),
+            extra_ca_file: None,
+            create_attempts: 3,
+            create_timeout_ms: 5_000,
+            retry_backoff_ms: 100,
+            breaker: BreakerSettings::default(),
+            compensation: CompensationSettings::default(),
+            sandbox: SandboxConfig::default(),
+            stripe: StripeConfig::default(),
+            epay: EpayConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// Consecutive failed creations (all attempts failed or timed out) that open a channel's
+    /// breaker. Default 5.
+    pub failure_threshold: u32,
+    /// How long an open breaker refuses calls before letting probes through. Default 30000 ms.
+    pub open_ms: u64,
+    /// Calls let through at once while half-open. Default 1.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings { failure_threshold: 5, open_ms: 30_000, half_open_probes: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompensationSettings {
+    /// Query providers about orders left unconfirmed. Default true.
+    pub enabled: bool,
+    /// First query this long after an order is created; backoff doubles from here. Default
+    /// 60000 ms.
+    pub first_query_after_ms: u64,
+    /// Longest pause between two queries of one order. Default 300000 ms.
+    pub max_backoff_ms: u64,
+    /// Queries go on this long past the reservation's expiry. Default 900 s.
+    pub grace_secs: u64,
+    /// How often the index of unconfirmed orders is scanned. Default 1000 ms.
+    pub scan_every_ms: u64,
+    /// Most queries in flight at once. Default 16.
+    pub concurrency: usize,
+}
+
+impl Default for CompensationSettings {
+    fn default() -> Self {
+        CompensationSettings {
+            enabled: true,
+            first_query_after_ms: 60_000,
+            max_backoff_ms: 300_000,
+            grace_secs: 900,
+            scan_every_ms: 1_000,
+            concurrency: 16,
+        }
+    }
+}
+
+/// Serializes a secret as `"<set>"`, so printing the effective config never shows it.
+fn redact<S: serde::Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => serializer.serialize_some("<set>"),
+        None => serializer.serialize_none(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StripeConfig {
+    /// Enables Stripe Checkout. Default false.
+    pub enabled: bool,
+    /// Base URL of the Stripe API. Default "https://api.stripe.com".
+    pub api_base: String,
+    /// Secret API key `sk_…` (env EDGECARD_STRIPE_SECRET_KEY overrides). Required when enabled.
+    #[serde(serialize_with = "redact")]
+    pub secret_key: Option<String>,
+    /// Webhook endpoint signing secret `whsec_…` (env EDGECARD_STRIPE_WEBHOOK_SECRET overrides).
+    /// Required when enabled. Point the endpoint at `{public_url}/api/v1/payments/stripe/callback`.
+    #[serde(serialize_with = "redact")]
+    pub webhook_secret: Option<String>,
+    /// Accepted age of a webhook's `Stripe-Signature` timestamp. Default 300 s.
+    pub tolerance_secs: u64,
+}
+
+impl Default for StripeConfig {
+    fn default() -> Self {
+        StripeConfig {
+            enabled: false,
+            api_base: "https://api.stripe.com".into(),
+            secret_key: None,
+            webhook_secret: None,
+            tolerance_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EpayConfig {
+    /// Enables an EPay (易支付) aggregator. Default false.
+    pub enabled: bool,
+    /// The aggregator's base URL (`{gateway_url}/submit.php`, `{gateway_url}/api.php`). Required
+    /// when enabled.
+    pub gateway_url: String,
+    /// Merchant id. Required when enabled.
+    pub pid: String,
+    /// Merchant key (env EDGECARD_EPAY_KEY overrides). Required when enabled.
+    #[serde(serialize_with = "redact")]
+    pub key: Option<String>,
+    /// Payment method sent as `type`: "alipay", "wxpay", "qqpay", … Default "alipay".
+    pub pay_type: String,
+    /// Currency of the aggregator's amounts; orders in any other currency do not go to it.
+    /// Default "CNY".
+    pub currency: Currency,
+}
+
+impl Default for EpayConfig {
+    fn default() -> Self {
+        EpayConfig {
+            enabled: false,
+            gateway_url: String::new(),
+            pid: String::new(),
+            key: None,
+            pay_type: "alipay".into(),
+            currency: Currency(*b"CNY"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -179,12 +340,50 @@ pub struct SandboxConfig {
     pub secret: Option<String>,
     /// Accepted age of a callback's timestamp. Default 300 s.
     pub tolerance_secs: u64,
+    /// Time between paying and the sandbox's callback, as a slow provider. Default 0 ms.
+    pub callback_delay_ms: u64,
+    /// Share of sandbox callbacks dropped, 0.0 to 1.0, as a lossy provider: those orders are
+    /// confirmed by compensation. Default 0.0.
+    pub callback_failure_rate: f64,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        SandboxConfig { enabled: false, secret: None, tolerance_secs: 300 }
+        SandboxConfig {
+            enabled: false,
+            secret: None,
+            tolerance_secs: 300,
+            callback_delay_ms: 0,
+            callback_failure_rate: 0.0,
+        }
     }
+}
+
+/// How the node reaches the coordinator (written by `edgecard nodes add`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorLinkConfig {
+    /// The coordinator's QUIC sync address, `host:port`.
+    pub addr: SocketAddr,
+    /// The name in the coordinator's certificate. Default "localhost".
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// The coordinator CA certificate (PEM): the only root trusted for the link.
+    pub ca_cert: PathBuf,
+    /// This node's certificate and key (PEM), issued by the coordinator's CA.
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
+    /// Upload (or poll for grants) at least this often while idle. Default 1000 ms.
+    #[serde(default = "default_idle_poll_ms")]
+    pub idle_poll_ms: u64,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+fn default_idle_poll_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -296,6 +495,15 @@ impl NodeConfig {
         if let Some(key) = get(ENV_COORDINATOR_KEY) {
             self.trust.coordinator_key = key;
         }
+        if let Some(key) = get(ENV_STRIPE_SECRET_KEY) {
+            self.payments.stripe.secret_key = Some(key);
+        }
+        if let Some(secret) = get(ENV_STRIPE_WEBHOOK_SECRET) {
+            self.payments.stripe.webhook_secret = Some(secret);
+        }
+        if let Some(key) = get(ENV_EPAY_KEY) {
+            self.payments.epay.key = Some(key);
+        }
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -310,6 +518,14 @@ impl NodeConfig {
             fix(p);
         }
         if let Some(p) = self.http.tls_key.as_mut() {
+            fix(p);
+        }
+        if let Some(link) = self.coordinator.as_mut() {
+            fix(&mut link.ca_cert);
+            fix(&mut link.node_cert);
+            fix(&mut link.node_key);
+        }
+        if let Some(p) = self.payments.extra_ca_file.as_mut() {
             fix(p);
         }
     }
@@ -359,6 +575,12 @@ impl NodeConfig {
         if self.payments.sandbox.secret.as_deref().is_some_and(|s| s.len() < 16) {
             return Err(invalid("payments.sandbox.secret", "must be at least 16 characters".into()));
         }
+        self.validate_payments().map_err(|(field, message)| invalid(&field, message))?;
+        if let Some(link) = &self.coordinator {
+            if link.idle_poll_ms == 0 || link.idle_poll_ms > 60_000 {
+                return Err(invalid("coordinator.idle_poll_ms", "must be between 1 and 60000".into()));
+            }
+        }
         if self.store.cache_capacity_mb == 0 {
             return Err(invalid("store.cache_capacity_mb", "must be at least 1".into()));
         }
@@ -388,6 +610,110 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    fn validate_payments(&self) -> Result<(), (String, String)> {
+        let p = &self.payments;
+        let err = |field: &str, message: &str| Err((format!("payments.{field}"), message.to_string()));
+        let rate = p.sandbox.callback_failure_rate;
+        if !(0.0..=1.0).contains(&rate) {
+            return err("sandbox.callback_failure_rate", "must be between 0.0 and 1.0");
+        }
+        if p.sandbox.callback_delay_ms > 60_000 {
+            return err("sandbox.callback_delay_ms", "must be at most 60000");
+        }
+        if p.create_attempts == 0 || p.create_attempts > 10 {
+            return err("create_attempts", "must be between 1 and 10");
+        }
+        if p.create_timeout_ms == 0 {
+            return err("create_timeout_ms", "must be at least 1");
+        }
+        if p.breaker.failure_threshold == 0 {
+            return err("breaker.failure_threshold", "must be at least 1");
+        }
+        if p.breaker.open_ms == 0 {
+            return err("breaker.open_ms", "must be at least 1");
+        }
+        if p.breaker.half_open_probes == 0 {
+            return err("breaker.half_open_probes", "must be at least 1");
+        }
+        let c = &p.compensation;
+        if c.first_query_after_ms == 0 {
+            return err("compensation.first_query_after_ms", "must be at least 1");
+        }
+        if c.max_backoff_ms < c.first_query_after_ms {
+            return err("compensation.max_backoff_ms", "must be at least first_query_after_ms");
+        }
+        if c.scan_every_ms == 0 {
+            return err("compensation.scan_every_ms", "must be at least 1");
+        }
+        if c.concurrency == 0 {
+            return err("compensation.concurrency", "must be at least 1");
+        }
+        let base_url = |url: &str| (url.starts_with("https://") || url.starts_with("http://")) && !url.ends_with('/');
+        if p.stripe.enabled {
+            if !base_url(&p.stripe.api_base) {
+                return err("stripe.api_base", "must be http(s)://host[:port] without a trailing slash");
+            }
+            if !matches!(p.stripe.secret_key.as_deref(), Some(k) if !k.is_empty()) {
+                return err("stripe.secret_key", "required when stripe is enabled (or EDGECARD_STRIPE_SECRET_KEY)");
+            }
+            if !matches!(p.stripe.webhook_secret.as_deref(), Some(s) if !s.is_empty()) {
+                return err(
+                    "stripe.webhook_secret",
+                    "required when stripe is enabled (or EDGECARD_STRIPE_WEBHOOK_SECRET)",
+                );
+            }
+        }
+        if p.epay.enabled {
+            if !base_url(&p.epay.gateway_url) {
+                return err("epay.gateway_url", "must be http(s)://host[:port] without a trailing slash");
+            }
+            if p.epay.pid.is_empty() || p.epay.pid.len() > 64 {
+                return err("epay.pid", "required when epay is enabled, at most 64 characters");
+            }
+            if !matches!(p.epay.key.as_deref(), Some(k) if k.len() >= 8) {
+                return err("epay.key", "required when epay is enabled (or EDGECARD_EPAY_KEY), at least 8 characters");
+            }
+            if p.epay.pay_type.is_empty() || !p.epay.pay_type.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return err("epay.pay_type", "must be a non-empty word such as alipay or wxpay");
+            }
+        }
+        let enabled = self.enabled_channels();
+        for (currency, route) in &p.routes {
+            let field = format!("payments.routes.{currency}");
+            if currency.parse::<Currency>().is_err() {
+                return Err((field, "currency must be three upper-case letters (ISO 4217)".into()));
+            }
+            if route.is_empty() {
+                return Err((field, "list at least one channel".into()));
+            }
+            for name in route {
+                if !enabled.contains(&name.as_str()) {
+                    return Err((field, format!("channel {name:?} is not enabled (enabled: {enabled:?})")));
+                }
+                if route.iter().filter(|n| *n == name).count() > 1 {
+                    return Err((field, format!("channel {name:?} listed twice")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the enabled payment channels, in default route order.
+    pub fn enabled_channels(&self) -> Vec<&'static str> {
+        let p = &self.payments;
+        let mut names = Vec::new();
+        if p.stripe.enabled {
+            names.push("stripe");
+        }
+        if p.epay.enabled {
+            names.push("epay");
+        }
+        if p.sandbox.enabled {
+            names.push("sandbox");
+        }
+        names
     }
 
     pub fn public_url(&self) -> String {
@@ -466,6 +792,55 @@ mod tests {
         assert!(err.contains("currency"), "{err}");
         let err = check(&minimal().replace(KEY, "abcd")).unwrap_err().to_string();
         assert!(err.contains("trust.coordinator_key"), "{err}");
+    }
+
+    #[test]
+    fn payment_settings_are_validated_by_field() {
+        let cases = [
+            ("[payments.sandbox]\ncallback_failure_rate = 1.5\n", "payments.sandbox.callback_failure_rate"),
+            ("[payments]\ncreate_attempts = 0\n", "payments.create_attempts"),
+            ("[payments.breaker]\nfailure_threshold = 0\n", "payments.breaker.failure_threshold"),
+            ("[payments.compensation]\nmax_backoff_ms = 5\n", "payments.compensation.max_backoff_ms"),
+            ("[payments.stripe]\nenabled = true\nwebhook_secret = \"whsec\"\n", "payments.stripe.secret_key"),
+            ("[payments.stripe]\nenabled = true\nsecret_key = \"sk\"\n", "payments.stripe.webhook_secret"),
+            ("[payments.stripe]\nenabled = true\napi_base = \"ftp://x\"\n", "payments.stripe.api_base"),
+            ("[payments.epay]\nenabled = true\npid = \"1\"\nkey = \"12345678\"\n", "payments.epay.gateway_url"),
+            ("[payments.epay]\nenabled = true\ngateway_url = \"https://p\"\nkey = \"12345678\"\n", "payments.epay.pid"),
+            ("[payments.epay]\nenabled = true\ngateway_url = \"https://p\"\npid = \"1\"\n", "payments.epay.key"),
+            ("[payments.routes]\nUSD = [\"stripe\"]\n", "payments.routes.USD"),
+            ("[payments.routes]\nusd = []\n", "payments.routes.usd"),
+        ];
+        for (extra, field) in cases {
+            let err = check(&format!("{}{extra}", minimal())).unwrap_err().to_string();
+            assert!(err.contains(field), "expected {field} in {err}");
+        }
+        let ok = format!(
+            "{}[payments.routes]\nUSD = [\"sandbox\"]\n[payments.sandbox]\nenabled = true\ncallback_failure_rate = 0.2\n",
+            minimal()
+        );
+        let config = check(&ok).unwrap();
+        assert_eq!(config.payments.create_attempts, 3);
+        assert_eq!(config.payments.compensation.grace_secs, 900);
+        assert_eq!(config.payments.epay.currency.as_str(), "CNY");
+        assert_eq!(config.enabled_channels(), vec!["sandbox"]);
+    }
+
+    #[test]
+    fn payment_secrets_come_from_the_environment_and_never_print() {
+        let mut config = check(&minimal()).unwrap();
+        config.apply_env(|name| match name {
+            ENV_STRIPE_SECRET_KEY => Some("sk_test_env".into()),
+            ENV_STRIPE_WEBHOOK_SECRET => Some("whsec_env".into()),
+            ENV_EPAY_KEY => Some("epay-key-env".into()),
+            _ => None,
+        });
+        assert_eq!(config.payments.stripe.secret_key.as_deref(), Some("sk_test_env"));
+        assert_eq!(config.payments.epay.key.as_deref(), Some("epay-key-env"));
+        let printed = toml::to_string_pretty(&config).unwrap();
+        for secret in ["sk_test_env", "whsec_env", "epay-key-env"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("<set>"));
     }
 
     #[test]

@@ -1,12 +1,10 @@
 //! Starting and stopping a node: store, engine, grants, listeners and background tasks.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::RngCore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -21,8 +19,6 @@ use crate::limiter::{spawn_eviction, Limiters};
 use crate::metrics::{HttpMetrics, OrderMetrics, StoreMetrics};
 use crate::orders::engine::now_millis;
 use crate::orders::OrderEngine;
-use crate::payments::sandbox::SandboxChannel;
-use crate::payments::PaymentChannel;
 use crate::store::{Store, StoreError};
 use crate::tls;
 
@@ -118,25 +114,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("https://{https_addr}"));
 
     let limiters = Arc::new(Limiters::new(&config.limits).map_err(NodeError::Config)?);
-    let mut channels: HashMap<&'static str, Arc<dyn PaymentChannel>> = HashMap::new();
-    let sandbox = if config.payments.sandbox.enabled {
-        let secret = match &config.payments.sandbox.secret {
-            Some(secret) => secret.as_bytes().to_vec(),
-            None => {
-                let mut key = vec![0u8; 32];
-                rand::rngs::OsRng.fill_bytes(&mut key);
-                key
-            }
-        };
-        let channel = Arc::new(
-            SandboxChannel::new(&secret, config.payments.sandbox.tolerance_secs)
-                .map_err(|_| NodeError::Config("payments.sandbox.secret: unusable key".into()))?,
-        );
-        channels.insert(crate::payments::sandbox::NAME, channel.clone());
-        Some(channel)
-    } else {
-        None
-    };
+    let payments = crate::payments::build(&config).map_err(NodeError::Config)?;
+    let channels = payments.channels.clone();
+    let sandbox = payments.sandbox.clone();
     if channels.is_empty() {
         tracing::warn!("no payment channel is enabled: orders cannot be created");
     }
@@ -147,11 +127,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         limiters: limiters.clone(),
         client_ip: ClientIpResolver::new(config.client_ip.trusted_proxies.clone(), config.client_ip.header),
         channels,
+        router: payments.router.clone(),
         sandbox,
         public_url: public_url.clone(),
         max_body_bytes: config.http.max_body_bytes,
         metrics: http_metrics.clone(),
     });
+    let sync_metrics = Arc::new(crate::sync_link::SyncLinkMetrics::default());
     let admin = Arc::new(AdminApi {
         engine: engine.clone(),
         limiters: limiters.clone(),
@@ -159,6 +141,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         coordinator_key,
         token: config.admin.token.clone(),
         region: config.region.clone(),
+        payments: payments.router.clone(),
+        sync: sync_metrics.clone(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -188,10 +172,44 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         Duration::from_millis(config.orders.expiry_sweep_ms),
         shutdown_rx.clone(),
     ));
+    if let Some(compensation) = payments.compensation {
+        tasks.push(crate::payments::compensation::spawn(
+            engine.clone(),
+            payments.router.clone(),
+            compensation,
+            shutdown_rx.clone(),
+        ));
+    }
+    let shutdown_rx_link = shutdown_rx.clone();
     let eviction = spawn_eviction(limiters, config.limits.evict_every(), shutdown_rx);
     tasks.push(tokio::spawn(async move {
         let _ = eviction.await;
     }));
+
+    if let Some(link) = &config.coordinator {
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).map_err(|source| NodeError::DataDir { path: path.clone(), source })
+        };
+        let link_config = crate::sync_link::SyncLinkConfig {
+            coordinator_addr: link.addr,
+            server_name: link.server_name.clone(),
+            ca_cert_pem: read(&link.ca_cert)?,
+            node_cert_pem: read(&link.node_cert)?,
+            node_key_pem: read(&link.node_key)?,
+            timing: edgecard_protocol::SyncTiming { idle_poll_ms: link.idle_poll_ms, ..Default::default() },
+        };
+        let handle = crate::sync_link::spawn_with_metrics(
+            engine.clone(),
+            coordinator_key,
+            link_config,
+            sync_metrics,
+            shutdown_rx_link.clone(),
+        )
+        .map_err(|e| NodeError::Config(format!("coordinator: {e}")))?;
+        tasks.push(tokio::spawn(async move {
+            let _ = handle.await;
+        }));
+    }
 
     tracing::info!(node = %config.node_id, region = %config.region, %https_addr, %admin_addr, "node serving");
     Ok(RunningNode { https_addr, admin_addr, public_url, self_signed_cert, engine, shutdown, tasks })
