@@ -451,6 +451,8 @@ impl Coordinator {
                 return Err(CoordinatorError::NodeRevoked(node_id.to_string()));
             }
             let mut batch = WriteBatch::default();
+            let mut next_alarm =
+                self.store.get(&rec::counter_key("next_alarm"))?.and_then(|raw| rec::trailing_u64(&raw)).unwrap_or(1);
             let mut keys: HashMap<(Sku, KeyId), KeyRecord> = HashMap::new();
             let mut orders: HashMap<edgecard_protocol::OrderId, LedgerOrder> = HashMap::new();
             let now = now_millis();
@@ -461,18 +463,33 @@ impl Coordinator {
                 if event.seq != node.events_high_water + 1 {
                     self.alarm(
                         &mut batch,
+                        &mut next_alarm,
                         node_id,
                         "sequence_gap",
                         format!("events {} to {} never arrived", node.events_high_water + 1, event.seq - 1),
-                    )?;
+                    );
                 }
                 node.events_high_water = event.seq;
+                // An order's later events stand or fall with its reservation: if that was refused,
+                // the ledger never knew the order, and what follows is refused too.
+                let opens_order = matches!(event.kind, OrderEventKind::Reserved { .. });
+                if !opens_order
+                    && !orders.contains_key(&event.order_id)
+                    && self.store.get(&rec::order_key(&event.order_id))?.is_none()
+                {
+                    let detail = format!(
+                        "seq {}: event for order {} whose reservation the ledger refused or never saw",
+                        event.seq, event.order_id
+                    );
+                    self.alarm(&mut batch, &mut next_alarm, node_id, "refused_order", detail);
+                    continue;
+                }
                 match self.check_event(&node, &event, &mut keys)? {
                     Ok(()) => {
                         self.apply_to_order(&event, &mut orders)?;
                         batch.put(rec::ledger_key(node_id, event.seq), rec::encode(&event));
                     }
-                    Err((kind, detail)) => self.alarm(&mut batch, node_id, kind, detail)?,
+                    Err((kind, detail)) => self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail),
                 }
             }
             for ((sku, id), record) in keys {
@@ -616,12 +633,15 @@ impl Coordinator {
         Ok(())
     }
 
-    fn alarm(&self, batch: &mut WriteBatch, node: &NodeId, kind: &str, detail: String) -> Result<(), StoreError> {
-        let seq = self.next_counter(batch, "next_alarm", 1)?;
+    /// Records an alarm. `next` is the batch's alarm counter: several alarms in one batch must not
+    /// share a seq (the stored counter is read once per batch and written back by the caller).
+    fn alarm(&self, batch: &mut WriteBatch, next: &mut u64, node: &NodeId, kind: &str, detail: String) {
+        let seq = *next;
+        *next += 1;
+        batch.put(rec::counter_key("next_alarm"), next.to_be_bytes().to_vec());
         tracing::error!(node = %node, kind, %detail, "ledger alarm");
         let alarm = Alarm { seq, at: now_millis(), node: node.clone(), kind: kind.to_string(), detail };
         batch.put(rec::alarm_key(seq), rec::encode(&alarm));
-        Ok(())
     }
 
     pub fn alarms(&self) -> Result<Vec<Alarm>, StoreError> {

@@ -222,25 +222,35 @@ async fn ingest_is_exactly_once_and_refuses_keys_not_granted() {
         assert_eq!(orders[0].status, LedgerStatus::Delivered);
         assert_eq!(orders[0].key_ids, vec![KeyId(1)]);
 
-        // eu reports a key granted to us: refused, alarm, still acked.
-        let ack = c.ingest(&eu, upload(&eu, vec![event(&eu, 5, 3, "game", reserved(&[7]))], 0)).await.unwrap();
-        assert_eq!(ack.events_high_water, 5);
+        // eu reports a key granted to us: refused, alarm, still acked; the rest of that order's
+        // life (paid, delivered) is refused with it and makes no ledger order.
+        let tainted = vec![
+            event(&eu, 5, 3, "game", reserved(&[7])),
+            event(&eu, 6, 3, "game", paid()),
+            event(&eu, 7, 3, "game", delivered(&[7])),
+        ];
+        let ack = c.ingest(&eu, upload(&eu, tainted, 0)).await.unwrap();
+        assert_eq!(ack.events_high_water, 7);
         // A second order delivering key 1: refused as a double delivery.
-        let ack = c.ingest(&eu, upload(&eu, vec![event(&eu, 6, 4, "game", delivered(&[1]))], 0)).await.unwrap();
-        assert_eq!(ack.events_high_water, 6);
+        let second = vec![event(&eu, 8, 4, "game", reserved(&[2])), event(&eu, 9, 4, "game", delivered(&[1]))];
+        let ack = c.ingest(&eu, upload(&eu, second, 0)).await.unwrap();
+        assert_eq!(ack.events_high_water, 9);
         let alarms = c.alarms().unwrap();
         assert_eq!(
             alarms.iter().map(|a| a.kind.as_str()).collect::<Vec<_>>(),
-            vec!["key_not_granted", "key_delivered_twice"]
+            vec!["key_not_granted", "refused_order", "refused_order", "key_delivered_twice"]
         );
-        assert_eq!(c.orders(&OrderFilter::default()).unwrap().len(), 2, "refused events make no orders");
+        assert_eq!(alarms.iter().map(|a| a.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        let orders = c.orders(&OrderFilter::default()).unwrap();
+        assert_eq!(orders.len(), 3, "refused events make no orders: {orders:?}");
+        assert!(orders.iter().all(|o| o.order_id != OrderId::from_bytes([3; 16])));
         c.store().close();
     }
     // After a restart the high-water mark holds: old events are still skipped.
     let c = open(dir.path());
-    let ack = c.ingest(&eu, upload(&eu, vec![event(&eu, 6, 4, "game", delivered(&[1]))], 0)).await.unwrap();
-    assert_eq!(ack.events_high_water, 6);
-    assert_eq!(c.alarms().unwrap().len(), 2, "a replayed refused event is not alarmed twice");
+    let ack = c.ingest(&eu, upload(&eu, vec![event(&eu, 9, 4, "game", delivered(&[1]))], 0)).await.unwrap();
+    assert_eq!(ack.events_high_water, 9);
+    assert_eq!(c.alarms().unwrap().len(), 4, "a replayed refused event is not alarmed twice");
     let delivered_only = OrderFilter { status: Some(LedgerStatus::Delivered), ..OrderFilter::default() };
     assert_eq!(c.orders(&delivered_only).unwrap().len(), 1);
     let by_node = OrderFilter { node: Some(us.clone()), ..OrderFilter::default() };
