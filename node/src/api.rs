@@ -23,8 +23,9 @@ use crate::metrics::HttpMetrics;
 use crate::orders::{
     CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentConfirmation, PaymentOutcome,
 };
+use crate::payments::router::{RouteError, Router};
 use crate::payments::sandbox::SandboxChannel;
-use crate::payments::{PaymentChannel, ProviderStatus};
+use crate::payments::{AckStyle, CallbackRequest, CallbackVerdict, PaymentChannel, ProviderStatus};
 use crate::time_fmt::rfc3339;
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -40,6 +41,8 @@ pub struct NodeApi {
     pub limiters: Arc<Limiters>,
     pub client_ip: ClientIpResolver,
     pub channels: HashMap<&'static str, Arc<dyn PaymentChannel>>,
+    /// Routes, breakers and metrics over the same channels; order creation goes through it.
+    pub router: Arc<Router>,
     pub sandbox: Option<Arc<SandboxChannel>>,
     pub public_url: String,
     pub max_body_bytes: usize,
@@ -159,13 +162,18 @@ impl NodeApi {
                 let id = parse_order_id(id)?;
                 self.get_order(&id, request.headers()).await
             }
-            (&Method::POST, ["api", "v1", "payments", channel, "callback"]) => {
+            (&Method::POST | &Method::GET, ["api", "v1", "payments", channel, "callback"]) => {
                 // Providers call from few addresses and retry on failure: no per-IP limit here;
-                // the signature check is the gate.
+                // the signature check is the gate. EPay notifies may be GETs with a query string.
                 let channel = channel.to_string();
                 let headers = request.headers().clone();
+                let query = request.uri().query().map(str::to_string);
                 let body = self.read_body(request).await?;
-                self.callback(&channel, &headers, &body).await
+                Ok(self.callback(&channel, &headers, query.as_deref(), &body).await)
+            }
+            (&Method::POST, ["pay", "sandbox", id]) if crate::storefront::is_browser_form(request.headers()) => {
+                let id = id.to_string();
+                Ok(crate::storefront::sandbox_pay_form(self, request, client, &id).await)
             }
             (&Method::POST, ["pay", "sandbox", id]) => {
                 self.limit(LimitClass::Payment, client)?;
@@ -175,6 +183,7 @@ impl NodeApi {
             (_, ["healthz"] | ["api", "v1", "products"] | ["api", "v1", "orders"] | ["api", "v1", "orders", _]) => {
                 Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here"))
             }
+            _ if !path.starts_with("/api/") => Ok(crate::storefront::handle(self, request, client).await),
             _ => Err(ApiError::not_found()),
         }
     }
@@ -281,12 +290,17 @@ impl NodeApi {
             }
             None => None,
         };
-        let channel_name = parsed.channel.unwrap_or_else(|| self.default_channel().to_string());
-        let channel = self
-            .channels
-            .get(channel_name.as_str())
-            .cloned()
-            .ok_or_else(|| ApiError::from(OrderError::UnknownChannel(channel_name.clone())))?;
+        // The order's currency decides its route: the requested one, else the product's first.
+        let order_currency = match currency {
+            Some(c) => c.to_string(),
+            None => self
+                .engine
+                .catalog()
+                .get(&sku)
+                .and_then(|p| p.prices.first().map(|price| price.currency.to_string()))
+                .ok_or_else(|| ApiError::from(OrderError::UnknownSku(sku.to_string())))?,
+        };
+        let plan = self.router.plan(&order_currency, parsed.channel.as_deref()).map_err(route_error)?;
         let created = self
             .engine
             .create_order(CreateOrder {
@@ -294,10 +308,11 @@ impl NodeApi {
                 quantity: parsed.quantity,
                 email: parsed.email,
                 currency,
-                channel: channel.name().to_string(),
+                channel: self.router.preferred(&plan).to_string(),
                 client_ip: client,
             })
             .await?;
+        let pay_url = self.open_payment(&created.record, &plan).await?;
         let record = &created.record;
         let body = json!({
             "order_id": record.id.to_string(),
@@ -307,15 +322,40 @@ impl NodeApi {
             "quantity": record.quantity,
             "amount_minor": record.amount_minor,
             "currency": record.currency,
-            "channel": record.channel,
+            "channel": pay_url.0,
             "expires_at": rfc3339(record.expires_at),
-            "pay_url": channel.pay_url(record, &self.public_url),
+            "pay_url": pay_url.1,
         });
         Ok(json_response(StatusCode::CREATED, &body, NO_STORE))
     }
 
-    fn default_channel(&self) -> &'static str {
-        self.channels.keys().min().copied().unwrap_or("none")
+    /// Creates the payment of a freshly reserved order through its route (`plan`), falling
+    /// through channels as the router decides, and records it on the order when the channel has a
+    /// handle of its own or differs from the one first chosen. Returns (channel, pay link). When
+    /// no channel can take it, the reservation is cancelled at once, so its keys are not frozen.
+    pub async fn open_payment(&self, record: &OrderRecord, plan: &[usize]) -> Result<(String, String), ApiError> {
+        let (channel, created) = match self.router.create(record, &self.public_url, plan).await {
+            Ok(created) => created,
+            Err(e) => {
+                if let Err(cancel) = self.engine.cancel_unpaid(&record.id).await {
+                    tracing::error!(order = %record.id, error = %cancel, "cancelling an order without a payment failed");
+                }
+                return Err(route_error(e));
+            }
+        };
+        let needs_record = created.provider_ref.is_some()
+            || channel.name() != record.channel
+            || channel.local_pay_url(record, &self.public_url).as_deref() != Some(created.pay_url.as_str());
+        if needs_record {
+            let attempt = crate::orders::PaymentAttempt {
+                channel: channel.name().to_string(),
+                provider_ref: created.provider_ref.clone(),
+                pay_url: Some(created.pay_url.clone()),
+                created_at: crate::orders::engine::now_millis(),
+            };
+            self.engine.record_payment_attempt(&record.id, attempt).await?;
+        }
+        Ok((channel.name().to_string(), created.pay_url))
     }
 
     async fn get_order(&self, id: &OrderId, headers: &HeaderMap) -> Result<HttpResponse, ApiError> {
@@ -355,26 +395,64 @@ impl NodeApi {
         view
     }
 
-    /// The one path every provider callback takes, sandbox included.
-    async fn callback(&self, channel_name: &str, headers: &HeaderMap, body: &[u8]) -> Result<HttpResponse, ApiError> {
-        let outcome = self.process_callback(channel_name, headers, body).await?;
-        let body = json!({ "received": true, "outcome": outcome.map(outcome_name) });
-        Ok(json_response(StatusCode::OK, &body, NO_STORE))
+    /// The one path every provider callback takes, sandbox included. Answered only after the
+    /// outcome is durable; any refusal or failure is a non-success answer, so providers retry.
+    async fn callback(
+        &self,
+        channel_name: &str,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> HttpResponse {
+        let style = self.channels.get(channel_name).map_or(AckStyle::Json, |c| c.ack_style());
+        let result = self.process_callback(channel_name, &CallbackRequest { headers, query, body }).await;
+        match (style, result) {
+            (AckStyle::Json, Ok(outcome)) => {
+                let body = json!({ "received": true, "outcome": outcome.map(outcome_name) });
+                json_response(StatusCode::OK, &body, NO_STORE)
+            }
+            (AckStyle::Json, Err(e)) => e.into_response(),
+            (AckStyle::PlainSuccess, Ok(_)) => bytes_response(StatusCode::OK, b"success".to_vec(), "text/plain"),
+            (AckStyle::PlainSuccess, Err(e)) => {
+                let status = if e.status.is_server_error() { e.status } else { StatusCode::BAD_REQUEST };
+                bytes_response(status, b"fail".to_vec(), "text/plain")
+            }
+        }
     }
 
     async fn process_callback(
         &self,
         channel_name: &str,
-        headers: &HeaderMap,
-        body: &[u8],
+        request: &CallbackRequest<'_>,
     ) -> Result<Option<PaymentOutcome>, ApiError> {
         let channel = self.channels.get(channel_name).ok_or_else(ApiError::not_found)?;
-        let verified = channel.verify_callback(headers, body, unix_secs()).map_err(|e| {
+        let channel_metrics = self.router.metrics().channel(channel.name());
+        let rejected = || {
             self.engine_metrics_reject();
+            if let Some(m) = channel_metrics {
+                m.callbacks_rejected.inc();
+            }
+        };
+        let verdict = channel.verify_callback(request, unix_secs()).map_err(|e| {
+            rejected();
             tracing::warn!(channel = channel_name, reason = %e, "payment callback refused");
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_callback", e.to_string())
         })?;
+        let verified = match verdict {
+            CallbackVerdict::Payment(verified) => verified,
+            CallbackVerdict::Ignored(why) => {
+                if let Some(m) = channel_metrics {
+                    m.callbacks_ignored.inc();
+                }
+                tracing::info!(channel = channel_name, reason = why, "payment callback acknowledged without effect");
+                return Ok(None);
+            }
+        };
         if verified.status != ProviderStatus::Succeeded {
+            if let Some(m) = channel_metrics {
+                m.callbacks_ignored.inc();
+            }
+            tracing::info!(channel = channel_name, order = %verified.order_id, "payment callback with a non-success status: nothing changes");
             return Ok(None);
         }
         let outcome = self
@@ -389,10 +467,13 @@ impl NodeApi {
             .await
             .inspect_err(|e| {
                 if matches!(e, OrderError::PaymentMismatch(_) | OrderError::NotFound) {
-                    self.engine_metrics_reject();
+                    rejected();
                     tracing::warn!(channel = channel_name, reason = %e, "payment callback refused");
                 }
             })?;
+        if let Some(m) = channel_metrics {
+            m.callbacks_accepted.inc();
+        }
         Ok(Some(outcome))
     }
 
@@ -400,14 +481,27 @@ impl NodeApi {
         self.engine.metrics().callbacks_rejected.inc();
     }
 
-    async fn sandbox_pay(&self, id: &OrderId) -> Result<HttpResponse, ApiError> {
+    pub(crate) async fn sandbox_pay(&self, id: &OrderId) -> Result<HttpResponse, ApiError> {
         let sandbox = self.sandbox.as_ref().ok_or_else(ApiError::not_found)?;
         let order = self.engine.order_for_payment(id).map_err(|e| match e {
             OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"),
             other => other.into(),
         })?;
-        let (headers, body) = sandbox.signed_callback(&order, unix_secs());
-        let outcome = self.process_callback(crate::payments::sandbox::NAME, &headers, &body).await?;
+        if order.channel != crate::payments::sandbox::NAME {
+            // Only orders whose payment was opened at the sandbox can be paid through it.
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"));
+        }
+        // The sandbox provider records the payment, then sends its callback (after the configured
+        // delay, unless fault injection drops it: then compensation finds the payment later).
+        let outcome = match sandbox.pay(&order, unix_secs).await {
+            Some((headers, body)) => {
+                let request = CallbackRequest { headers: &headers, query: None, body: &body };
+                let outcome = self.process_callback(crate::payments::sandbox::NAME, &request).await?;
+                sandbox.settled(id);
+                outcome
+            }
+            None => None,
+        };
         let status = self.engine.order_for_payment(id)?.status;
         let body = json!({
             "order_id": id.to_string(),
@@ -415,6 +509,17 @@ impl NodeApi {
             "outcome": outcome.map(outcome_name),
         });
         Ok(json_response(StatusCode::OK, &body, NO_STORE))
+    }
+}
+
+fn route_error(e: RouteError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        RouteError::UnknownChannel(_) => ApiError::new(StatusCode::BAD_REQUEST, "unknown_channel", message),
+        RouteError::NoChannelForCurrency(_) => ApiError::new(StatusCode::BAD_REQUEST, "unsupported_currency", message),
+        RouteError::AllUnavailable { retry_after_secs } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "payment_unavailable", message).retry_after(retry_after_secs)
+        }
     }
 }
 

@@ -124,3 +124,122 @@ impl HttpMetrics {
     }
 }
 
+/// Per payment channel: creation results and latency, callbacks, compensation queries, breaker.
+#[derive(Debug, Default)]
+pub struct ChannelMetrics {
+    pub create_ok: Counter,
+    pub create_failed: Counter,
+    /// Sum of creation latencies in microseconds (count = ok + failed).
+    pub create_micros: Counter,
+    pub callbacks_accepted: Counter,
+    pub callbacks_rejected: Counter,
+    pub callbacks_ignored: Counter,
+    pub queries: Counter,
+    pub query_failed: Counter,
+    /// Orders confirmed by compensation (their callback never came, or came later).
+    pub compensated: Counter,
+    /// 0 closed, 1 half-open, 2 open.
+    pub breaker_state: Gauge,
+}
+
+impl ChannelMetrics {
+    pub fn observe_create(&self, ok: bool, elapsed: std::time::Duration) {
+        if ok {
+            self.create_ok.inc();
+        } else {
+            self.create_failed.inc();
+        }
+        self.create_micros.add(elapsed.as_micros() as u64);
+    }
+}
+
+/// Payments: one [`ChannelMetrics`] per configured channel, labelled `channel`.
+#[derive(Debug, Default)]
+pub struct PaymentMetrics {
+    pub channels: Vec<(&'static str, ChannelMetrics)>,
+    /// Order creations refused because every channel of the route was down.
+    pub no_channel_available: Counter,
+    /// Orders compensation stopped querying (TTL + grace passed with no payment found).
+    pub compensation_gave_up: Counter,
+}
+
+impl PaymentMetrics {
+    pub fn new(channels: &[&'static str]) -> Self {
+        PaymentMetrics {
+            channels: channels.iter().map(|name| (*name, ChannelMetrics::default())).collect(),
+            ..PaymentMetrics::default()
+        }
+    }
+
+    pub fn channel(&self, name: &str) -> Option<&ChannelMetrics> {
+        self.channels.iter().find(|(n, _)| *n == name).map(|(_, m)| m)
+    }
+
+    pub fn render(&self, out: &mut String) {
+        type Get = fn(&ChannelMetrics) -> i64;
+        let families: [(&str, &str, &str, Get); 10] = [
+            ("edgecard_payment_create_ok_total", "counter", "Payments created at the provider.", |m| {
+                m.create_ok.get() as i64
+            }),
+            (
+                "edgecard_payment_create_failed_total",
+                "counter",
+                "Payment creation attempts that failed (error or timeout).",
+                |m| m.create_failed.get() as i64,
+            ),
+            (
+                "edgecard_payment_create_milliseconds_total",
+                "counter",
+                "Time spent creating payments, in ms; divide by ok + failed for the mean.",
+                |m| (m.create_micros.get() / 1_000) as i64,
+            ),
+            ("edgecard_payment_callbacks_accepted_total", "counter", "Callbacks verified and applied.", |m| {
+                m.callbacks_accepted.get() as i64
+            }),
+            (
+                "edgecard_payment_callbacks_refused_total",
+                "counter",
+                "Callbacks refused (signature, merchant, body, order, amount or currency).",
+                |m| m.callbacks_rejected.get() as i64,
+            ),
+            (
+                "edgecard_payment_callbacks_ignored_total",
+                "counter",
+                "Authentic callbacks with nothing to do (other events, other nodes, non-success statuses).",
+                |m| m.callbacks_ignored.get() as i64,
+            ),
+            ("edgecard_payment_queries_total", "counter", "Compensation queries sent.", |m| m.queries.get() as i64),
+            ("edgecard_payment_query_failed_total", "counter", "Compensation queries that failed.", |m| {
+                m.query_failed.get() as i64
+            }),
+            (
+                "edgecard_payment_compensated_total",
+                "counter",
+                "Orders confirmed by compensation rather than by their callback.",
+                |m| m.compensated.get() as i64,
+            ),
+            (
+                "edgecard_payment_breaker_state",
+                "gauge",
+                "Circuit breaker per channel: 0 closed, 1 half-open, 2 open.",
+                |m| m.breaker_state.get(),
+            ),
+        ];
+        for (name, kind, help, get) in families {
+            let rows: Vec<(String, i64)> = self.channels.iter().map(|(n, m)| (n.to_string(), get(m))).collect();
+            render_labelled(out, name, kind, help, "channel", &rows);
+        }
+        render_counter(
+            out,
+            "edgecard_payment_no_channel_total",
+            "Order creations refused because every channel of the route was unavailable.",
+            self.no_channel_available.get(),
+        );
+        render_counter(
+            out,
+            "edgecard_payment_compensation_gave_up_total",
+            "Unconfirmed orders no longer queried (TTL + grace passed).",
+            self.compensation_gave_up.get(),
+        );
+    }
+}

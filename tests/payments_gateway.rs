@@ -1,0 +1,436 @@
+//! Payments end to end: a real `edgecard node run` process against the fake gateway (Stripe and
+//! EPay wire formats, real signatures) on loopback. Forged, mismatched, replayed and duplicated
+//! callbacks; a primary channel down; every callback dropped; and the success rate under 20%
+//! injected transient gateway failures.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "common/fake_gateway.rs"]
+mod fake_gateway;
+
+use std::time::{Duration, Instant};
+
+use common::{bounded, error_code, keys_of, make_secrets, Created, NodeOptions, NodeProcess, TestEnv, SKU};
+use fake_gateway::{
+    stripe_signature, FakeGateway, Faults, EPAY_KEY, EPAY_PID, STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET,
+};
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn unix_secs() -> u64 {
+    common::unix_secs()
+}
+
+/// Starts a node selling `keys` keys, with `payments` TOML appended to its config.
+fn start_node(env: &TestEnv, keys: usize, payments: &str) -> NodeProcess {
+    let grant = env.grant_file(&make_secrets(keys));
+    let options =
+        NodeOptions { max_open_per_ip: 100_000, max_open_per_email: 100_000, ..NodeOptions::with_grants(vec![grant]) };
+    let path = env.write_config(&options);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(payments);
+    std::fs::write(&path, text).unwrap();
+    NodeProcess::start(&path, &options.env)
+}
+
+fn stripe_toml(gateway: &FakeGateway, ca: &std::path::Path) -> String {
+    format!(
+        r#"
+[payments]
+extra_ca_file = {ca:?}
+create_timeout_ms = 1000
+retry_backoff_ms = 10
+
+[payments.stripe]
+enabled = true
+api_base = "{url}"
+secret_key = "{STRIPE_SECRET_KEY}"
+webhook_secret = "{STRIPE_WEBHOOK_SECRET}"
+"#,
+        ca = ca.display().to_string(),
+        url = gateway.url,
+    )
+}
+
+fn compensation_toml(first_ms: u64) -> String {
+    format!(
+        "\n[payments.compensation]\nfirst_query_after_ms = {first_ms}\nmax_backoff_ms = 1000\nscan_every_ms = 100\n"
+    )
+}
+
+async fn gateway_and_node(env: &TestEnv, keys: usize, extra: &str) -> (FakeGateway, NodeProcess) {
+    let gateway = FakeGateway::start().await;
+    let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
+    let node = start_node(env, keys, &format!("{}{extra}", stripe_toml(&gateway, &ca)));
+    gateway.set_node(node.api.clone());
+    (gateway, node)
+}
+
+async fn order(node: &NodeProcess, body: Value) -> Created {
+    let mut client = node.client().await;
+    let response = client.create_order(&body).await;
+    assert_eq!(response.status, 201, "{}", response.text());
+    Created::from_response(&response)
+}
+
+async fn view(node: &NodeProcess, order: &Created) -> Value {
+    node.client().await.fetch_ok(order).await
+}
+
+/// Waits (bounded) until `order` is delivered; returns its view.
+async fn delivered(node: &NodeProcess, order: &Created, limit: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let v = view(node, order).await;
+        if v["status"] == "delivered" {
+            return v;
+        }
+        assert!(started.elapsed() < limit, "order {} not delivered within {limit:?}: {v}", order.order_id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_forged_mismatched_and_replayed_webhooks_deliver_nothing_wrongly() {
+    let env = TestEnv::new();
+    let (gateway, node) = gateway_and_node(&env, 5, "").await;
+    let created = order(&node, json!({ "sku": SKU })).await;
+    assert_eq!(created.body["channel"], "stripe");
+    assert!(created.pay_url.starts_with(&gateway.url), "{}", created.pay_url);
+    let session = gateway.session(&gateway.session_of(&created.pay_url)).unwrap();
+    assert_eq!((session.amount_total, session.currency.as_str()), (1000, "usd"));
+    assert_eq!(session.order_id, created.order_id);
+
+    // Forged signature (another secret), tampered body, stale timestamp, no signature.
+    let mut paid = session.clone();
+    paid.paid = true;
+    let body = gateway.stripe_event("checkout.session.completed", &paid, "paid");
+    let (status, _) = gateway.post_stripe_webhook(&body, &stripe_signature("whsec_forged", unix_secs(), &body)).await;
+    assert_eq!(status, 400, "forged signature");
+    let good = stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs(), &body);
+    let mut tampered = body.clone();
+    tampered.push(b' ');
+    assert_eq!(gateway.post_stripe_webhook(&tampered, &good).await.0, 400, "tampered body");
+    let stale = stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs() - 3_600, &body);
+    assert_eq!(gateway.post_stripe_webhook(&body, &stale).await.0, 400, "stale timestamp");
+    assert_eq!(gateway.post_stripe_webhook(&body, "").await.0, 400, "no signature");
+
+    // Genuinely signed, but wrong amount, wrong currency, unknown order.
+    let mut cheap = paid.clone();
+    cheap.amount_total = 1;
+    let (status, text) = {
+        let b = gateway.stripe_event("checkout.session.completed", &cheap, "paid");
+        gateway.post_stripe_webhook(&b, &stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs(), &b)).await
+    };
+    assert_eq!(status, 400, "wrong amount: {text}");
+    let mut euros = paid.clone();
+    euros.currency = "eur".into();
+    let b = gateway.stripe_event("checkout.session.completed", &euros, "paid");
+    assert_eq!(gateway.post_stripe_webhook(&b, &stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs(), &b)).await.0, 400);
+    let mut stranger = paid.clone();
+    stranger.order_id = edgecard_protocol::OrderId::random().to_string();
+    let b = gateway.stripe_event("checkout.session.completed", &stranger, "paid");
+    let (status, _) = gateway.post_stripe_webhook(&b, &stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs(), &b)).await;
+    assert!(status == 400 || status == 404, "unknown order: {status}");
+
+    // Authentic but not a success: acknowledged, nothing changes.
+    assert_eq!(gateway.send_stripe_event("checkout.session.completed", &session, "unpaid").await, vec![200]);
+    assert_eq!(gateway.send_stripe_event("checkout.session.async_payment_failed", &session, "unpaid").await, vec![200]);
+    let before = view(&node, &created).await;
+    assert_eq!(before["status"], "reserved", "{before}");
+    assert!(keys_of(&before).is_empty());
+    assert_eq!(node.metric("edgecard_purchases_total").await, 0.0);
+
+    // The real payment delivers; replaying its webhook later is harmless.
+    assert_eq!(gateway.pay_stripe(&session.id).await, vec![200]);
+    let after = view(&node, &created).await;
+    assert_eq!(after["status"], "delivered", "{after}");
+    assert_eq!(keys_of(&after).len(), 1);
+    let t = unix_secs();
+    let replay = gateway.stripe_event("checkout.session.completed", &gateway.session(&session.id).unwrap(), "paid");
+    let signature = stripe_signature(STRIPE_WEBHOOK_SECRET, t, &replay);
+    for _ in 0..3 {
+        assert_eq!(gateway.post_stripe_webhook(&replay, &signature).await.0, 200);
+    }
+    let again = view(&node, &created).await;
+    assert_eq!(keys_of(&again), keys_of(&after), "a replay changes nothing");
+    assert_eq!(node.metric("edgecard_purchases_total").await, 1.0);
+    let mut client = node.client().await;
+    assert_eq!(client.stock().await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epay_notifies_are_verified_and_answered_success_only_once_recorded() {
+    let env = TestEnv::new();
+    let gateway = FakeGateway::start().await;
+    let extra = format!(
+        "\n[payments.epay]\nenabled = true\ngateway_url = \"{}\"\npid = \"{EPAY_PID}\"\nkey = \"{EPAY_KEY}\"\ncurrency = \"EUR\"\n",
+        gateway.url
+    );
+    let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
+    let node = start_node(&env, 5, &format!("\n[payments]\nextra_ca_file = {:?}\n{extra}", ca.display().to_string()));
+    gateway.set_node(node.api.clone());
+
+    // EPay takes EUR here only; a USD order has no channel.
+    let mut client = node.client().await;
+    let refused = client.create_order(&json!({ "sku": SKU, "currency": "USD", "channel": "epay" })).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let created = order(&node, json!({ "sku": SKU, "currency": "EUR" })).await;
+    assert_eq!(created.body["channel"], "epay");
+    assert!(created.pay_url.starts_with(&format!("{}/submit.php?", gateway.url)), "{}", created.pay_url);
+    let money = fake_gateway::parse_form(created.pay_url.split_once('?').unwrap().1)
+        .into_iter()
+        .find(|(k, _)| k == "money")
+        .unwrap()
+        .1;
+    assert_eq!(money, "9.00");
+
+    let template = fake_gateway::EpayOrder {
+        out_trade_no: created.order_id.clone(),
+        trade_no: "T-forged".into(),
+        money: "9.00".into(),
+        name: "x".into(),
+        pay_type: "alipay".into(),
+        notify_url: format!("{}/api/v1/payments/epay/callback", node.public_url),
+        paid: true,
+    };
+    let notify_url = template.notify_url.clone();
+    let forged = gateway.epay_notify(&template, "TRADE_SUCCESS", "not-the-key");
+    assert_eq!(gateway.send_epay_notify(&notify_url, &forged, true).await, (400, "fail".into()));
+    let cheap = fake_gateway::EpayOrder { money: "0.01".into(), ..template.clone() };
+    let cheap = gateway.epay_notify(&cheap, "TRADE_SUCCESS", EPAY_KEY);
+    assert_eq!(gateway.send_epay_notify(&notify_url, &cheap, false).await, (400, "fail".into()));
+    let mut foreign = gateway.epay_notify(&template, "TRADE_SUCCESS", EPAY_KEY);
+    foreign.retain(|(k, _)| k != "sign" && k != "sign_type");
+    foreign[0].1 = "9999".into();
+    let sign = fake_gateway::epay_sign(&foreign, EPAY_KEY);
+    foreign.push(("sign".into(), sign));
+    assert_eq!(gateway.send_epay_notify(&notify_url, &foreign, true).await.1, "fail", "another merchant id");
+    let waiting = gateway.epay_notify(&template, "WAIT_BUYER_PAY", EPAY_KEY);
+    assert_eq!(gateway.send_epay_notify(&notify_url, &waiting, true).await, (200, "success".into()));
+    assert_eq!(view(&node, &created).await["status"], "reserved");
+
+    // The real payment, notified by GET, then a duplicate by POST.
+    let answers = gateway.pay_epay(&created.pay_url, true).await;
+    assert_eq!(answers, vec![(200, "success".to_string())]);
+    let paid = view(&node, &created).await;
+    assert_eq!(paid["status"], "delivered");
+    let order = gateway.epay_order(&created.order_id).unwrap();
+    let duplicate = gateway.epay_notify(&order, "TRADE_SUCCESS", EPAY_KEY);
+    assert_eq!(gateway.send_epay_notify(&notify_url, &duplicate, false).await, (200, "success".into()));
+    assert_eq!(keys_of(&view(&node, &created).await), keys_of(&paid));
+    assert_eq!(node.metric("edgecard_purchases_total").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_primary_down_orders_complete_through_the_secondary() {
+    let env = TestEnv::new();
+    let extra = "\n[payments.routes]\nUSD = [\"stripe\", \"sandbox\"]\n[payments.breaker]\nfailure_threshold = 3\n";
+    let (gateway, node) = gateway_and_node(&env, 20, extra).await;
+    gateway.set_faults(Faults { down: true, ..gateway.faults() });
+    let mut client = node.client().await;
+    for i in 0..10 {
+        let created = order(&node, json!({ "sku": SKU })).await;
+        assert_eq!(created.body["channel"], "sandbox", "order {i}");
+        let paid = client.pay(&created.pay_url).await;
+        assert_eq!(paid.status, 200, "{}", paid.text());
+        assert_eq!(view(&node, &created).await["status"], "delivered");
+    }
+    let metrics = node.metrics_text().await;
+    assert!(metrics.contains("edgecard_payment_breaker_state{channel=\"stripe\"} 2"), "{metrics}");
+    let calls = gateway.counters().api_calls.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(calls, 9, "3 orders × 3 attempts, then the open breaker skips stripe");
+    let status = node.status().await;
+    assert!(status["payment_channels"].to_string().contains("\"open\""), "{status}");
+
+    // Only stripe for EUR? No route: the default route also falls through. With every channel
+    // of a route down, creation is refused with 503 and the reservation released.
+    let refused = client.create_order(&json!({ "sku": SKU, "channel": "stripe" })).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(error_code(&refused), "payment_unavailable");
+    assert!(refused.headers.get("retry-after").is_some());
+    assert_eq!(client.stock().await, 10, "the refused order's key is back on sale");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stripe_callback_dropped_compensation_completes_every_paid_order() {
+    let env = TestEnv::new();
+    let (gateway, node) = gateway_and_node(&env, 10, &compensation_toml(300)).await;
+    gateway.set_faults(Faults { drop_callback_rate: 1.0, ..gateway.faults() });
+    let mut orders = Vec::new();
+    for _ in 0..8 {
+        let created = order(&node, json!({ "sku": SKU })).await;
+        assert!(gateway.pay_stripe(&gateway.session_of(&created.pay_url)).await.is_empty(), "dropped");
+        orders.push(created);
+    }
+    // One order is never paid: compensation must not deliver it.
+    let unpaid = order(&node, json!({ "sku": SKU })).await;
+    bounded("compensation", LIMIT, async {
+        for created in &orders {
+            let v = delivered(&node, created, LIMIT).await;
+            assert_eq!(keys_of(&v).len(), 1);
+        }
+    })
+    .await;
+    assert_eq!(view(&node, &unpaid).await["status"], "reserved");
+    let metrics = node.metrics_text().await;
+    assert!(metrics.contains("edgecard_payment_compensated_total{channel=\"stripe\"} 8"), "{metrics}");
+    // A late webhook for a compensated order is one payment, not two (same session id).
+    let session = gateway.session(&gateway.session_of(&orders[0].pay_url)).unwrap();
+    gateway.set_faults(Faults::default());
+    assert_eq!(gateway.send_stripe_event("checkout.session.completed", &session, "paid").await, vec![200]);
+    assert_eq!(node.metric("edgecard_duplicate_payments_total").await, 0.0);
+    assert_eq!(node.metric("edgecard_purchases_total").await, 8.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_and_out_of_order_callbacks_deliver_exactly_once() {
+    let env = TestEnv::new();
+    let (gateway, node) = gateway_and_node(&env, 10, "").await;
+    gateway.set_faults(Faults { duplicate_callbacks: 3, ..gateway.faults() });
+    let first = order(&node, json!({ "sku": SKU })).await;
+    assert_eq!(gateway.pay_stripe(&gateway.session_of(&first.pay_url)).await, vec![200; 4]);
+    assert_eq!(keys_of(&view(&node, &first).await).len(), 1);
+
+    // Async payment: the success arrives before the "completed, unpaid" event it follows.
+    gateway.set_faults(Faults::default());
+    let second = order(&node, json!({ "sku": SKU })).await;
+    let session = gateway.session(&gateway.session_of(&second.pay_url)).unwrap();
+    assert_eq!(
+        gateway.send_stripe_event("checkout.session.async_payment_succeeded", &session, "paid").await,
+        vec![200]
+    );
+    assert_eq!(gateway.send_stripe_event("checkout.session.completed", &session, "unpaid").await, vec![200]);
+    assert_eq!(gateway.send_stripe_event("checkout.session.completed", &session, "paid").await, vec![200]);
+    assert_eq!(gateway.send_stripe_event("checkout.session.async_payment_failed", &session, "unpaid").await, vec![200]);
+    let v = view(&node, &second).await;
+    assert_eq!(v["status"], "delivered");
+    assert_eq!(keys_of(&v).len(), 1);
+    assert_eq!(node.metric("edgecard_purchases_total").await, 2.0);
+    assert_eq!(node.metric("edgecard_duplicate_payments_total").await, 0.0);
+    let mut client = node.client().await;
+    assert_eq!(client.stock().await, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_with_every_callback_dropped_is_completed_by_compensation() {
+    let env = TestEnv::new();
+    // The base config defines [payments.sandbox]; the fault knob goes into that table.
+    let grant = env.grant_file(&make_secrets(5));
+    let options = NodeOptions { max_open_per_ip: 1000, ..NodeOptions::with_grants(vec![grant]) };
+    let path = env.write_config(&options);
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[payments.sandbox]\nenabled = true\n",
+        "[payments.sandbox]\nenabled = true\ncallback_failure_rate = 1.0\n",
+    );
+    assert!(text.contains("callback_failure_rate"));
+    std::fs::write(&path, format!("{text}{}", compensation_toml(200))).unwrap();
+    let node = NodeProcess::start(&path, &options.env);
+    let mut client = node.client().await;
+    let mut orders = Vec::new();
+    for _ in 0..4 {
+        let created = client.reserve(1).await;
+        let paid = client.pay(&created.pay_url).await;
+        assert_eq!(paid.status, 200, "{}", paid.text());
+        assert_eq!(paid.json::<Value>().unwrap()["status"], "reserved", "callback dropped");
+        orders.push(created);
+    }
+    bounded("sandbox compensation", LIMIT, async {
+        for created in &orders {
+            delivered(&node, created, LIMIT).await;
+        }
+    })
+    .await;
+    assert_eq!(node.metric("edgecard_purchases_total").await, 4.0);
+}
+
+/// The payment success figure: `N` purchases (default 200, env `EDGECARD_PAYMENT_BENCH_N`)
+/// through Stripe on the fake gateway with 20% of API calls failing transiently (10% 5xx, 10%
+/// stalls past the 500 ms bound) and 20% of webhooks dropped. Success = delivered in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_success_with_20_percent_transient_gateway_failures() {
+    let n: usize = std::env::var("EDGECARD_PAYMENT_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let env = TestEnv::new();
+    let extra = format!(
+        "{}\n[payments.breaker]\nfailure_threshold = 5\nopen_ms = 1000\n[payments.routes]\nUSD = [\"stripe\"]\n",
+        compensation_toml(300).replace("[payments.compensation]", "[payments.compensation]\nconcurrency = 32")
+    );
+    let gateway = FakeGateway::start().await;
+    let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
+    let toml =
+        stripe_toml(&gateway, &ca).replace("create_timeout_ms = 1000", "create_timeout_ms = 500\ncreate_attempts = 5");
+    let node = start_node(&env, n + 10, &format!("{toml}{extra}"));
+    gateway.set_node(node.api.clone());
+    gateway.set_faults(Faults {
+        error_rate: 0.10,
+        timeout_rate: 0.10,
+        stall: Duration::from_millis(1_500),
+        drop_callback_rate: 0.20,
+        ..Faults::default()
+    });
+
+    let started = Instant::now();
+    let gateway = std::sync::Arc::new(gateway);
+    let node = std::sync::Arc::new(node);
+    let mut tasks = tokio::task::JoinSet::new();
+    let workers = 16;
+    for w in 0..workers {
+        let (gateway, node) = (gateway.clone(), node.clone());
+        tasks.spawn(async move {
+            let mut outcomes = Vec::new();
+            let mut client = node.client().await;
+            for _ in (w..n).step_by(workers) {
+                let response = client.create_order(&json!({ "sku": SKU })).await;
+                if response.status != 201 {
+                    outcomes.push(None);
+                    continue;
+                }
+                let created = Created::from_response(&response);
+                gateway.pay_stripe(&gateway.session_of(&created.pay_url)).await;
+                outcomes.push(Some(created));
+            }
+            outcomes
+        });
+    }
+    let mut created = Vec::new();
+    let mut create_failed = 0;
+    while let Some(joined) = tasks.join_next().await {
+        for outcome in joined.unwrap() {
+            match outcome {
+                Some(c) => created.push(c),
+                None => create_failed += 1,
+            }
+        }
+    }
+    let deadline = Instant::now() + LIMIT;
+    let mut ok = 0;
+    for order in &created {
+        loop {
+            let v = view(&node, order).await;
+            if v["status"] == "delivered" {
+                ok += 1;
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let rate = ok as f64 / n as f64 * 100.0;
+    let counters = gateway.counters();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    println!(
+        "payment success: {ok}/{n} = {rate:.2}% in {:.1} s (creation refused: {create_failed}; gateway: {} API calls, {} injected failures, {} webhooks sent, {} dropped, {} queries)",
+        started.elapsed().as_secs_f64(),
+        counters.api_calls.load(relaxed),
+        counters.injected_failures.load(relaxed),
+        counters.callbacks_sent.load(relaxed),
+        counters.callbacks_dropped.load(relaxed),
+        counters.queries.load(relaxed),
+    );
+    assert!(rate >= 99.5, "payment success {rate:.2}% < 99.5%");
+    assert_eq!(node.metric("edgecard_duplicate_payments_total").await, 0.0);
+}
