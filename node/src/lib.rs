@@ -8,12 +8,15 @@ pub mod api;
 pub mod catalog;
 pub mod client_ip;
 pub mod config;
-pub mod http_server;
 pub mod limiter;
 pub mod metrics;
 pub mod orders;
 pub mod payments;
 pub mod runtime;
 pub mod store;
+pub mod storefront;
+pub mod sync_link;
 pub mod time_fmt;
-pub mod tls;
+
+/// TLS and the HTTP connection layer live in the shared `edgecard-net` crate.
+pub use edgecard_net::{http_server, tls};
