@@ -20,8 +20,8 @@ pub use envelope::{decode, encode, peek_kind, Decodable, Encodable, EnvelopeErro
 pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind};
 pub use grant::{GrantError, GrantedKey, SignedGrant, SliceGrant, GRANT_SIGNATURE_DOMAIN, MAX_GRANT_KEYS};
 pub use ids::{Epoch, IdError, IdKind, KeyId, NodeId, OrderId, OrderToken, Secret, Sku, SliceId, UnixMillis};
+pub use keyfile::{decode_signing_key, decode_verifying_key, encode_signing_key, encode_verifying_key, KeyFileError};
 pub use sync::{
     AckOutcome, CatalogProduct, ControlBody, ControlMessage, SliceStock, SyncAck, SyncClient, SyncError, SyncErrorCode,
     SyncTiming, SyncUpload, UploadPlan, MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,
 };
-pub use keyfile::{decode_signing_key, decode_verifying_key, encode_signing_key, encode_verifying_key, KeyFileError};

@@ -12,7 +12,7 @@
 
 use crate::envelope::{self, EnvelopeError, MessageKind};
 use crate::event::OrderEvent;
-use crate::ids::{NodeId, SliceId, Sku};
+use crate::ids::{NodeId, Sku, SliceId};
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SyncUpload {
@@ -451,7 +451,12 @@ mod tests {
             node_id: node.clone(),
             events: vec![event(&node, 1), event(&node, 2)],
             control_applied: 3,
-            stock: vec![SliceStock { slice_id: SliceId(1), sku: Sku::new("game").unwrap(), available: 5, selling: true }],
+            stock: vec![SliceStock {
+                slice_id: SliceId(1),
+                sku: Sku::new("game").unwrap(),
+                available: 5,
+                selling: true,
+            }],
         };
         assert_eq!(SyncUpload::from_bytes(&upload.to_bytes().unwrap()).unwrap(), upload);
 
