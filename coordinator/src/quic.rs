@@ -194,6 +194,32 @@ pub fn server_endpoint(
     quinn::Endpoint::server(config, bind).map_err(|source| QuicError::Bind { addr: bind, source })
 }
 
+/// Binds the sync endpoint with a fixed stateless-reset key. A coordinator restarted with the
+/// same key can reset the connections its previous process had open, so nodes notice the
+/// restart at their next packet instead of waiting out the idle timeout.
+pub fn server_endpoint_with_reset_key(
+    bind: SocketAddr,
+    ca_cert_pem: &str,
+    server_cert_pem: &str,
+    server_key_pem: &str,
+    reset_key: &[u8; 64],
+) -> Result<quinn::Endpoint, QuicError> {
+    let config = server_config(ca_cert_pem, server_cert_pem, server_key_pem)?;
+    let mut endpoint_config =
+        quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key)));
+    // The connection ids must validate across restarts too, or the new process drops the old
+    // connections' packets as invalid instead of resetting them.
+    let digest =
+        ring::digest::digest(&ring::digest::SHA256, &[b"edgecard connection ids".as_slice(), reset_key].concat());
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&digest.as_ref()[..8]);
+    let cid_key = u64::from_be_bytes(cid_key);
+    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    let socket = std::net::UdpSocket::bind(bind).map_err(|source| QuicError::Bind { addr: bind, source })?;
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| QuicError::Bind { addr: bind, source })
+}
+
 /// Binds the sync endpoint with a server certificate freshly issued by `ca` for `names`.
 pub fn server_endpoint_from_ca(
     bind: SocketAddr,

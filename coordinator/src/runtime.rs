@@ -31,6 +31,9 @@ pub const CA_CERT_FILE: &str = "ca-cert.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub const SERVER_CERT_FILE: &str = "sync-server-cert.pem";
 pub const SERVER_KEY_FILE: &str = "sync-server-key.pem";
+/// The sync endpoint's stateless-reset key, kept so a restarted coordinator can reset the
+/// connections of its previous process.
+pub const RESET_KEY_FILE: &str = "sync-reset.key";
 /// Environment variable that overrides `admin_token`.
 pub const ENV_ADMIN_TOKEN: &str = "EDGECARD_ADMIN_TOKEN";
 
@@ -226,6 +229,28 @@ impl SyncHandler for LedgerHandler {
     }
 }
 
+/// The persisted reset key, made on first use (also for directories initialised before it
+/// existed).
+fn reset_key(dir: &Path) -> Result<[u8; 64], RuntimeError> {
+    let path = dir.join(RESET_KEY_FILE);
+    if !path.exists() {
+        let mut key = [0u8; 64];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        write_private(&path, hex_encode(&key).as_bytes())?;
+    }
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let invalid = || RuntimeError::Invalid { path: path.clone(), message: "expected 128 hex characters".into() };
+    let text = text.trim();
+    if text.len() != 128 || !text.is_ascii() {
+        return Err(invalid());
+    }
+    let mut key = [0u8; 64];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| invalid())?;
+    }
+    Ok(key)
+}
+
 fn read(dir: &Path, name: &str) -> Result<String, RuntimeError> {
     let path = dir.join(name);
     std::fs::read_to_string(&path).map_err(io(&path))
@@ -245,11 +270,12 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
     let settings = Settings { lease: Duration::from_secs(config.lease_hours.saturating_mul(3600)) };
     let coordinator = Arc::new(Coordinator::new(Arc::new(store), signing.clone(), settings));
 
-    let endpoint = quic::server_endpoint(
+    let endpoint = quic::server_endpoint_with_reset_key(
         config.sync_listen,
         &ca.cert_pem(),
         &read(dir, SERVER_CERT_FILE)?,
         &read(dir, SERVER_KEY_FILE)?,
+        &reset_key(dir)?,
     )
     .map_err(|e| RuntimeError::Other(e.to_string()))?;
     let sync_addr = endpoint.local_addr().map_err(io(dir))?;

@@ -39,8 +39,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on a QUIC handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on one upload: open the stream, send the batch, read the ack.
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one upload: open the stream, send the batch, read the ack. The coordinator commits
+/// a batch in milliseconds; a silent connection is dropped and re-made rather than waited on.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how to reach the coordinator.
 #[derive(Clone)]
@@ -286,6 +287,11 @@ impl Link {
             }
             ExchangeError::Transport(_) => {
                 self.client.handle_failure(now);
+                // A connection that timed out or broke is not trusted again: the coordinator may
+                // have restarted behind it. The next attempt makes a new one.
+                if let Some(connection) = self.connection.take() {
+                    connection.close(VarInt::from_u32(SyncErrorCode::Protocol.code()), b"upload failed");
+                }
                 tracing::debug!(%error, failures = self.client.consecutive_failures(), "sync upload failed");
             }
         }
