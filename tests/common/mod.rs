@@ -20,6 +20,8 @@ use edgecard_protocol::{Epoch, NodeId, Secret, SignedGrant, Sku, SliceId};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
+pub mod coordinator;
+
 pub const SKU: &str = "game-10";
 pub const PRICE_MINOR: u64 = 1000;
 pub const ADMIN_TOKEN: &str = "admin-token-123";
@@ -607,5 +609,18 @@ pub async fn bounded<F: std::future::Future>(what: &str, limit: Duration, future
     match tokio::time::timeout(limit, future).await {
         Ok(output) => output,
         Err(_) => panic!("timed out after {limit:?}: {what}"),
+    }
+}
+
+impl TestEnv {
+    /// Like [`TestEnv::start_node`], with `extra_toml` appended to the config (more
+    /// `[[products]]`, say).
+    pub fn start_node_with(&self, options: &NodeOptions, extra_toml: &str) -> NodeProcess {
+        let config = self.write_config(options);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push('\n');
+        text.push_str(extra_toml);
+        std::fs::write(&config, text).unwrap();
+        NodeProcess::start(&config, &options.env)
     }
 }
