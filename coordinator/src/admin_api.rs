@@ -13,7 +13,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use crate::import::KeyFormat;
 use crate::records::{LedgerStatus, Price, ProductRecord};
@@ -100,13 +99,7 @@ impl AdminApi {
     }
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        !self.token.is_empty() && bool::from(presented.as_bytes().ct_eq(self.token.as_bytes()))
+        edgecard_net::auth::bearer_matches(request.headers(), &self.token)
     }
 
     async fn route(&self, request: Request<Incoming>) -> Result<HttpResponse, ApiError> {

@@ -2,5 +2,6 @@
 //! certificates, and the HTTP connection layer (TLS accept, HTTP/1.1 and HTTP/2, timeouts,
 //! connection cap, graceful shutdown). Nothing here knows about routes or orders.
 
+pub mod auth;
 pub mod http_server;
 pub mod tls;

@@ -12,7 +12,6 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use crate::api::{bytes_response, json_response, HttpResponse};
 use crate::limiter::Limiters;
@@ -84,14 +83,7 @@ impl AdminApi {
     }
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {
-        let Some(expected) = &self.token else { return false };
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+        self.token.as_deref().is_some_and(|expected| edgecard_net::auth::bearer_matches(request.headers(), expected))
     }
 
     async fn install(&self, request: Request<Incoming>) -> HttpResponse {

@@ -27,6 +27,7 @@ use crate::payments::router::{RouteError, Router};
 use crate::payments::sandbox::SandboxChannel;
 use crate::payments::{AckStyle, CallbackRequest, CallbackVerdict, PaymentChannel, ProviderStatus};
 use crate::time_fmt::rfc3339;
+use edgecard_net::auth::bearer_token;
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
@@ -536,12 +537,6 @@ fn parse_order_id(raw: &str) -> Result<OrderId, ApiError> {
     raw.parse().map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"))
 }
 
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?.split('&').find_map(|pair| pair.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
 }
@@ -594,16 +589,6 @@ fn with_common_headers(mut response: HttpResponse) -> HttpResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bearer_tokens_are_parsed_strictly() {
-        let mut h = HeaderMap::new();
-        assert_eq!(bearer_token(&h), None);
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
-        assert_eq!(bearer_token(&h), Some("abc"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert_eq!(bearer_token(&h), None);
-    }
 
     #[test]
     fn language_follows_accept_language() {

@@ -672,6 +672,13 @@ impl OrderEngine {
             return Err(GrantInstallError::Expired);
         }
         let sells_until = self.sells_until(grant.lease_deadline, now);
+        let lease = SliceLease {
+            sku: grant.sku.clone(),
+            epoch: grant.epoch,
+            lease_deadline: grant.lease_deadline,
+            sells_until,
+            available: 0,
+        };
         let mut delivered = Vec::new();
         let outcome = {
             let mut state = self.state.lock();
@@ -696,16 +703,7 @@ impl OrderEngine {
                 let mut batch = WriteBatch::default();
                 batch.put(slice_key, serde_json::to_vec(&renewed).unwrap_or_default());
                 self.store.apply(batch)?;
-                state.inventory.upsert_slice(
-                    grant.slice_id,
-                    SliceLease {
-                        sku: grant.sku.clone(),
-                        epoch: grant.epoch,
-                        lease_deadline: grant.lease_deadline,
-                        sells_until,
-                        available: 0,
-                    },
-                );
+                state.inventory.upsert_slice(grant.slice_id, lease.clone());
                 GrantOutcome::Renewed
             } else {
                 for key in &grant.keys {
@@ -734,16 +732,7 @@ impl OrderEngine {
                     );
                 }
                 self.store.apply(batch)?;
-                state.inventory.upsert_slice(
-                    grant.slice_id,
-                    SliceLease {
-                        sku: grant.sku.clone(),
-                        epoch: grant.epoch,
-                        lease_deadline: grant.lease_deadline,
-                        sells_until,
-                        available: 0,
-                    },
-                );
+                state.inventory.upsert_slice(grant.slice_id, lease.clone());
                 for key in &grant.keys {
                     state.inventory.put(&grant.sku, key.key_id, grant.slice_id);
                 }

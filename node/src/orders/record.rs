@@ -93,6 +93,30 @@ pub struct OrderRecord {
 }
 
 impl OrderRecord {
+    /// A reserved order, for the payment channels' unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(channel: &str, quantity: u32, amount_minor: u64, currency: &str) -> OrderRecord {
+        OrderRecord {
+            id: OrderId::random(),
+            sku: Sku::new("game").unwrap_or_else(|e| unreachable!("{e}")),
+            quantity,
+            amount_minor,
+            currency: currency.into(),
+            channel: channel.into(),
+            token_sha256: String::new(),
+            email: None,
+            client_ip: [127, 0, 0, 1].into(),
+            status: OrderStatus::Reserved,
+            created_at: UnixMillis(0),
+            expires_at: UnixMillis(1),
+            key_ids: vec![],
+            secrets: vec![],
+            payment: None,
+            delivered_at: None,
+            payment_attempt: None,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Serializing plain data to JSON cannot fail.
         serde_json::to_vec(self).unwrap_or_default()

@@ -233,8 +233,6 @@ impl PaymentChannel for EpayChannel {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::orders::OrderStatus;
-    use edgecard_protocol::{OrderId, Sku, UnixMillis};
     use http::HeaderMap;
 
     const KEY: &str = "epay-merchant-key";
@@ -254,25 +252,7 @@ mod tests {
     }
 
     fn order(currency: &str) -> OrderRecord {
-        OrderRecord {
-            id: OrderId::random(),
-            sku: Sku::new("game").unwrap(),
-            quantity: 2,
-            amount_minor: 1000,
-            currency: currency.into(),
-            channel: NAME.into(),
-            token_sha256: String::new(),
-            email: None,
-            client_ip: [127, 0, 0, 1].into(),
-            status: OrderStatus::Reserved,
-            created_at: UnixMillis(0),
-            expires_at: UnixMillis(1),
-            key_ids: vec![],
-            secrets: vec![],
-            payment: None,
-            delivered_at: None,
-            payment_attempt: None,
-        }
+        OrderRecord::for_tests(NAME, 2, 1000, currency)
     }
 
     fn to_pairs(params: &[(String, String)]) -> String {

@@ -253,8 +253,6 @@ mod tests {
 
     use super::super::{BoxFuture, CallbackError, CallbackRequest, CallbackVerdict, QueriedStatus};
     use super::*;
-    use crate::orders::OrderStatus;
-    use edgecard_protocol::{OrderId, Sku, UnixMillis};
 
     fn breakers(n: usize) -> Vec<Breaker> {
         (0..n)
@@ -331,25 +329,7 @@ mod tests {
     }
 
     fn order() -> OrderRecord {
-        OrderRecord {
-            id: OrderId::random(),
-            sku: Sku::new("game").unwrap(),
-            quantity: 1,
-            amount_minor: 1,
-            currency: "USD".into(),
-            channel: String::new(),
-            token_sha256: String::new(),
-            email: None,
-            client_ip: [127, 0, 0, 1].into(),
-            status: OrderStatus::Reserved,
-            created_at: UnixMillis(0),
-            expires_at: UnixMillis(1),
-            key_ids: vec![],
-            secrets: vec![],
-            payment: None,
-            delivered_at: None,
-            payment_attempt: None,
-        }
+        OrderRecord::for_tests("", 1, 1, "USD")
     }
 
     fn router(channels: Vec<Arc<dyn PaymentChannel>>, attempts: u32) -> Router {

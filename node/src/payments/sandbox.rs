@@ -223,29 +223,9 @@ impl PaymentChannel for SandboxChannel {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::orders::OrderStatus;
-    use edgecard_protocol::{OrderId, Sku, UnixMillis};
 
     fn order() -> OrderRecord {
-        OrderRecord {
-            id: OrderId::random(),
-            sku: Sku::new("game").unwrap(),
-            quantity: 1,
-            amount_minor: 500,
-            currency: "USD".into(),
-            channel: NAME.into(),
-            token_sha256: String::new(),
-            email: None,
-            client_ip: [127, 0, 0, 1].into(),
-            status: OrderStatus::Reserved,
-            created_at: UnixMillis(0),
-            expires_at: UnixMillis(1),
-            key_ids: vec![],
-            secrets: vec![],
-            payment: None,
-            delivered_at: None,
-            payment_attempt: None,
-        }
+        OrderRecord::for_tests(NAME, 1, 500, "USD")
     }
 
     fn verify(
@@ -294,29 +274,9 @@ mod tests {
 #[allow(clippy::unwrap_used)]
 mod fault_tests {
     use super::*;
-    use crate::orders::OrderStatus;
-    use edgecard_protocol::{OrderId, Sku, UnixMillis};
 
     fn order() -> OrderRecord {
-        OrderRecord {
-            id: OrderId::random(),
-            sku: Sku::new("game").unwrap(),
-            quantity: 1,
-            amount_minor: 700,
-            currency: "EUR".into(),
-            channel: NAME.into(),
-            token_sha256: String::new(),
-            email: None,
-            client_ip: [127, 0, 0, 1].into(),
-            status: OrderStatus::Reserved,
-            created_at: UnixMillis(0),
-            expires_at: UnixMillis(1),
-            key_ids: vec![],
-            secrets: vec![],
-            payment: None,
-            delivered_at: None,
-            payment_attempt: None,
-        }
+        OrderRecord::for_tests(NAME, 1, 700, "EUR")
     }
 
     #[tokio::test]

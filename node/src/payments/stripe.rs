@@ -317,8 +317,7 @@ pub fn signature_header(secret: &str, t: u64, body: &[u8]) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::orders::{OrderRecord, OrderStatus};
-    use edgecard_protocol::{OrderId, Sku, UnixMillis};
+    use crate::orders::OrderRecord;
     use http::{HeaderMap, HeaderValue};
     use serde_json::json;
 
@@ -340,25 +339,7 @@ mod tests {
     }
 
     fn order() -> OrderRecord {
-        OrderRecord {
-            id: OrderId::random(),
-            sku: Sku::new("game").unwrap(),
-            quantity: 1,
-            amount_minor: 1000,
-            currency: "USD".into(),
-            channel: NAME.into(),
-            token_sha256: String::new(),
-            email: None,
-            client_ip: [127, 0, 0, 1].into(),
-            status: OrderStatus::Reserved,
-            created_at: UnixMillis(0),
-            expires_at: UnixMillis(1),
-            key_ids: vec![],
-            secrets: vec![],
-            payment: None,
-            delivered_at: None,
-            payment_attempt: None,
-        }
+        OrderRecord::for_tests(NAME, 1, 1000, "USD")
     }
 
     fn event(kind: &str, order: &OrderRecord, payment_status: &str) -> Vec<u8> {
