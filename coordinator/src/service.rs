@@ -504,6 +504,7 @@ impl Coordinator {
                     batch.delete(key.to_vec());
                 }
             }
+            node = self.queue_renewals(&mut batch, node, now)?;
             node.control_applied = node.control_applied.max(upload.control_applied);
             node.last_contact = Some(now);
             node.stock = upload
@@ -518,6 +519,47 @@ impl Coordinator {
         self.store.durable().await?;
         let events_high_water = sent_through.map_or(high_water, |last| high_water.min(last));
         Ok(SyncAck { events_high_water, control: self.pending_control(node_id)? })
+    }
+
+    /// Renews, while the node is in contact, every lease of its slices that has less than half
+    /// of its length left: a grant of the same slice, keys and epoch with a later deadline,
+    /// queued like any grant. The slice record takes the new deadline at once; if the node never
+    /// receives it, the deadline the node holds is the earlier one, so the coordinator's view
+    /// errs on the late side, which is the safe side for reclaiming keys.
+    fn queue_renewals(
+        &self,
+        batch: &mut WriteBatch,
+        mut node: NodeRecord,
+        now: UnixMillis,
+    ) -> Result<NodeRecord, CoordinatorError> {
+        let lease_ms = self.settings.lease.as_millis() as u64;
+        for mut slice in self.slices()? {
+            if slice.node != node.node_id || slice.lease_deadline.0.saturating_sub(now.0) >= lease_ms / 2 {
+                continue;
+            }
+            let mut keys = Vec::with_capacity(slice.key_count() as usize);
+            for id in slice.key_ids() {
+                let record: KeyRecord = self.load("key", &rec::key_key(&slice.sku, id))?.ok_or_else(|| {
+                    StoreError::Corrupt { key: format!("k/{}/{id}", slice.sku), reason: "granted key missing".into() }
+                })?;
+                keys.push(GrantedKey { key_id: id, secret: record.secret });
+            }
+            let grant = SliceGrant {
+                slice_id: slice.slice_id,
+                sku: slice.sku.clone(),
+                node_id: node.node_id.clone(),
+                epoch: slice.epoch,
+                issued_at: now,
+                lease_deadline: now.saturating_add_ms(lease_ms),
+                keys,
+            };
+            let signed = grant.sign(&self.signing_key)?;
+            node = self.queue_control(batch, node, CONTROL_GRANT, signed.to_bytes()?)?;
+            slice.lease_deadline = grant.lease_deadline;
+            batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice));
+            tracing::info!(slice = %slice.slice_id, node = %node.node_id, "lease renewal queued");
+        }
+        Ok(node)
     }
 
     /// Validates one event against key ownership; on success updates the key overlay.

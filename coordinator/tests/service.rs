@@ -256,3 +256,33 @@ async fn ingest_is_exactly_once_and_refuses_keys_not_granted() {
     let by_node = OrderFilter { node: Some(us.clone()), ..OrderFilter::default() };
     assert!(c.orders(&by_node).unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn leases_are_renewed_while_the_node_is_in_contact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), 8 << 20, Arc::new(StoreMetrics::default())).unwrap());
+    let c = Coordinator::new(store, key(), Settings { lease: std::time::Duration::from_secs(2) });
+    with_keys(&c, "game", 3).await;
+    let eu = node("eu-1");
+    c.add_node(&eu, "eu").await.unwrap();
+    let slice = c.allocate(&sku("game"), &eu, 3).await.unwrap();
+    // Early in the lease: contact renews nothing.
+    let ack = c.ingest(&eu, upload(&eu, vec![], 2)).await.unwrap();
+    assert!(ack.control.is_empty(), "{:?}", ack.control.iter().map(|m| m.seq).collect::<Vec<_>>());
+
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let ack = c.ingest(&eu, upload(&eu, vec![], 2)).await.unwrap();
+    assert_eq!(ack.control.len(), 1, "past half its length the lease is renewed");
+    let ControlBody::Grant { signed_grant } = &ack.control[0].body else { panic!("expected a grant") };
+    let renewal = SignedGrant::from_bytes(signed_grant).unwrap().verify(&key().verifying_key(), &eu).unwrap();
+    assert_eq!(renewal.slice_id, slice.slice_id);
+    assert_eq!(renewal.epoch, slice.epoch);
+    assert!(renewal.lease_deadline > slice.lease_deadline);
+    assert_eq!(renewal.keys.len(), 3, "a renewal carries the slice's keys unchanged");
+    let renewed = c.slices().unwrap().into_iter().find(|s| s.slice_id == slice.slice_id).unwrap();
+    assert_eq!(renewed.lease_deadline, renewal.lease_deadline);
+
+    // The next contact does not queue another renewal.
+    let ack = c.ingest(&eu, upload(&eu, vec![], ack.control[0].seq)).await.unwrap();
+    assert!(ack.control.is_empty());
+}
