@@ -8,11 +8,10 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -83,39 +82,7 @@ impl Spawned {
     pub fn start(mut command: Command, what: &str) -> (Spawned, Value) {
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel::<String>();
-        let out_pipe = child.stdout.take().unwrap();
-        let out_buffer = stdout.clone();
-        let mut readers = vec![std::thread::spawn(move || {
-            let mut reader = BufReader::new(out_pipe);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        out_buffer.lock().extend_from_slice(&line);
-                        let text = String::from_utf8_lossy(&line).into_owned();
-                        if text.contains("\"ready\"") {
-                            let _ = ready_tx.send(text);
-                        }
-                    }
-                }
-            }
-        })];
-        let mut err_pipe = child.stderr.take().unwrap();
-        let err_buffer = stderr.clone();
-        readers.push(std::thread::spawn(move || {
-            let mut chunk = [0u8; 16 * 1024];
-            loop {
-                match err_pipe.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => err_buffer.lock().extend_from_slice(&chunk[..n]),
-                }
-            }
-        }));
+        let super::CapturedOutput { stdout, stderr, ready: ready_rx, readers } = super::capture_output(&mut child);
         let mut spawned = Spawned { child: Some(child), stdout, stderr, readers };
         match ready_rx.recv_timeout(READY_TIMEOUT) {
             Ok(line) => {

@@ -277,40 +277,7 @@ impl NodeProcess {
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().unwrap();
 
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel::<String>();
-        let mut readers = Vec::new();
-        let out_pipe = child.stdout.take().unwrap();
-        let out_buffer = stdout.clone();
-        readers.push(std::thread::spawn(move || {
-            let mut reader = BufReader::new(out_pipe);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        out_buffer.lock().extend_from_slice(&line);
-                        let text = String::from_utf8_lossy(&line).into_owned();
-                        if text.contains("\"ready\"") {
-                            let _ = ready_tx.send(text);
-                        }
-                    }
-                }
-            }
-        }));
-        let mut err_pipe = child.stderr.take().unwrap();
-        let err_buffer = stderr.clone();
-        readers.push(std::thread::spawn(move || {
-            let mut chunk = [0u8; 16 * 1024];
-            loop {
-                match err_pipe.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => err_buffer.lock().extend_from_slice(&chunk[..n]),
-                }
-            }
-        }));
+        let CapturedOutput { stdout, stderr, ready: ready_rx, readers } = capture_output(&mut child);
 
         let line = match ready_rx.recv_timeout(READY_TIMEOUT) {
             Ok(line) => line,
@@ -623,4 +590,52 @@ impl TestEnv {
         std::fs::write(&config, text).unwrap();
         NodeProcess::start(&config, &options.env)
     }
+}
+
+/// A child's stdout and stderr, collected by reader threads; each stdout line that contains
+/// `"ready"` is also sent on `ready`.
+pub struct CapturedOutput {
+    pub stdout: Arc<Mutex<Vec<u8>>>,
+    pub stderr: Arc<Mutex<Vec<u8>>>,
+    pub ready: mpsc::Receiver<String>,
+    pub readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Starts collecting `child`'s piped stdout and stderr.
+pub fn capture_output(child: &mut Child) -> CapturedOutput {
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, ready) = mpsc::channel::<String>();
+    let mut readers = Vec::new();
+    let out_pipe = child.stdout.take().unwrap();
+    let out_buffer = stdout.clone();
+    readers.push(std::thread::spawn(move || {
+        let mut reader = BufReader::new(out_pipe);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    out_buffer.lock().extend_from_slice(&line);
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    if text.contains("\"ready\"") {
+                        let _ = ready_tx.send(text);
+                    }
+                }
+            }
+        }
+    }));
+    let mut err_pipe = child.stderr.take().unwrap();
+    let err_buffer = stderr.clone();
+    readers.push(std::thread::spawn(move || {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match err_pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => err_buffer.lock().extend_from_slice(&chunk[..n]),
+            }
+        }
+    }));
+    CapturedOutput { stdout, stderr, ready, readers }
 }
