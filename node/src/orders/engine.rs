@@ -538,17 +538,9 @@ impl OrderEngine {
         let now = now_millis();
         {
             let mut state = self.state.lock();
-            let Some(held) = state.close_reservation(id) else { return Ok(false) };
             let mut batch = WriteBatch::default();
-            batch.delete(record::open_key(id));
+            let Some(held) = self.end_reservation(&mut state, &mut batch, id, now)? else { return Ok(false) };
             batch.delete(record::confirm_key(id));
-            if let Some(raw) = self.store.get(&record::order_key(id))? {
-                let mut order = OrderRecord::decode(&raw)?;
-                order.status = OrderStatus::Expired;
-                batch.put(record::order_key(id), order.encode());
-                let event = OrderEventKind::Expired { key_ids: held.key_ids.clone() };
-                state.push_event(&mut batch, &self.node_id, &order, now, event);
-            }
             if let Err(e) = self.store.apply(batch) {
                 // Not applied: the reservation stays open and expires by its TTL.
                 state.expiry.insert((held.expires_at, *id));
@@ -562,6 +554,27 @@ impl OrderEngine {
         self.metrics.open_reservations.add(-1);
         self.store.durable().await?;
         Ok(true)
+    }
+
+    /// Closes an open reservation into `batch`: marker removed, order Expired, event queued. The
+    /// caller applies the batch and then returns the keys. `None` if it was not open.
+    fn end_reservation(
+        &self,
+        state: &mut State,
+        batch: &mut WriteBatch,
+        id: &OrderId,
+        now: UnixMillis,
+    ) -> Result<Option<OpenReservation>, StoreError> {
+        let Some(held) = state.close_reservation(id) else { return Ok(None) };
+        batch.delete(record::open_key(id));
+        if let Some(raw) = self.store.get(&record::order_key(id))? {
+            let mut order = OrderRecord::decode(&raw)?;
+            order.status = OrderStatus::Expired;
+            batch.put(record::order_key(id), order.encode());
+            let event = OrderEventKind::Expired { key_ids: held.key_ids.clone() };
+            state.push_event(batch, &self.node_id, &order, now, event);
+        }
+        Ok(Some(held))
     }
 
     fn keys_still_sellable(&self, state: &State, held: &OpenReservation) -> bool {
@@ -640,15 +653,7 @@ impl OrderEngine {
             let mut batch = WriteBatch::default();
             let mut returned = Vec::new();
             for id in &due {
-                let Some(held) = state.close_reservation(id) else { continue };
-                batch.delete(record::open_key(id));
-                if let Some(raw) = self.store.get(&record::order_key(id))? {
-                    let mut order = OrderRecord::decode(&raw)?;
-                    order.status = OrderStatus::Expired;
-                    batch.put(record::order_key(id), order.encode());
-                    let event = OrderEventKind::Expired { key_ids: held.key_ids.clone() };
-                    state.push_event(&mut batch, &self.node_id, &order, now, event);
-                }
+                let Some(held) = self.end_reservation(&mut state, &mut batch, id, now)? else { continue };
                 returned.push(held);
             }
             self.store.apply(batch)?;
