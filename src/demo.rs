@@ -73,15 +73,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let config = match edgecard_coordinator::runtime::load_config(&coordinator_dir) {
         Ok(config) => config,
         Err(_) => {
-            let fresh = edgecard_coordinator::runtime::CoordinatorConfig {
-                admin_listen,
-                admin_token: String::new(),
-                sync_listen,
-                sync_public_addr: None,
-                sync_server_name: "localhost".into(),
-                lease_hours: 24,
-                cache_capacity_mb: 64,
-            };
+            let fresh = edgecard_coordinator::runtime::CoordinatorConfig::with_listeners(admin_listen, sync_listen);
             edgecard_coordinator::runtime::init(&coordinator_dir, fresh)?;
             edgecard_coordinator::runtime::load_config(&coordinator_dir)?
         }

@@ -84,7 +84,7 @@ pub struct GrantSpec {
 /// Builds and signs a grant of `secrets`, numbering keys from `spec.first_key_id`.
 pub fn sign_grant(key: &SigningKey, spec: &GrantSpec, secrets: Vec<Secret>) -> Result<SignedGrant, GrantToolError> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let keys = secrets
+    let keys: Vec<GrantedKey> = secrets
         .into_iter()
         .enumerate()
         .map(|(i, secret)| GrantedKey { key_id: KeyId(spec.first_key_id + i as u64), secret })
@@ -96,6 +96,8 @@ pub fn sign_grant(key: &SigningKey, spec: &GrantSpec, secrets: Vec<Secret>) -> R
         epoch: spec.epoch,
         issued_at: UnixMillis(now),
         lease_deadline: UnixMillis(now + spec.lease.as_millis() as u64),
+        // Standalone nodes are never reclaimed by a coordinator, so the whole slice may be taken.
+        take_window: keys.len() as u64,
         keys,
     };
     Ok(grant.sign(key)?)

@@ -234,13 +234,9 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
     match command {
         CoordinatorCommand::Init { dir, admin_listen, sync_listen, sync_public_addr, server_name } => {
             let config = runtime::CoordinatorConfig {
-                admin_listen,
-                admin_token: String::new(),
-                sync_listen,
                 sync_public_addr,
                 sync_server_name: server_name,
-                lease_hours: 24,
-                cache_capacity_mb: 64,
+                ..runtime::CoordinatorConfig::with_listeners(admin_listen, sync_listen)
             };
             let made = runtime::init(&dir, config)?;
             println!("coordinator initialised in {}", dir.display());

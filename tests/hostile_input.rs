@@ -138,6 +138,7 @@ async fn forged_grants_are_refused_by_the_admin_api() {
             epoch: Epoch(1),
             issued_at: UnixMillis(now - 7_200_000),
             lease_deadline: UnixMillis(now - 3_600_000),
+            take_window: 10,
             keys: vec![granted(500, &attacker_keys[0])],
         }
         .sign(&env.signing_key)

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use edgecard_protocol::{NodeId, Sku, UnixMillis};
+use edgecard_protocol::rebalance::StagedChange;
+use edgecard_protocol::{NodeId, Sku, SliceId, UnixMillis};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -15,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::import::KeyFormat;
-use crate::records::{LedgerStatus, Price, ProductRecord};
+use crate::records::{LedgerStatus, Price, ProductRecord, SliceState, TopUpPolicy};
 use crate::service::{Coordinator, CoordinatorError, OrderFilter};
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -43,7 +44,13 @@ impl From<CoordinatorError> for ApiError {
     fn from(e: CoordinatorError) -> Self {
         let message = e.to_string();
         let (status, code) = match e {
-            CoordinatorError::UnknownSku(_) | CoordinatorError::UnknownNode(_) => (StatusCode::NOT_FOUND, "not_found"),
+            CoordinatorError::UnknownSku(_) | CoordinatorError::UnknownNode(_) | CoordinatorError::UnknownSlice(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            CoordinatorError::NotReclaimed(_) => (StatusCode::CONFLICT, "not_reclaimed"),
+            CoordinatorError::Plan(_) => (StatusCode::CONFLICT, "plan_refused"),
+            CoordinatorError::StaleLayout { .. } => (StatusCode::CONFLICT, "stale_layout"),
+            CoordinatorError::NothingStaged => (StatusCode::CONFLICT, "nothing_staged"),
             CoordinatorError::ProductExists(_) | CoordinatorError::NodeExists(_) => (StatusCode::CONFLICT, "exists"),
             CoordinatorError::NotEnoughKeys { .. } => (StatusCode::CONFLICT, "not_enough_keys"),
             CoordinatorError::NodeRevoked(_) => (StatusCode::CONFLICT, "node_revoked"),
@@ -77,6 +84,12 @@ struct NewProduct {
 struct NewNode {
     name: String,
     region: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyLayout {
+    version: u64,
 }
 
 #[derive(Deserialize)]
@@ -125,8 +138,19 @@ impl AdminApi {
                 let sku = parse_sku(&new.sku)?;
                 let mut titles: Vec<(String, String)> = new.title.into_iter().collect();
                 titles.sort_by_key(|(lang, _)| lang != "en");
-                c.add_product(ProductRecord { sku: sku.clone(), titles, prices: new.prices }).await?;
+                c.add_product(ProductRecord { sku: sku.clone(), titles, prices: new.prices, topup: None }).await?;
                 Ok(ok(json!({ "sku": sku.as_str() })))
+            }
+            (Method::PUT, ["v1", "products", sku, "topup"]) => {
+                let sku = parse_sku(sku)?;
+                let policy: TopUpPolicy = read_json(request).await?;
+                let product = c.set_topup(&sku, Some(policy)).await?;
+                Ok(ok(json!({ "sku": product.sku.as_str(), "topup": product.topup })))
+            }
+            (Method::DELETE, ["v1", "products", sku, "topup"]) => {
+                let sku = parse_sku(sku)?;
+                let product = c.set_topup(&sku, None).await?;
+                Ok(ok(json!({ "sku": product.sku.as_str(), "topup": product.topup })))
             }
             (Method::POST, ["v1", "products", sku, "prices"]) => {
                 let sku = parse_sku(sku)?;
@@ -175,7 +199,23 @@ impl AdminApi {
                 c.revoke_node(&node).await?;
                 Ok(ok(json!({ "node": node.as_str(), "revoked": true })))
             }
-            (Method::GET, ["v1", "slices"]) => Ok(ok(json!(c.slices().map_err(CoordinatorError::from)?))),
+            (Method::GET, ["v1", "slices"]) => Ok(ok(json!(c.slice_summaries().map_err(CoordinatorError::from)?))),
+            (Method::POST, ["v1", "slices", id, "write-off"]) => {
+                let id = id.parse().map(SliceId).map_err(|_| bad_request("slice id is a number"))?;
+                let written_off = c.write_off(id).await?;
+                Ok(ok(json!({ "slice_id": id.0, "written_off": written_off })))
+            }
+            (Method::GET, ["v1", "layout"]) => Ok(ok(json!(c.layout_preview().map_err(CoordinatorError::from)?))),
+            (Method::POST, ["v1", "layout", "changes"]) => {
+                let change: StagedChange = read_json(request).await?;
+                Ok(ok(json!(c.stage_change(change).await?)))
+            }
+            (Method::POST, ["v1", "layout", "apply"]) => {
+                let apply: ApplyLayout = read_json(request).await?;
+                let moves = c.apply_layout(apply.version).await?;
+                Ok(ok(json!({ "version": apply.version, "moves": moves })))
+            }
+            (Method::POST, ["v1", "layout", "revert"]) => Ok(ok(json!(c.revert_layout().await?))),
             (Method::POST, ["v1", "slices"]) => {
                 let new: NewSlice = read_json(request).await?;
                 let sku = parse_sku(&new.sku)?;
@@ -249,15 +289,19 @@ impl AdminApi {
     fn status(&self) -> Result<Value, ApiError> {
         let c = &self.coordinator;
         let products = c.products().map_err(CoordinatorError::from)?;
-        let slices = c.slices().map_err(CoordinatorError::from)?;
+        let slices = c.slice_summaries().map_err(CoordinatorError::from)?;
         let nodes = c.nodes().map_err(CoordinatorError::from)?;
         let orders = c.orders(&OrderFilter::default()).map_err(CoordinatorError::from)?;
         let skus: Vec<Value> = products
             .iter()
             .map(|p| {
                 let mut granted: BTreeMap<String, u64> = BTreeMap::new();
-                for slice in slices.iter().filter(|s| s.sku == p.sku) {
-                    *granted.entry(slice.node.to_string()).or_default() += slice.key_count();
+                let mut quarantined = 0;
+                let mut written_off = 0;
+                for slice in slices.iter().filter(|s| s.slice.sku == p.sku) {
+                    *granted.entry(slice.slice.node.to_string()).or_default() += slice.unsold;
+                    quarantined += slice.quarantined;
+                    written_off += slice.written_off;
                 }
                 let sold: usize = orders
                     .iter()
@@ -266,7 +310,11 @@ impl AdminApi {
                     .sum();
                 let awaiting =
                     orders.iter().filter(|o| o.sku == p.sku && o.status == LedgerStatus::PaidAwaitingStock).count();
-                json!({ "sku": p.sku.as_str(), "pool": c.pool_size(&p.sku), "granted": granted, "sold": sold, "paid_awaiting_stock": awaiting })
+                json!({
+                    "sku": p.sku.as_str(), "pool": c.pool_size(&p.sku), "granted": granted, "sold": sold,
+                    "quarantined": quarantined, "written_off": written_off, "paid_awaiting_stock": awaiting,
+                    "topup": p.topup,
+                })
             })
             .collect();
         let nodes: Vec<Value> = nodes
@@ -278,13 +326,28 @@ impl AdminApi {
                     "events_high_water": n.events_high_water,
                     "pending_control": n.next_control_seq.saturating_sub(1).saturating_sub(n.control_applied),
                     "stock": n.stock,
+                    "topups": n.topups,
                 })
             })
             .collect();
+        let leases: Vec<Value> = slices
+            .iter()
+            .filter(|s| s.slice.state != SliceState::Closed)
+            .map(|s| {
+                json!({
+                    "slice_id": s.slice.slice_id.0, "node": s.slice.node.as_str(), "sku": s.slice.sku.as_str(),
+                    "epoch": s.slice.epoch.0, "lease_deadline": s.slice.lease_deadline.0,
+                    "state": s.slice.state.as_str(), "unsold": s.unsold, "sold": s.sold,
+                    "quarantined": s.quarantined, "written_off": s.written_off, "take_window": s.slice.take_window,
+                })
+            })
+            .collect();
+        let moves: Vec<_> = c.moves().map_err(CoordinatorError::from)?.into_iter().filter(|m| m.in_flight()).collect();
         let alarms = c.alarms().map_err(CoordinatorError::from)?;
-        Ok(
-            json!({ "skus": skus, "nodes": nodes, "alarms": alarms.len(), "latest_alarms": alarms.iter().rev().take(10).collect::<Vec<_>>() }),
-        )
+        Ok(json!({
+            "skus": skus, "nodes": nodes, "leases": leases, "moves_in_flight": moves,
+            "alarms": alarms.len(), "latest_alarms": alarms.iter().rev().take(10).collect::<Vec<_>>(),
+        }))
     }
 }
 

@@ -4,8 +4,10 @@
 //! over the store, the QUIC server, the admin API).
 pub mod admin_api;
 pub mod import;
+pub mod layout;
 pub mod pki;
 pub mod quic;
 pub mod records;
 pub mod runtime;
 pub mod service;
+pub mod slices;

@@ -14,8 +14,11 @@
 //! | `l/` | node id, 0, event seq (8 bytes BE) | the ledger: an `OrderEvent` as JSON |
 //! | `o/` | order id (16 bytes) | [`LedgerOrder`]: the order as the ledger sees it |
 //! | `a/` | alarm seq (8 bytes BE) | [`Alarm`] |
+//! | `t/` | ticket (8 bytes BE) | [`MoveRecord`]: a shrink or close sent to a node, and its outcome |
+//! | `r/staged` | | [`StagedLayout`]: the operator's staged changes |
 //! | `m/…` | counter name | next id (8 bytes BE) |
 
+use edgecard_protocol::rebalance::{Destination, StagedChange};
 use edgecard_protocol::{Epoch, KeyId, NodeId, OrderId, Secret, Sku, SliceId, UnixMillis};
 use edgecard_store::StoreError;
 use serde::de::DeserializeOwned;
@@ -33,14 +36,55 @@ pub struct ProductRecord {
     /// (language tag, title); `en` first.
     pub titles: Vec<(String, String)>,
     pub prices: Vec<Price>,
+    /// Automatic top-up of nodes' stock from the pool, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topup: Option<TopUpPolicy>,
+}
+
+/// When a node reports fewer than `low_watermark` sellable keys of the sku, the coordinator
+/// grants it enough from the pool to reach `target` (as far as the pool allows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopUpPolicy {
+    pub low_watermark: u64,
+    pub target: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum KeyState {
     Pool,
-    Granted { slice: SliceId, node_index: u32 },
-    Sold { slice: SliceId, node_index: u32, order: OrderId },
+    Granted {
+        slice: SliceId,
+        node_index: u32,
+    },
+    Sold {
+        slice: SliceId,
+        node_index: u32,
+        order: OrderId,
+    },
+    /// Of a dark node's slice, inside its take window at reclaim: may have been sold.
+    Quarantined {
+        slice: SliceId,
+        node_index: u32,
+    },
+    /// Quarantined, then written off by an operator: never sold again by anyone.
+    WrittenOff {
+        slice: SliceId,
+        node_index: u32,
+    },
+}
+
+impl KeyState {
+    /// The node (index) that holds or held the key, if any.
+    pub fn holder(&self) -> Option<(SliceId, u32)> {
+        match *self {
+            KeyState::Pool => None,
+            KeyState::Granted { slice, node_index }
+            | KeyState::Sold { slice, node_index, .. }
+            | KeyState::Quarantined { slice, node_index }
+            | KeyState::WrittenOff { slice, node_index } => Some((slice, node_index)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,8 +112,112 @@ pub struct SliceRecord {
     pub epoch: Epoch,
     pub issued_at: UnixMillis,
     pub lease_deadline: UnixMillis,
-    /// Key ids as inclusive runs, since allocation takes the lowest free ids.
+    /// Key ids as inclusive runs, since allocation takes the lowest free ids. Every key ever
+    /// granted in the slice; each key's record says where it is now.
     pub key_runs: Vec<(u64, u64)>,
+    #[serde(default = "default_take_window")]
+    pub take_window: u64,
+    #[serde(default)]
+    pub state: SliceState,
+}
+
+fn default_take_window() -> u64 {
+    u64::MAX
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum SliceState {
+    /// Selling under its lease, renewed while the node is in contact.
+    #[default]
+    Active,
+    /// Closed by the coordinator (drain); the node releases what it has left.
+    Closing { ticket: u64 },
+    /// The node went dark past its lease: untouched keys went back to the pool, the take window
+    /// is quarantined. `reconcile_ticket` is set once the node, back in contact, was told to
+    /// close the slice.
+    Reclaimed { at: UnixMillis, reconcile_ticket: Option<u64> },
+    /// Nothing of the slice is left at the node.
+    Closed,
+}
+
+impl SliceState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SliceState::Active => "active",
+            SliceState::Closing { .. } => "closing",
+            SliceState::Reclaimed { .. } => "reclaimed",
+            SliceState::Closed => "closed",
+        }
+    }
+}
+
+/// A shrink or close sent to a node under `ticket`, and what became of the keys it released.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub ticket: u64,
+    pub kind: MoveKind,
+    pub sku: Sku,
+    pub slice_id: SliceId,
+    pub from: NodeId,
+    pub to: Destination,
+    pub requested: u64,
+    pub close: bool,
+    pub created_at: UnixMillis,
+    /// Keys the donor released so far.
+    pub released: u64,
+    /// Released keys still waiting to be granted to the recipient (as id runs).
+    #[serde(default)]
+    pub pending_regrant: Vec<(u64, u64)>,
+    /// Slices granted to the recipient from the released keys.
+    #[serde(default)]
+    pub regranted: Vec<SliceId>,
+    pub state: MoveState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveKind {
+    Move,
+    Drain,
+    /// A dark node, back in contact, told to close a reclaimed slice.
+    Reconcile,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveState {
+    /// Sent; the donor has not answered yet.
+    AwaitingDonor,
+    /// The donor answered; a closed slice may still release keys of reservations as they end.
+    Releasing,
+    Done,
+    /// The donor went dark before answering; its slice was reclaimed instead.
+    DonorReclaimed,
+}
+
+impl MoveRecord {
+    pub fn in_flight(&self) -> bool {
+        matches!(self.state, MoveState::AwaitingDonor | MoveState::Releasing) || !self.pending_regrant.is_empty()
+    }
+}
+
+/// The operator's staged changes; `apply --version` must name `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StagedLayout {
+    pub version: u64,
+    pub changes: Vec<StagedChange>,
+}
+
+/// A top-up granted to a node, kept on the node record while in flight and for status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopUpRecord {
+    pub sku: Sku,
+    pub slice_id: SliceId,
+    pub keys: u64,
+    pub at: UnixMillis,
+    /// The control message that carries the grant; in flight until the node applied it.
+    pub control_seq: u64,
 }
 
 impl SliceRecord {
@@ -118,6 +266,9 @@ pub struct NodeRecord {
     pub control_applied: u64,
     pub last_contact: Option<UnixMillis>,
     pub stock: Vec<NodeStock>,
+    /// Recent top-ups (newest last, a few kept).
+    #[serde(default)]
+    pub topups: Vec<TopUpRecord>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +375,24 @@ pub fn add_run(runs: &mut Vec<(u64, u64)>, start: u64, end: u64) {
     *runs = merged;
 }
 
+/// Removes `id` from ascending, disjoint `runs`; whether it was there.
+pub fn remove_id(runs: &mut Vec<(u64, u64)>, id: u64) -> bool {
+    let Some(at) = runs.iter().position(|(a, b)| *a <= id && id <= *b) else { return false };
+    let (a, b) = runs[at];
+    match (a == id, b == id) {
+        (true, true) => {
+            runs.remove(at);
+        }
+        (true, false) => runs[at].0 = id + 1,
+        (false, true) => runs[at].1 = id - 1,
+        (false, false) => {
+            runs[at].1 = id - 1;
+            runs.insert(at + 1, (id + 1, b));
+        }
+    }
+    true
+}
+
 pub fn hash_key(hash: &[u8; 32]) -> Vec<u8> {
     cat(&[b"h/", hash])
 }
@@ -259,6 +428,12 @@ pub fn order_key(id: &OrderId) -> Vec<u8> {
 pub fn alarm_key(seq: u64) -> Vec<u8> {
     cat(&[b"a/", &seq.to_be_bytes()])
 }
+
+pub fn move_key(ticket: u64) -> Vec<u8> {
+    cat(&[b"t/", &ticket.to_be_bytes()])
+}
+
+pub const STAGED_LAYOUT: &[u8] = b"r/staged";
 
 pub fn counter_key(name: &str) -> Vec<u8> {
     cat(&[b"m/", name.as_bytes()])
@@ -296,6 +471,8 @@ mod tests {
             issued_at: UnixMillis(0),
             lease_deadline: UnixMillis(1),
             key_runs: runs,
+            take_window: 10,
+            state: SliceState::Active,
         };
         assert_eq!(slice.key_count(), 6);
         assert_eq!(slice.key_ids().collect::<Vec<_>>(), ids);
@@ -318,6 +495,10 @@ mod tests {
         add_run(&mut runs, 5, 7);
         assert_eq!(runs, vec![(2, 12)]);
         assert_eq!(runs_len(&runs), 11);
+        assert!(remove_id(&mut runs, 5));
+        assert!(!remove_id(&mut runs, 5));
+        assert!(remove_id(&mut runs, 2) && remove_id(&mut runs, 12));
+        assert_eq!(runs, vec![(3, 4), (6, 11)]);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use crate::admin_api::{AdminApi, BundleIssuer};
 use crate::pki::CertificateAuthority;
 use crate::quic::{self, HandlerError, SyncHandler};
-use crate::service::{Coordinator, CoordinatorError, Settings};
+use crate::service::{self, Coordinator, CoordinatorError, Settings};
 
 pub const CONFIG_FILE: &str = "coordinator.toml";
 pub const SIGNING_KEY_FILE: &str = "grant-signing.key";
@@ -58,6 +58,22 @@ pub struct CoordinatorConfig {
     /// Lease length of granted slices, in hours. Default 24.
     #[serde(default = "default_lease_hours")]
     pub lease_hours: u64,
+    /// Lease length in seconds; when set, overrides `lease_hours` (for labs and tests).
+    #[serde(default)]
+    pub lease_secs: Option<u64>,
+    /// Largest tolerated difference between a node's clock and the coordinator's, in seconds:
+    /// a dark node's slice is reclaimed only after its lease deadline plus this. Default 300.
+    #[serde(default = "default_max_clock_skew_secs")]
+    pub max_clock_skew_secs: u64,
+    /// Most takes a node may have from one slice that the coordinator has not acknowledged.
+    /// Bounds what stays quarantined when a node goes dark, and how many keys a cut-off node
+    /// can still sell per slice. Default 1000.
+    #[serde(default = "default_take_window")]
+    pub take_window: u64,
+    /// How often the coordinator looks for leases run out past the skew margin, in seconds.
+    /// Default 10.
+    #[serde(default = "default_reclaim_check_secs")]
+    pub reclaim_check_secs: u64,
     /// sled page cache in MiB. Default 64.
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
@@ -77,6 +93,43 @@ fn default_lease_hours() -> u64 {
 }
 fn default_cache_mb() -> u64 {
     64
+}
+fn default_max_clock_skew_secs() -> u64 {
+    300
+}
+fn default_take_window() -> u64 {
+    1000
+}
+fn default_reclaim_check_secs() -> u64 {
+    10
+}
+
+impl CoordinatorConfig {
+    /// A configuration with every optional field at its default.
+    pub fn with_listeners(admin_listen: SocketAddr, sync_listen: SocketAddr) -> Self {
+        CoordinatorConfig {
+            admin_listen,
+            admin_token: String::new(),
+            sync_listen,
+            sync_public_addr: None,
+            sync_server_name: default_server_name(),
+            lease_hours: default_lease_hours(),
+            lease_secs: None,
+            max_clock_skew_secs: default_max_clock_skew_secs(),
+            take_window: default_take_window(),
+            reclaim_check_secs: default_reclaim_check_secs(),
+            cache_capacity_mb: default_cache_mb(),
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        let lease_secs = self.lease_secs.unwrap_or(self.lease_hours.saturating_mul(3600));
+        Settings {
+            lease: Duration::from_secs(lease_secs),
+            max_clock_skew: Duration::from_secs(self.max_clock_skew_secs),
+            take_window: self.take_window,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +220,12 @@ pub fn load_config(dir: &Path) -> Result<CoordinatorConfig, RuntimeError> {
     }
     if config.lease_hours == 0 {
         return Err(RuntimeError::Invalid { path, message: "lease_hours must be at least 1".into() });
+    }
+    if config.lease_secs.is_some_and(|secs| secs < 10) {
+        return Err(RuntimeError::Invalid { path, message: "lease_secs must be at least 10".into() });
+    }
+    if config.take_window == 0 {
+        return Err(RuntimeError::Invalid { path, message: "take_window must be at least 1".into() });
     }
     Ok(config)
 }
@@ -267,7 +326,7 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
     let store =
         Store::open(&store_dir, config.cache_capacity_mb.saturating_mul(1 << 20), Arc::new(StoreMetrics::default()))
             .map_err(|e| RuntimeError::Other(e.to_string()))?;
-    let settings = Settings { lease: Duration::from_secs(config.lease_hours.saturating_mul(3600)) };
+    let settings = config.settings();
     let coordinator = Arc::new(Coordinator::new(Arc::new(store), signing.clone(), settings));
 
     let endpoint = quic::server_endpoint_with_reset_key(
@@ -309,6 +368,24 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
     tasks.push(tokio::spawn(async move {
         if let Err(e) = http_server::serve(admin_listener, None, handler, ServerOptions::default(), rx).await {
             tracing::error!(error = %e, "admin listener failed");
+        }
+    }));
+    let housekeeping = coordinator.clone();
+    let every = Duration::from_secs(config.reclaim_check_secs.max(1));
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = rx.changed() => break,
+            }
+            if let Err(e) = housekeeping.reclaim_expired(service::now_millis()).await {
+                tracing::error!(error = %e, "reclaiming expired slices failed");
+            }
+            if let Err(e) = housekeeping.settle_closed_slices().await {
+                tracing::error!(error = %e, "settling closed slices failed");
+            }
         }
     }));
     let ledger = Arc::new(LedgerHandler(coordinator.clone()));

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use edgecard_protocol::{
-    CatalogProduct, ControlBody, ControlMessage, Epoch, GrantedKey, KeyId, NodeId, OrderEvent, OrderEventKind, Sku,
-    SliceGrant, SliceId, SyncAck, SyncUpload, UnixMillis,
+    lease, CatalogProduct, ControlBody, ControlMessage, Epoch, GrantedKey, KeyId, LeaseRenewal, NodeId, OrderEvent,
+    OrderEventKind, Sku, SliceGrant, SliceId, SyncAck, SyncUpload, UnixMillis,
 };
 use edgecard_store::{Store, StoreError, WriteBatch};
 use parking_lot::Mutex;
@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::import::{parse_keys, InvalidRow, KeyFormat};
 use crate::records::{self as rec, *};
+use crate::slices::{Release, ReleaseOverlay, ShrinkOrder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -39,6 +40,16 @@ pub enum CoordinatorError {
     NotEnoughKeys { sku: String, available: u64, requested: u64 },
     #[error("count must be at least 1")]
     ZeroCount,
+    #[error("unknown slice {0}")]
+    UnknownSlice(String),
+    #[error("slice {0} was not reclaimed; only quarantined keys of a reclaimed slice can be written off")]
+    NotReclaimed(String),
+    #[error("{0}")]
+    Plan(#[from] edgecard_protocol::rebalance::PlanError),
+    #[error("the staged layout is version {staged}, not {given}; run `edgecard slices show` and apply that version")]
+    StaleLayout { staged: u64, given: u64 },
+    #[error("nothing is staged")]
+    NothingStaged,
     #[error("import refused: {0}")]
     ImportRefused(String),
     #[error("signing the grant failed: {0}")]
@@ -91,13 +102,18 @@ pub struct OrderFilter {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
-    /// Lease length of new grants.
+    /// Lease length of new grants and renewals.
     pub lease: Duration,
+    /// Largest difference between a node's wall clock and the coordinator's that the reclaim
+    /// rule tolerates: a dark node's slice is reclaimed only after its deadline plus this.
+    pub max_clock_skew: Duration,
+    /// Most takes a node may have from one slice that the coordinator has not acknowledged.
+    pub take_window: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { lease: Duration::from_secs(24 * 3600) }
+        Settings { lease: Duration::from_secs(24 * 3600), max_clock_skew: Duration::from_secs(300), take_window: 1000 }
     }
 }
 
@@ -105,14 +121,16 @@ pub fn now_millis() -> UnixMillis {
     UnixMillis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
 }
 
-const CONTROL_GRANT: u8 = 1;
-const CONTROL_CATALOG: u8 = 2;
+pub(crate) const CONTROL_GRANT: u8 = 1;
+pub(crate) const CONTROL_CATALOG: u8 = 2;
+pub(crate) const CONTROL_RENEW: u8 = 3;
+pub(crate) const CONTROL_SHRINK: u8 = 4;
 
 pub struct Coordinator {
-    store: Arc<Store>,
-    signing_key: SigningKey,
-    settings: Settings,
-    lock: Mutex<()>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) signing_key: SigningKey,
+    pub(crate) settings: Settings,
+    pub(crate) lock: Mutex<()>,
 }
 
 impl Coordinator {
@@ -124,21 +142,21 @@ impl Coordinator {
         &self.store
     }
 
-    fn next_counter(&self, batch: &mut WriteBatch, name: &str, take: u64) -> Result<u64, StoreError> {
+    pub(crate) fn next_counter(&self, batch: &mut WriteBatch, name: &str, take: u64) -> Result<u64, StoreError> {
         let key = rec::counter_key(name);
         let next = self.store.get(&key)?.and_then(|raw| rec::trailing_u64(&raw)).unwrap_or(1);
         batch.put(key, (next + take).to_be_bytes().to_vec());
         Ok(next)
     }
 
-    fn load<T: serde::de::DeserializeOwned>(&self, what: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
+    pub(crate) fn load<T: serde::de::DeserializeOwned>(&self, what: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.store.get(key)? {
             Some(raw) => Ok(Some(rec::decode(what, &raw)?)),
             None => Ok(None),
         }
     }
 
-    fn node(&self, node: &NodeId) -> Result<NodeRecord, CoordinatorError> {
+    pub(crate) fn node(&self, node: &NodeId) -> Result<NodeRecord, CoordinatorError> {
         self.load("node", &rec::node_key(node))?.ok_or_else(|| CoordinatorError::UnknownNode(node.to_string()))
     }
 
@@ -192,6 +210,28 @@ impl Coordinator {
         Ok(product)
     }
 
+    /// Sets or clears the automatic top-up policy of `sku`.
+    pub async fn set_topup(&self, sku: &Sku, policy: Option<TopUpPolicy>) -> Result<ProductRecord, CoordinatorError> {
+        if let Some(p) = policy {
+            if p.target == 0 || p.low_watermark > p.target {
+                return Err(CoordinatorError::InvalidProduct(format!(
+                    "{sku}: top-up needs 0 <= low watermark <= target and target >= 1"
+                )));
+            }
+        }
+        let product = {
+            let _guard = self.lock.lock();
+            let mut product = self.product(sku)?.ok_or_else(|| CoordinatorError::UnknownSku(sku.to_string()))?;
+            product.topup = policy;
+            let mut batch = WriteBatch::default();
+            batch.put(rec::product_key(sku), rec::encode(&product));
+            self.store.apply(batch)?;
+            product
+        };
+        self.store.durable().await?;
+        Ok(product)
+    }
+
     fn queue_catalog(&self, batch: &mut WriteBatch, products: &[ProductRecord]) -> Result<(), CoordinatorError> {
         for node in self.nodes()? {
             if !node.revoked {
@@ -202,7 +242,7 @@ impl Coordinator {
     }
 
     /// Appends a control message for `node` to `batch` (and the node record with its new seq).
-    fn queue_control(
+    pub(crate) fn queue_control(
         &self,
         batch: &mut WriteBatch,
         mut node: NodeRecord,
@@ -301,7 +341,7 @@ impl Coordinator {
         Ok(report)
     }
 
-    fn pool_runs(&self, sku: &Sku) -> Result<Vec<(u64, u64)>, StoreError> {
+    pub(crate) fn pool_runs(&self, sku: &Sku) -> Result<Vec<(u64, u64)>, StoreError> {
         Ok(self.load("pool", &rec::pool_key(sku))?.unwrap_or_default())
     }
 
@@ -336,6 +376,7 @@ impl Coordinator {
                 control_applied: 0,
                 last_contact: None,
                 stock: Vec::new(),
+                topups: Vec::new(),
             };
             let products = self.products()?;
             let record = self.queue_control(&mut batch, record, CONTROL_CATALOG, rec::encode(&products))?;
@@ -390,39 +431,8 @@ impl Coordinator {
                 });
             };
             let mut batch = WriteBatch::default();
-            let slice_id = SliceId(self.next_counter(&mut batch, "next_slice_id", 1)?);
-            let mut keys = Vec::with_capacity(free.len());
-            for id in &free {
-                let mut record: KeyRecord = self.load("key", &rec::key_key(sku, *id))?.ok_or_else(|| {
-                    StoreError::Corrupt { key: format!("k/{sku}/{id}"), reason: "free key missing".into() }
-                })?;
-                record.state = KeyState::Granted { slice: slice_id, node_index: node.index };
-                keys.push(GrantedKey { key_id: *id, secret: record.secret.clone() });
-                batch.put(rec::key_key(sku, *id), rec::encode(&record));
-            }
-            let now = now_millis();
-            let grant = SliceGrant {
-                slice_id,
-                sku: sku.clone(),
-                node_id: node_id.clone(),
-                epoch: Epoch(1),
-                issued_at: now,
-                lease_deadline: now.saturating_add_ms(self.settings.lease.as_millis() as u64),
-                keys,
-            };
-            let signed = grant.sign(&self.signing_key)?;
-            let slice = SliceRecord {
-                slice_id,
-                sku: sku.clone(),
-                node: node_id.clone(),
-                epoch: grant.epoch,
-                issued_at: now,
-                lease_deadline: grant.lease_deadline,
-                key_runs: rec::runs_of(&free),
-            };
-            batch.put(rec::slice_key(slice_id), rec::encode(&slice));
+            let (slice, _node, _seq) = self.grant_slice_into(&mut batch, node, sku, &free, now_millis())?;
             batch.put(rec::pool_key(sku), rec::encode(&pool));
-            self.queue_control(&mut batch, node, CONTROL_GRANT, signed.to_bytes()?)?;
             self.store.apply(batch)?;
             slice
         };
@@ -455,6 +465,7 @@ impl Coordinator {
                 self.store.get(&rec::counter_key("next_alarm"))?.and_then(|raw| rec::trailing_u64(&raw)).unwrap_or(1);
             let mut keys: HashMap<(Sku, KeyId), KeyRecord> = HashMap::new();
             let mut orders: HashMap<edgecard_protocol::OrderId, LedgerOrder> = HashMap::new();
+            let mut releases = ReleaseOverlay::default();
             let now = now_millis();
             for event in upload.events {
                 if event.seq <= node.events_high_water {
@@ -470,6 +481,12 @@ impl Coordinator {
                     );
                 }
                 node.events_high_water = event.seq;
+                if let OrderEventKind::Released { slice_id, ticket, key_ids, .. } = &event.kind {
+                    let release = Release { sku: &event.sku, slice_id: *slice_id, ticket: *ticket, key_ids };
+                    self.ingest_release(&node, release, &mut keys, &mut releases)?;
+                    batch.put(rec::ledger_key(node_id, event.seq), rec::encode(&event));
+                    continue;
+                }
                 // An order's later events stand or fall with its reservation: if that was refused,
                 // the ledger never knew the order, and what follows is refused too.
                 let opens_order = matches!(event.kind, OrderEventKind::Reserved { .. });
@@ -495,6 +512,7 @@ impl Coordinator {
             for ((sku, id), record) in keys {
                 batch.put(rec::key_key(&sku, id), rec::encode(&record));
             }
+            releases.write(&mut batch);
             for (id, order) in orders {
                 batch.put(rec::order_key(&id), rec::encode(&order));
             }
@@ -505,6 +523,7 @@ impl Coordinator {
                 }
             }
             node = self.queue_renewals(&mut batch, node, now)?;
+            node = self.queue_reconciles(&mut batch, node, now)?;
             node.control_applied = node.control_applied.max(upload.control_applied);
             node.last_contact = Some(now);
             node.stock = upload
@@ -514,6 +533,9 @@ impl Coordinator {
                 .collect();
             batch.put(rec::node_key(node_id), rec::encode(&node));
             self.store.apply(batch)?;
+            // Keys released for a recipient go out only now that the release is in the ledger.
+            self.complete_regrants()?;
+            self.top_up(node_id)?;
             node.events_high_water
         };
         self.store.durable().await?;
@@ -521,11 +543,60 @@ impl Coordinator {
         Ok(SyncAck { events_high_water, control: self.pending_control(node_id)? })
     }
 
-    /// Renews, while the node is in contact, every lease of its slices that has less than half
-    /// of its length left: a grant of the same slice, keys and epoch with a later deadline,
-    /// queued like any grant. The slice record takes the new deadline at once; if the node never
-    /// receives it, the deadline the node holds is the earlier one, so the coordinator's view
-    /// errs on the late side, which is the safe side for reclaiming keys.
+    /// Puts into `batch` a new slice of `key_ids` (already taken out of the pool by the caller)
+    /// for `node`: the keys' states, the slice record, and the signed grant queued for the node.
+    /// Returns the slice, the node record with its new control seq, and that seq.
+    pub(crate) fn grant_slice_into(
+        &self,
+        batch: &mut WriteBatch,
+        node: NodeRecord,
+        sku: &Sku,
+        key_ids: &[KeyId],
+        now: UnixMillis,
+    ) -> Result<(SliceRecord, NodeRecord, u64), CoordinatorError> {
+        let slice_id = SliceId(self.next_counter(batch, "next_slice_id", 1)?);
+        let mut keys = Vec::with_capacity(key_ids.len());
+        for id in key_ids {
+            let mut record: KeyRecord = self.load("key", &rec::key_key(sku, *id))?.ok_or_else(|| {
+                StoreError::Corrupt { key: format!("k/{sku}/{id}"), reason: "free key missing".into() }
+            })?;
+            record.state = KeyState::Granted { slice: slice_id, node_index: node.index };
+            keys.push(GrantedKey { key_id: *id, secret: record.secret.clone() });
+            batch.put(rec::key_key(sku, *id), rec::encode(&record));
+        }
+        let grant = SliceGrant {
+            slice_id,
+            sku: sku.clone(),
+            node_id: node.node_id.clone(),
+            epoch: Epoch(1),
+            issued_at: now,
+            lease_deadline: now.saturating_add_ms(self.settings.lease.as_millis() as u64),
+            take_window: self.settings.take_window,
+            keys,
+        };
+        let signed = grant.sign(&self.signing_key)?;
+        let slice = SliceRecord {
+            slice_id,
+            sku: sku.clone(),
+            node: node.node_id.clone(),
+            epoch: grant.epoch,
+            issued_at: now,
+            lease_deadline: grant.lease_deadline,
+            key_runs: rec::runs_of(key_ids),
+            take_window: grant.take_window,
+            state: SliceState::Active,
+        };
+        batch.put(rec::slice_key(slice_id), rec::encode(&slice));
+        let node = self.queue_control(batch, node, CONTROL_GRANT, signed.to_bytes()?)?;
+        let seq = node.next_control_seq.saturating_sub(1);
+        Ok((slice, node, seq))
+    }
+
+    /// Renews, while the node is in contact, every lease of its active slices that has less than
+    /// half of its length left: a signed renewal for the slice's epoch with a later deadline,
+    /// queued like any control message. The slice record takes the new deadline at once; if the
+    /// node never receives it, the deadline the node holds is the earlier one, so the
+    /// coordinator's view errs on the late side, which is the safe side for reclaiming keys.
     fn queue_renewals(
         &self,
         batch: &mut WriteBatch,
@@ -534,30 +605,24 @@ impl Coordinator {
     ) -> Result<NodeRecord, CoordinatorError> {
         let lease_ms = self.settings.lease.as_millis() as u64;
         for mut slice in self.slices()? {
-            if slice.node != node.node_id || slice.lease_deadline.0.saturating_sub(now.0) >= lease_ms / 2 {
+            let due = slice.node == node.node_id
+                && slice.state == SliceState::Active
+                && lease::renewal_due(slice.lease_deadline, now, lease_ms);
+            if !due {
                 continue;
             }
-            let mut keys = Vec::with_capacity(slice.key_count() as usize);
-            for id in slice.key_ids() {
-                let record: KeyRecord = self.load("key", &rec::key_key(&slice.sku, id))?.ok_or_else(|| {
-                    StoreError::Corrupt { key: format!("k/{}/{id}", slice.sku), reason: "granted key missing".into() }
-                })?;
-                keys.push(GrantedKey { key_id: id, secret: record.secret });
-            }
-            let grant = SliceGrant {
+            let renewal = LeaseRenewal {
                 slice_id: slice.slice_id,
-                sku: slice.sku.clone(),
                 node_id: node.node_id.clone(),
                 epoch: slice.epoch,
                 issued_at: now,
                 lease_deadline: now.saturating_add_ms(lease_ms),
-                keys,
             };
-            let signed = grant.sign(&self.signing_key)?;
-            node = self.queue_control(batch, node, CONTROL_GRANT, signed.to_bytes()?)?;
-            slice.lease_deadline = grant.lease_deadline;
+            let signed = renewal.sign(&self.signing_key)?;
+            node = self.queue_control(batch, node, CONTROL_RENEW, signed.to_bytes()?)?;
+            slice.lease_deadline = renewal.lease_deadline;
             batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice));
-            tracing::info!(slice = %slice.slice_id, node = %node.node_id, "lease renewal queued");
+            tracing::debug!(slice = %slice.slice_id, node = %node.node_id, "lease renewal queued");
         }
         Ok(node)
     }
@@ -589,11 +654,7 @@ impl Coordinator {
                     }
                 },
             };
-            let owner = match record.state {
-                KeyState::Granted { node_index, .. } | KeyState::Sold { node_index, .. } => Some(node_index),
-                KeyState::Pool => None,
-            };
-            if owner != Some(node.index) {
+            if record.state.holder().map(|(_, index)| index) != Some(node.index) {
                 return Ok(Err((
                     "key_not_granted",
                     format!("seq {}: key {id} of {} is not granted to {}", event.seq, event.sku, node.node_id),
@@ -611,8 +672,13 @@ impl Coordinator {
         }
         if matches!(event.kind, OrderEventKind::Delivered { .. }) {
             for (slot, mut record) in loaded {
-                if let KeyState::Granted { slice, node_index } = record.state {
-                    record.state = KeyState::Sold { slice, node_index, order: event.order_id };
+                match record.state {
+                    KeyState::Granted { slice, node_index }
+                    | KeyState::Quarantined { slice, node_index }
+                    | KeyState::WrittenOff { slice, node_index } => {
+                        record.state = KeyState::Sold { slice, node_index, order: event.order_id };
+                    }
+                    KeyState::Pool | KeyState::Sold { .. } => {}
                 }
                 keys.insert(slot, record);
             }
@@ -670,6 +736,8 @@ impl Coordinator {
                 order.key_ids.clear();
                 order.status = LedgerStatus::PaidAwaitingStock;
             }
+            // Handled before: not about an order.
+            OrderEventKind::Released { .. } => {}
         }
         orders.insert(event.order_id, order);
         Ok(())
@@ -701,6 +769,18 @@ impl Coordinator {
                 Some((&CONTROL_CATALOG, payload)) => {
                     let products: Vec<ProductRecord> = rec::decode("catalog", payload)?;
                     ControlBody::Catalog { products: products.iter().map(catalog_product).collect() }
+                }
+                Some((&CONTROL_RENEW, payload)) => ControlBody::Renew { signed_renewal: payload.to_vec() },
+                Some((&CONTROL_SHRINK, payload)) => {
+                    let shrink: ShrinkOrder = rec::decode("shrink", payload)?;
+                    ControlBody::Shrink {
+                        slice_id: shrink.slice_id,
+                        sku: shrink.sku,
+                        epoch: shrink.epoch,
+                        count: shrink.count,
+                        close: shrink.close,
+                        ticket: shrink.ticket,
+                    }
                 }
                 _ => return Err(StoreError::Corrupt { key: "q/".into(), reason: "unknown control message".into() }),
             };

@@ -65,6 +65,7 @@ fn grant(node_id: &NodeId, slice: u64, first_key: u64, count: u64) -> SliceGrant
         epoch: Epoch(1),
         issued_at: now,
         lease_deadline: now.saturating_add_ms(3_600_000),
+        take_window: 1_000_000,
         keys: (first_key..first_key + count)
             .map(|k| GrantedKey { key_id: KeyId(k), secret: Secret::new(format!("SECRET-{k:06}")).unwrap() })
             .collect(),
@@ -261,7 +262,7 @@ async fn control_messages_install_grants_and_catalogs_in_order() {
     let link = Link::start(&pki, &server, &engine, &key, timing(100));
     eventually("control applied", || engine.sync_progress().unwrap().1 == 3).await;
     assert_eq!(engine.stock(&sku()), 4, "the genuine grant is installed, the forged one is not");
-    assert!(engine.leases().iter().all(|l| l.0 == SliceId(8)));
+    assert!(engine.leases().iter().all(|l| l.slice_id == SliceId(8)));
     assert!(engine.catalog().get(&new_sku).is_some(), "catalog replaced");
     assert_eq!(engine.metrics().grants_refused.get(), 1, "the forged grant was refused once, not retried");
     // The coordinator hears that everything was applied, and sends nothing again.

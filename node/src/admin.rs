@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::api::{bytes_response, json_response, HttpResponse};
 use crate::limiter::Limiters;
 use crate::metrics::{render_gauge, render_labelled, HttpMetrics};
-use crate::orders::{GrantInstallError, GrantOutcome, OrderEngine};
+use crate::orders::{GrantInstallError, GrantOutcome, OrderEngine, SliceStatus};
 use crate::time_fmt::rfc3339;
 
 /// Largest grant accepted over the admin API (a million keys is about 40 MB).
@@ -105,10 +105,12 @@ impl AdminApi {
             .engine
             .leases()
             .into_iter()
-            .map(|(slice, sku, epoch, deadline, live, available)| {
+            .map(|slice| {
                 json!({
-                    "slice_id": slice.0, "sku": sku.as_str(), "epoch": epoch,
-                    "lease_deadline": rfc3339(deadline), "selling": live, "available": available,
+                    "slice_id": slice.slice_id.0, "sku": slice.sku.as_str(), "epoch": slice.epoch,
+                    "lease_deadline": rfc3339(slice.lease_deadline), "selling": slice.selling,
+                    "lease_live": slice.lease_live, "closed": slice.closed, "available": slice.available,
+                    "unacknowledged_takes": slice.unacked_takes, "take_window": slice.take_window,
                 })
             })
             .collect();
@@ -143,13 +145,20 @@ impl AdminApi {
             self.engine.catalog().all().iter().map(|p| (p.sku.to_string(), self.engine.stock(&p.sku) as i64)).collect();
         render_labelled(&mut out, "edgecard_stock_keys", "gauge", "Keys sellable now, per sku.", "sku", &stock);
         let leases = self.engine.leases();
-        let selling = leases.iter().filter(|l| l.4).count() as i64;
-        render_gauge(&mut out, "edgecard_slices_selling", "Slices under a live lease.", selling);
+        let count = |pred: fn(&SliceStatus) -> bool| leases.iter().filter(|l| pred(l)).count() as i64;
+        render_gauge(&mut out, "edgecard_slices_selling", "Slices open under a live lease.", count(|l| l.selling));
         render_gauge(
             &mut out,
             "edgecard_slices_lease_expired",
-            "Slices held whose lease has run out.",
-            leases.len() as i64 - selling,
+            "Slices held whose lease has run out (the node does not sell from them).",
+            count(|l| !l.lease_live),
+        );
+        render_gauge(&mut out, "edgecard_slices_closed", "Slices the coordinator closed.", count(|l| l.closed));
+        render_gauge(
+            &mut out,
+            "edgecard_slices_window_full",
+            "Slices whose take window is full: no sale until the coordinator acknowledges.",
+            count(|l| l.unacked_takes >= l.take_window),
         );
         render_gauge(
             &mut out,

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
 use edgecard_protocol::{
-    CatalogProduct, ControlBody, ControlMessage, SliceStock, SyncAck, SyncClient, SyncErrorCode, SyncTiming,
-    SyncUpload, UploadPlan, MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,
+    CatalogProduct, ControlBody, ControlMessage, SignedRenewal, SliceStock, SyncAck, SyncClient, SyncErrorCode,
+    SyncTiming, SyncUpload, UploadPlan, MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,
 };
 use edgecard_store::metrics::{render_counter, render_gauge, Counter, Gauge};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -357,11 +357,11 @@ impl Link {
             .engine
             .leases()
             .into_iter()
-            .map(|(slice_id, sku, _epoch, _deadline, selling, available)| SliceStock {
-                slice_id,
-                sku,
-                available: available as u64,
-                selling,
+            .map(|slice| SliceStock {
+                slice_id: slice.slice_id,
+                sku: slice.sku,
+                available: slice.available as u64,
+                selling: slice.selling,
             })
             .collect();
         let upload =
@@ -422,6 +422,32 @@ impl Link {
                 }
                 Err(reason) => tracing::warn!(control = seq, %reason, "catalog from the coordinator refused"),
             },
+            ControlBody::Renew { signed_renewal } => {
+                let verified = SignedRenewal::from_bytes(&signed_renewal)
+                    .and_then(|signed| signed.verify(&self.coordinator_key, self.engine.node_id()));
+                match verified {
+                    Ok(renewal) => {
+                        let applied = self
+                            .engine
+                            .apply_renewal(&renewal)
+                            .await
+                            .map_err(|e| ExchangeError::Local(format!("renewing a lease (control {seq}): {e}")))?;
+                        if !applied {
+                            tracing::info!(control = seq, slice = %renewal.slice_id, "lease renewal does not apply");
+                        }
+                    }
+                    Err(e) => {
+                        self.engine.metrics().grants_refused.inc();
+                        tracing::warn!(control = seq, reason = %e, "lease renewal from the coordinator refused");
+                    }
+                }
+            }
+            ControlBody::Shrink { slice_id, sku, epoch, count, close, ticket } => {
+                self.engine
+                    .apply_shrink(slice_id, &sku, epoch, count, close, ticket)
+                    .await
+                    .map_err(|e| ExchangeError::Local(format!("shrinking slice {slice_id} (control {seq}): {e}")))?;
+            }
         }
         Ok(())
     }

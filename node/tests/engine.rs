@@ -57,6 +57,7 @@ fn grant(slice: u64, first_key: u64, count: u64) -> SliceGrant {
         epoch: Epoch(1),
         issued_at: now,
         lease_deadline: now.saturating_add_ms(3_600_000),
+        take_window: 1_000_000,
         keys: (first_key..first_key + count)
             .map(|k| GrantedKey { key_id: KeyId(k), secret: Secret::new(format!("SECRET-{k:06}")).unwrap() })
             .collect(),
@@ -357,6 +358,7 @@ async fn outbox_holds_every_change_in_order_until_acknowledged() {
                 edgecard_protocol::OrderEventKind::Delivered { .. } => "delivered",
                 edgecard_protocol::OrderEventKind::Expired { .. } => "expired",
                 edgecard_protocol::OrderEventKind::AwaitingStock { .. } => "awaiting",
+                edgecard_protocol::OrderEventKind::Released { .. } => "released",
             })
             .collect();
         assert_eq!(kinds, vec!["reserved", "paid", "delivered", "reserved", "expired"]);

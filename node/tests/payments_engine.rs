@@ -49,6 +49,7 @@ fn grant(count: u64) -> SliceGrant {
         epoch: Epoch(1),
         issued_at: now,
         lease_deadline: now.saturating_add_ms(3_600_000),
+        take_window: 1_000_000,
         keys: (1..=count)
             .map(|k| GrantedKey { key_id: KeyId(k), secret: Secret::new(format!("SECRET-{k:06}")).unwrap() })
             .collect(),

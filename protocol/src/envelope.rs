@@ -37,6 +37,8 @@ pub enum MessageKind {
     OrderEventBatch = 3,
     SyncUpload = 4,
     SyncAck = 5,
+    LeaseRenewal = 6,
+    SignedRenewal = 7,
 }
 
 impl TryFrom<u8> for MessageKind {
@@ -48,6 +50,8 @@ impl TryFrom<u8> for MessageKind {
             3 => Ok(MessageKind::OrderEventBatch),
             4 => Ok(MessageKind::SyncUpload),
             5 => Ok(MessageKind::SyncAck),
+            6 => Ok(MessageKind::LeaseRenewal),
+            7 => Ok(MessageKind::SignedRenewal),
             other => Err(EnvelopeError::UnknownKind(other)),
         }
     }
@@ -61,6 +65,8 @@ impl std::fmt::Display for MessageKind {
             MessageKind::OrderEventBatch => "order event batch",
             MessageKind::SyncUpload => "sync upload",
             MessageKind::SyncAck => "sync ack",
+            MessageKind::LeaseRenewal => "lease renewal",
+            MessageKind::SignedRenewal => "signed lease renewal",
         })
     }
 }
@@ -254,11 +260,13 @@ mod tests {
             MessageKind::OrderEventBatch,
             MessageKind::SyncUpload,
             MessageKind::SyncAck,
+            MessageKind::LeaseRenewal,
+            MessageKind::SignedRenewal,
         ] {
             assert_eq!(MessageKind::try_from(k as u8).unwrap(), k);
         }
         assert_eq!(MessageKind::try_from(0), Err(EnvelopeError::UnknownKind(0)));
-        assert_eq!(MessageKind::try_from(6), Err(EnvelopeError::UnknownKind(6)));
+        assert_eq!(MessageKind::try_from(8), Err(EnvelopeError::UnknownKind(8)));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! that way when adding variants.
 
 use crate::envelope::{self, EnvelopeError, MessageKind};
-use crate::ids::{KeyId, NodeId, OrderId, Sku, UnixMillis};
+use crate::ids::{Epoch, KeyId, NodeId, OrderId, Sku, SliceId, UnixMillis};
 
 #[derive(
     Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
@@ -55,6 +55,16 @@ pub enum OrderEventKind {
     /// route more keys to this node.
     AwaitingStock {
         quantity: u32,
+    },
+    /// Not about an order (`order_id` is [`OrderId::NONE`]): the node has durably dropped these
+    /// keys of a slice and will never sell them. It answers a shrink or close from the
+    /// coordinator (`ticket` names it), and follows a closed slice's reservations as they end
+    /// unpaid. Riding in the outbox orders it after every take it could follow.
+    Released {
+        slice_id: SliceId,
+        epoch: Epoch,
+        ticket: u64,
+        key_ids: Vec<KeyId>,
     },
 }
 
@@ -130,7 +140,7 @@ impl OrderEventKind {
                 }
                 check_key_ids(key_ids)
             }
-            OrderEventKind::Expired { key_ids } => check_key_ids(key_ids),
+            OrderEventKind::Expired { key_ids } | OrderEventKind::Released { key_ids, .. } => check_key_ids(key_ids),
             OrderEventKind::AwaitingStock { quantity } => {
                 if *quantity == 0 {
                     return Err("awaiting-stock quantity is 0".into());

@@ -39,6 +39,10 @@ pub struct SliceGrant {
     pub epoch: Epoch,
     pub issued_at: UnixMillis,
     pub lease_deadline: UnixMillis,
+    /// Most keys the node may take from this slice that the coordinator has not acknowledged.
+    /// The coordinator relies on it to reclaim a dark node's keys: past the lowest
+    /// `take_window` unsold keys, nothing can have been touched.
+    pub take_window: u64,
     /// Sorted by strictly ascending key id.
     pub keys: Vec<GrantedKey>,
 }
@@ -52,6 +56,7 @@ impl fmt::Debug for SliceGrant {
             .field("epoch", &self.epoch)
             .field("issued_at", &self.issued_at)
             .field("lease_deadline", &self.lease_deadline)
+            .field("take_window", &self.take_window)
             .field("keys", &format_args!("[{} keys]", self.keys.len()))
             .finish()
     }
@@ -90,6 +95,9 @@ impl SliceGrant {
         }
         if self.keys.len() > MAX_GRANT_KEYS {
             return Err(invalid(format!("grant carries {} keys (max {MAX_GRANT_KEYS})", self.keys.len())));
+        }
+        if self.take_window == 0 {
+            return Err(invalid("take window is 0".into()));
         }
         if self.lease_deadline <= self.issued_at {
             return Err(invalid(format!(
@@ -205,6 +213,7 @@ mod tests {
             epoch: Epoch(3),
             issued_at: UnixMillis(1_000),
             lease_deadline: UnixMillis(61_000),
+            take_window: 100,
             keys: vec![gk(1, "AAAA-1111"), gk(2, "BBBB-2222"), gk(5, "CCCC-5555")],
         }
     }
@@ -297,6 +306,7 @@ mod tests {
         epoch: u64,
         issued_at: u64,
         lease_deadline: u64,
+        take_window: u64,
         keys: Vec<RawKey>,
     }
 
@@ -308,6 +318,7 @@ mod tests {
             epoch: 1,
             issued_at: 1,
             lease_deadline: 2,
+            take_window: 1,
             keys: vec![RawKey { key_id: 1, secret: secret.into() }],
         }
     }
@@ -356,6 +367,9 @@ mod tests {
         assert!(matches!(g.validate(), Err(GrantError::Invalid(_))));
         let mut g = grant();
         g.lease_deadline = g.issued_at;
+        assert!(matches!(g.validate(), Err(GrantError::Invalid(_))));
+        let mut g = grant();
+        g.take_window = 0;
         assert!(matches!(g.validate(), Err(GrantError::Invalid(_))));
         let mut g = grant();
         g.keys = (0..=MAX_GRANT_KEYS as u64)

@@ -287,6 +287,9 @@ impl fmt::Display for UnixMillis {
 pub struct OrderId([u8; 16]);
 
 impl OrderId {
+    /// The id of no order, for outbox events that are about a slice rather than an order.
+    pub const NONE: OrderId = OrderId([0; 16]);
+
     pub fn random() -> Self {
         let mut b = [0u8; 16];
         OsRng.fill_bytes(&mut b);

@@ -12,15 +12,21 @@
 pub mod envelope;
 pub mod event;
 pub mod grant;
+pub mod holdings;
 pub mod ids;
 pub mod keyfile;
+pub mod lease;
+pub mod rebalance;
+pub mod renewal;
 pub mod sync;
 
 pub use envelope::{decode, encode, peek_kind, Decodable, Encodable, EnvelopeError, MessageKind, MAX_PAYLOAD};
 pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind};
 pub use grant::{GrantError, GrantedKey, SignedGrant, SliceGrant, GRANT_SIGNATURE_DOMAIN, MAX_GRANT_KEYS};
+pub use holdings::{Holdings, SliceHolding};
 pub use ids::{Epoch, IdError, IdKind, KeyId, NodeId, OrderId, OrderToken, Secret, Sku, SliceId, UnixMillis};
 pub use keyfile::{decode_signing_key, decode_verifying_key, encode_signing_key, encode_verifying_key, KeyFileError};
+pub use renewal::{LeaseRenewal, SignedRenewal, RENEWAL_SIGNATURE_DOMAIN};
 pub use sync::{
     AckOutcome, CatalogProduct, ControlBody, ControlMessage, SliceStock, SyncAck, SyncClient, SyncError, SyncErrorCode,
     SyncTiming, SyncUpload, UploadPlan, MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,

@@ -12,7 +12,7 @@
 
 use crate::envelope::{self, EnvelopeError, MessageKind};
 use crate::event::OrderEvent;
-use crate::ids::{NodeId, Sku, SliceId};
+use crate::ids::{Epoch, NodeId, Sku, SliceId};
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SyncUpload {
@@ -54,6 +54,15 @@ pub enum ControlBody {
     Grant { signed_grant: Vec<u8> },
     /// The full catalog the node should sell.
     Catalog { products: Vec<CatalogProduct> },
+    /// A `SignedRenewal` envelope: a later lease deadline for a slice the node holds.
+    Renew { signed_renewal: Vec<u8> },
+    /// Give keys of a slice back (demarcation: the donor releases first, and reports the
+    /// released keys as a `Released` event with `ticket`). `count` available keys are dropped,
+    /// highest ids first; keys under open reservations stay. With `close`, the slice stops
+    /// selling, every available key is dropped, and keys of reservations that later end unpaid
+    /// are dropped and reported too. `epoch` becomes the slice's epoch, so renewals issued
+    /// before the shrink no longer apply.
+    Shrink { slice_id: SliceId, sku: Sku, epoch: Epoch, count: u64, close: bool, ticket: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -119,10 +128,14 @@ impl SyncAck {
                 return Err(SyncError::Invalid("control seqs must increase".into()));
             }
             last = message.seq;
-            if let ControlBody::Catalog { products } = &message.body {
-                for product in products {
-                    product.sku.validate().map_err(|e| SyncError::Invalid(e.to_string()))?;
+            match &message.body {
+                ControlBody::Catalog { products } => {
+                    for product in products {
+                        product.sku.validate().map_err(|e| SyncError::Invalid(e.to_string()))?;
+                    }
                 }
+                ControlBody::Shrink { sku, .. } => sku.validate().map_err(|e| SyncError::Invalid(e.to_string()))?,
+                ControlBody::Grant { .. } | ControlBody::Renew { .. } => {}
             }
         }
         Ok(ack)

@@ -40,6 +40,7 @@ fn grant() -> impl Strategy<Value = SliceGrant> {
                 epoch: Epoch(epoch),
                 issued_at: UnixMillis(issued),
                 lease_deadline: UnixMillis(issued).saturating_add_ms(ttl),
+                take_window: 1_000_000,
                 keys: keys.into_iter().map(|(id, secret)| GrantedKey { key_id: KeyId(id), secret }).collect(),
             }
         })
@@ -128,6 +129,7 @@ fn every_bit_flip_of_a_small_grant_is_refused() {
         epoch: Epoch(1),
         issued_at: UnixMillis(10),
         lease_deadline: UnixMillis(20),
+        take_window: 1_000_000,
         keys: vec![GrantedKey { key_id: KeyId(1), secret: Secret::new("k".into()).unwrap() }],
     };
     let bytes = wire(&g);

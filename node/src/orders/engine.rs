@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgecard_protocol::{
-    KeyId, NodeId, OrderEvent, OrderEventKind, OrderId, OrderToken, Secret, Sku, SliceGrant, SliceId, UnixMillis,
+    lease, Epoch, Holdings, KeyId, LeaseRenewal, NodeId, OrderEvent, OrderEventKind, OrderId, OrderToken, Secret, Sku,
+    SliceGrant, SliceHolding, SliceId, UnixMillis,
 };
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::inventory::{Inventory, SliceLease};
 use super::record::{self, OrderRecord, OrderStatus, PaymentAttempt, PaymentRecord, SliceMeta};
 use crate::catalog::Catalog;
 use crate::config::{Currency, OrdersConfig};
@@ -119,7 +119,7 @@ struct OpenReservation {
 
 #[derive(Default)]
 struct State {
-    inventory: Inventory,
+    holdings: Holdings,
     open: HashMap<OrderId, OpenReservation>,
     expiry: BTreeSet<(UnixMillis, OrderId)>,
     open_per_ip: HashMap<LimitKey, u32>,
@@ -153,7 +153,8 @@ impl State {
         Some(open)
     }
 
-    /// Appends an outbox event to `batch`; the caller applies the batch under the same lock.
+    /// Appends an outbox event about `order` to `batch`; the caller applies the batch under the
+    /// same lock. Returns the event's seq.
     fn push_event(
         &mut self,
         batch: &mut WriteBatch,
@@ -161,14 +162,46 @@ impl State {
         order: &OrderRecord,
         at: UnixMillis,
         kind: OrderEventKind,
-    ) {
+    ) -> u64 {
+        self.push_outbox(batch, node, order.id, &order.sku, at, kind)
+    }
+
+    fn push_outbox(
+        &mut self,
+        batch: &mut WriteBatch,
+        node: &NodeId,
+        order_id: OrderId,
+        sku: &Sku,
+        at: UnixMillis,
+        kind: OrderEventKind,
+    ) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let event = OrderEvent { node_id: node.clone(), seq, at, order_id: order.id, sku: order.sku.clone(), kind };
+        let event = OrderEvent { node_id: node.clone(), seq, at, order_id, sku: sku.clone(), kind };
         batch.put(record::outbox_key(seq), serde_json::to_vec(&event).unwrap_or_default());
         batch.put(record::NEXT_SEQ.to_vec(), self.next_seq.to_be_bytes().to_vec());
         self.outbox_notify.notify_one();
+        seq
     }
+
+    /// Reports keys of a slice as durably dropped (same batch as their removal).
+    fn push_released(&mut self, batch: &mut WriteBatch, node: &NodeId, slice: SliceId, released: Released) {
+        let kind = OrderEventKind::Released {
+            slice_id: slice,
+            epoch: released.epoch,
+            ticket: released.ticket,
+            key_ids: released.keys,
+        };
+        self.push_outbox(batch, node, OrderId::NONE, &released.sku, now_millis(), kind);
+    }
+}
+
+/// Keys of one slice being dropped, and the ticket and epoch they answer to.
+struct Released {
+    sku: Sku,
+    epoch: Epoch,
+    ticket: u64,
+    keys: Vec<KeyId>,
 }
 
 fn decrement<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, u32>, key: &K) {
@@ -197,6 +230,24 @@ pub struct OrderEngine {
     /// Delivered orders whose batch is applied but maybe not yet durable: lookups wait for them.
     pending_durable: Mutex<HashSet<OrderId>>,
     metrics: Arc<OrderMetrics>,
+    /// Origin of the node's monotonic milliseconds, which leases are measured on.
+    clock_base: Instant,
+}
+
+/// A slice as the node holds it, for status pages, metrics and the sync link's stock report.
+#[derive(Debug, Clone)]
+pub struct SliceStatus {
+    pub slice_id: SliceId,
+    pub sku: Sku,
+    pub epoch: u64,
+    pub lease_deadline: UnixMillis,
+    /// Open, under a live lease: new sales may come from it.
+    pub selling: bool,
+    pub lease_live: bool,
+    pub closed: bool,
+    pub available: usize,
+    pub unacked_takes: u64,
+    pub take_window: u64,
 }
 
 impl OrderEngine {
@@ -209,7 +260,8 @@ impl OrderEngine {
         config: OrdersConfig,
         metrics: Arc<OrderMetrics>,
     ) -> Result<Self, StoreError> {
-        let state = load_state(&store, &config)?;
+        let clock_base = Instant::now();
+        let state = load_state(&store, &config, 0)?;
         metrics.open_reservations.set(state.open.len() as i64);
         let engine = OrderEngine {
             node_id,
@@ -219,6 +271,7 @@ impl OrderEngine {
             state: Mutex::new(state),
             pending_durable: Mutex::new(HashSet::new()),
             metrics,
+            clock_base,
         };
         engine.expire_due(now_millis()).await?;
         Ok(engine)
@@ -244,23 +297,40 @@ impl OrderEngine {
         Duration::from_secs(self.config.reservation_ttl_secs)
     }
 
+    /// Milliseconds of the node's monotonic clock since the engine opened.
+    fn mono_ms(&self) -> u64 {
+        u64::try_from(self.clock_base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Keys of `sku` sellable now.
     pub fn stock(&self, sku: &Sku) -> usize {
-        self.state.lock().inventory.sellable(sku, Instant::now())
+        let now = self.mono_ms();
+        self.state.lock().holdings.sellable(sku, now)
     }
 
     pub fn open_reservations(&self) -> usize {
         self.state.lock().open.len()
     }
 
-    /// (slice id, sku, epoch, lease deadline, live, available) for status pages and metrics.
-    pub fn leases(&self) -> Vec<(SliceId, Sku, u64, UnixMillis, bool, usize)> {
-        let now = Instant::now();
+    /// Every slice held, for status pages, metrics and the stock report.
+    pub fn leases(&self) -> Vec<SliceStatus> {
+        let now = self.mono_ms();
         let state = self.state.lock();
         state
-            .inventory
+            .holdings
             .slices()
-            .map(|(id, l)| (*id, l.sku.clone(), l.epoch.0, l.lease_deadline, l.is_live(now), l.available))
+            .map(|(id, s)| SliceStatus {
+                slice_id: *id,
+                sku: s.sku.clone(),
+                epoch: s.epoch.0,
+                lease_deadline: s.lease_deadline,
+                selling: s.sells(now),
+                lease_live: s.lease_live(now),
+                closed: s.closed.is_some(),
+                available: s.available,
+                unacked_takes: s.unacked_takes,
+                take_window: s.take_window,
+            })
             .collect()
     }
 
@@ -296,7 +366,7 @@ impl OrderEngine {
                     return Err(OrderError::TooManyOpen { who: "email" });
                 }
             }
-            let Some(taken) = state.inventory.take(&request.sku, request.quantity as usize, Instant::now()) else {
+            let Some(taken) = state.holdings.take(&request.sku, request.quantity as usize, self.mono_ms()) else {
                 self.metrics.sold_out.inc();
                 return Err(OrderError::SoldOut { sku: request.sku.to_string() });
             };
@@ -333,13 +403,14 @@ impl OrderEngine {
                 currency: record.currency.clone(),
                 expires_at,
             };
-            state.push_event(&mut batch, &self.node_id, &record, now, event);
+            let seq = state.push_event(&mut batch, &self.node_id, &record, now, event);
             if let Err(e) = self.store.apply(batch) {
                 for (key, slice) in taken {
-                    state.inventory.put(&request.sku, key, slice);
+                    state.holdings.put(&request.sku, key, slice);
                 }
                 return Err(e.into());
             }
+            state.holdings.record_takes(seq, &taken);
             state.open.insert(
                 record.id,
                 OpenReservation { sku: request.sku.clone(), key_ids, expires_at, ip, email: email.clone() },
@@ -428,23 +499,29 @@ impl OrderEngine {
                         batch.delete(record::open_key(&order.id));
                         self.metrics.open_reservations.add(-1);
                     }
-                    let keys = match held {
-                        Some(held) if self.keys_still_sellable(&state, &held) => Some(held.key_ids),
+                    // Keys held by the reservation, or freshly taken ones (which count against the
+                    // take window once their Delivered event has a seq).
+                    let (keys, fresh) = match held {
+                        Some(held) if self.keys_still_sellable(&state, &held) => (Some(held.key_ids), Vec::new()),
                         held => {
                             // The reservation ended (or its lease did): its keys go back, and the
                             // order competes for stock like a new one.
                             if let Some(held) = held {
-                                self.return_keys(&mut state, &held.sku, &held.key_ids)?;
+                                let back = self.give_back(&mut state, &mut batch, &held.sku, &held.key_ids)?;
+                                for (key, slice) in back {
+                                    state.holdings.put(&held.sku, key, slice);
+                                }
                             }
-                            state
-                                .inventory
-                                .take(&order.sku, order.quantity as usize, Instant::now())
-                                .map(|taken| taken.into_iter().map(|(k, _)| k).collect())
+                            match state.holdings.take(&order.sku, order.quantity as usize, self.mono_ms()) {
+                                Some(taken) => (Some(taken.iter().map(|(k, _)| *k).collect()), taken),
+                                None => (None, Vec::new()),
+                            }
                         }
                     };
                     match keys {
                         Some(keys) => {
-                            self.deliver(&mut state, &mut batch, &mut order, keys, now)?;
+                            let seq = self.deliver(&mut state, &mut batch, &mut order, keys, now)?;
+                            state.holdings.record_takes(seq, &fresh);
                             PaymentOutcome::Delivered
                         }
                         None => {
@@ -541,6 +618,7 @@ impl OrderEngine {
             let mut batch = WriteBatch::default();
             let Some(held) = self.end_reservation(&mut state, &mut batch, id, now)? else { return Ok(false) };
             batch.delete(record::confirm_key(id));
+            let back = self.give_back(&mut state, &mut batch, &held.sku, &held.key_ids)?;
             if let Err(e) = self.store.apply(batch) {
                 // Not applied: the reservation stays open and expires by its TTL.
                 state.expiry.insert((held.expires_at, *id));
@@ -548,7 +626,9 @@ impl OrderEngine {
                 state.open.insert(*id, held);
                 return Err(e);
             }
-            self.return_keys(&mut state, &held.sku, &held.key_ids)?;
+            for (key, slice) in back {
+                state.holdings.put(&held.sku, key, slice);
+            }
         }
         self.metrics.expired.inc();
         self.metrics.open_reservations.add(-1);
@@ -583,20 +663,21 @@ impl OrderEngine {
             return false;
         }
         // Every held key's slice must still be under a live lease: a node never sells outside one.
-        let instant = Instant::now();
+        // A slice closed meanwhile still counts: keys under open reservations stay the node's.
+        let mono = self.mono_ms();
         held.key_ids.iter().all(|key| {
             self.store
                 .get(&record::key_key(&held.sku, *key))
                 .ok()
                 .flatten()
                 .and_then(|raw| record::decode_key_value(&raw).map(|(slice, _)| slice))
-                .and_then(|slice| state.inventory.slice(slice))
-                .is_some_and(|lease| lease.is_live(instant))
+                .and_then(|slice| state.holdings.slice(slice))
+                .is_some_and(|holding| holding.lease_live(mono))
         })
     }
 
     /// Moves `keys` into `order` as Delivered: secrets copied into the record, the keys removed
-    /// from the sellable set and tombstoned, all in `batch`.
+    /// from the sellable set and tombstoned, all in `batch`. Returns the Delivered event's seq.
     fn deliver(
         &self,
         state: &mut State,
@@ -604,7 +685,7 @@ impl OrderEngine {
         order: &mut OrderRecord,
         keys: Vec<KeyId>,
         now: UnixMillis,
-    ) -> Result<(), OrderError> {
+    ) -> Result<u64, OrderError> {
         let mut secrets = Vec::with_capacity(keys.len());
         for key in &keys {
             let raw = self.store.get(&record::key_key(&order.sku, *key))?.ok_or_else(|| StoreError::Corrupt {
@@ -626,20 +707,48 @@ impl OrderEngine {
         order.key_ids = keys.clone();
         order.secrets = secrets;
         order.delivered_at = Some(now);
-        state.push_event(batch, &self.node_id, order, now, OrderEventKind::Delivered { key_ids: keys });
+        let seq = state.push_event(batch, &self.node_id, order, now, OrderEventKind::Delivered { key_ids: keys });
         self.pending_durable.lock().insert(order.id);
-        Ok(())
+        Ok(seq)
     }
 
-    fn return_keys(&self, state: &mut State, sku: &Sku, keys: &[KeyId]) -> Result<(), StoreError> {
+    /// Takes back the keys of a reservation that ended unpaid. Keys of a slice the coordinator
+    /// closed are dropped and reported released, in `batch`; the others are returned with their
+    /// slice for the caller to put back on sale once the batch is applied.
+    fn give_back(
+        &self,
+        state: &mut State,
+        batch: &mut WriteBatch,
+        sku: &Sku,
+        keys: &[KeyId],
+    ) -> Result<Vec<(KeyId, SliceId)>, StoreError> {
+        let mut back = Vec::with_capacity(keys.len());
+        let mut released: BTreeMap<SliceId, Released> = BTreeMap::new();
         for key in keys {
-            if let Some(raw) = self.store.get(&record::key_key(sku, *key))? {
-                if let Some((slice, _)) = record::decode_key_value(&raw) {
-                    state.inventory.put(sku, *key, slice);
+            let Some(raw) = self.store.get(&record::key_key(sku, *key))? else { continue };
+            let Some((slice, _)) = record::decode_key_value(&raw) else { continue };
+            match state.holdings.slice(slice) {
+                Some(holding) if holding.closed.is_some() => {
+                    batch.delete(record::key_key(sku, *key));
+                    released
+                        .entry(slice)
+                        .or_insert_with(|| Released {
+                            sku: sku.clone(),
+                            epoch: holding.epoch,
+                            ticket: holding.closed.unwrap_or(0),
+                            keys: Vec::new(),
+                        })
+                        .keys
+                        .push(*key);
                 }
+                _ => back.push((*key, slice)),
             }
         }
-        Ok(())
+        for (slice, mut dropped) in released {
+            dropped.keys.sort_unstable();
+            state.push_released(batch, &self.node_id, slice, dropped);
+        }
+        Ok(back)
     }
 
     /// Expires reservations whose TTL has passed; their keys go back on sale. Returns how many.
@@ -654,11 +763,14 @@ impl OrderEngine {
             let mut returned = Vec::new();
             for id in &due {
                 let Some(held) = self.end_reservation(&mut state, &mut batch, id, now)? else { continue };
-                returned.push(held);
+                let back = self.give_back(&mut state, &mut batch, &held.sku, &held.key_ids)?;
+                returned.push((held.sku, back));
             }
             self.store.apply(batch)?;
-            for held in &returned {
-                self.return_keys(&mut state, &held.sku, &held.key_ids)?;
+            for (sku, back) in &returned {
+                for (key, slice) in back {
+                    state.holdings.put(sku, *key, *slice);
+                }
             }
             returned.len()
         };
@@ -676,14 +788,13 @@ impl OrderEngine {
         if grant.lease_deadline <= now {
             return Err(GrantInstallError::Expired);
         }
-        let sells_until = self.sells_until(grant.lease_deadline, now);
-        let lease = SliceLease {
-            sku: grant.sku.clone(),
-            epoch: grant.epoch,
-            lease_deadline: grant.lease_deadline,
-            sells_until,
-            available: 0,
-        };
+        let lease = SliceHolding::new(
+            grant.sku.clone(),
+            grant.epoch,
+            grant.lease_deadline,
+            self.sells_until_ms(grant.lease_deadline, now),
+            grant.take_window,
+        );
         let mut delivered = Vec::new();
         let outcome = {
             let mut state = self.state.lock();
@@ -704,15 +815,18 @@ impl OrderEngine {
                 if grant.epoch == meta.epoch && grant.lease_deadline == meta.lease_deadline {
                     return Ok(GrantOutcome::AlreadyInstalled);
                 }
+                if meta.closed.is_some() {
+                    return Err(GrantInstallError::ChangedSlice { slice: grant.slice_id });
+                }
                 let renewed = SliceMeta { epoch: grant.epoch, lease_deadline: grant.lease_deadline, ..meta };
                 let mut batch = WriteBatch::default();
                 batch.put(slice_key, serde_json::to_vec(&renewed).unwrap_or_default());
                 self.store.apply(batch)?;
-                state.inventory.upsert_slice(grant.slice_id, lease.clone());
+                state.holdings.upsert_slice(grant.slice_id, lease.clone());
                 GrantOutcome::Renewed
             } else {
                 for key in &grant.keys {
-                    if state.inventory.contains(&grant.sku, key.key_id)
+                    if state.holdings.contains(&grant.sku, key.key_id)
                         || self.store.get(&record::sold_key(&grant.sku, key.key_id))?.is_some()
                         || self.store.get(&record::key_key(&grant.sku, key.key_id))?.is_some()
                     {
@@ -727,6 +841,9 @@ impl OrderEngine {
                     lease_deadline: grant.lease_deadline,
                     key_count: grant.keys.len(),
                     keys_digest: record::keys_digest(&grant.keys),
+                    take_window: grant.take_window,
+                    closed: None,
+                    last_ticket: 0,
                 };
                 let mut batch = WriteBatch::default();
                 batch.put(slice_key, serde_json::to_vec(&meta).unwrap_or_default());
@@ -737,9 +854,9 @@ impl OrderEngine {
                     );
                 }
                 self.store.apply(batch)?;
-                state.inventory.upsert_slice(grant.slice_id, lease.clone());
+                state.holdings.upsert_slice(grant.slice_id, lease.clone());
                 for key in &grant.keys {
-                    state.inventory.put(&grant.sku, key.key_id, grant.slice_id);
+                    state.holdings.put(&grant.sku, key.key_id, grant.slice_id);
                 }
                 GrantOutcome::Installed { keys: grant.keys.len(), filled_awaiting: 0 }
             }
@@ -766,10 +883,102 @@ impl OrderEngine {
         })
     }
 
-    fn sells_until(&self, lease_deadline: UnixMillis, now: UnixMillis) -> Instant {
-        let remaining = lease_deadline.0.saturating_sub(now.0);
+    /// The monotonic moment the node stops selling under a lease ending at `lease_deadline`.
+    fn sells_until_ms(&self, lease_deadline: UnixMillis, now: UnixMillis) -> u64 {
         let margin = self.config.lease_safety_margin_secs.saturating_mul(1000);
-        Instant::now() + Duration::from_millis(remaining.saturating_sub(margin))
+        self.mono_ms().saturating_add(lease::node_sells_for_ms(lease_deadline, now, margin))
+    }
+
+    /// Applies a verified lease renewal. `Ok(false)` when it does not apply: unknown or closed
+    /// slice, another epoch, or not later than the deadline held.
+    pub async fn apply_renewal(&self, renewal: &LeaseRenewal) -> Result<bool, StoreError> {
+        let now = now_millis();
+        {
+            let mut state = self.state.lock();
+            let slice_key = record::slice_key(renewal.slice_id);
+            let Some(raw) = self.store.get(&slice_key)? else { return Ok(false) };
+            let meta: SliceMeta = serde_json::from_slice(&raw)
+                .map_err(|e| StoreError::Corrupt { key: format!("g/{}", renewal.slice_id), reason: e.to_string() })?;
+            if meta.epoch != renewal.epoch || meta.closed.is_some() || renewal.lease_deadline <= meta.lease_deadline {
+                return Ok(false);
+            }
+            let sells_until = self.sells_until_ms(renewal.lease_deadline, now);
+            if !state.holdings.renew(renewal.slice_id, renewal.epoch, renewal.lease_deadline, sells_until) {
+                return Ok(false);
+            }
+            let renewed = SliceMeta { lease_deadline: renewal.lease_deadline, ..meta };
+            let mut batch = WriteBatch::default();
+            batch.put(slice_key, serde_json::to_vec(&renewed).unwrap_or_default());
+            self.store.apply(batch)?;
+        }
+        self.store.durable().await?;
+        tracing::info!(slice = %renewal.slice_id, epoch = renewal.epoch.0, "lease renewed");
+        Ok(true)
+    }
+
+    /// Gives keys of a slice back to the coordinator (demarcation: the donor releases first).
+    /// Drops up to `count` available keys, highest ids first, or with `close` every available
+    /// key, closing the slice; keys under open reservations stay until those end. The dropped
+    /// keys are reported in a `Released` event in the same batch. A ticket already applied to
+    /// the slice changes nothing, so a control message delivered twice releases once. Returns
+    /// how many keys were released.
+    pub async fn apply_shrink(
+        &self,
+        slice_id: SliceId,
+        sku: &Sku,
+        epoch: Epoch,
+        count: u64,
+        close: bool,
+        ticket: u64,
+    ) -> Result<usize, StoreError> {
+        let released = {
+            let mut state = self.state.lock();
+            let slice_key = record::slice_key(slice_id);
+            let meta: Option<SliceMeta> = match self.store.get(&slice_key)? {
+                Some(raw) => Some(
+                    serde_json::from_slice(&raw)
+                        .map_err(|e| StoreError::Corrupt { key: format!("g/{slice_id}"), reason: e.to_string() })?,
+                ),
+                None => None,
+            };
+            if meta.as_ref().is_some_and(|m| m.last_ticket >= ticket) {
+                return Ok(0);
+            }
+            // Decide, write, and only then change what is on sale: a failed write changes nothing.
+            let dropped = match &meta {
+                Some(_) => state.holdings.highest_available(slice_id, if close { u64::MAX } else { count }),
+                // Never installed (or long gone): say so anyway, so the coordinator closes its books.
+                None => Vec::new(),
+            };
+            let mut batch = WriteBatch::default();
+            if let Some(meta) = &meta {
+                for key in &dropped {
+                    batch.delete(record::key_key(&meta.sku, *key));
+                }
+                let updated = SliceMeta {
+                    epoch: meta.epoch.max(epoch),
+                    closed: if close { Some(ticket) } else { meta.closed },
+                    last_ticket: ticket,
+                    ..meta.clone()
+                };
+                batch.put(slice_key, serde_json::to_vec(&updated).unwrap_or_default());
+            }
+            let sku = meta.as_ref().map_or(sku, |m| &m.sku).clone();
+            let released = Released { sku: sku.clone(), epoch, ticket, keys: dropped.clone() };
+            state.push_released(&mut batch, &self.node_id, slice_id, released);
+            self.store.apply(batch)?;
+            for key in &dropped {
+                state.holdings.remove(&sku, *key);
+            }
+            state.holdings.set_epoch(slice_id, epoch);
+            if close {
+                state.holdings.mark_closed(slice_id, ticket);
+            }
+            dropped.len()
+        };
+        self.store.durable().await?;
+        tracing::info!(slice = %slice_id, released, close, ticket, "slice shrunk");
+        Ok(released)
     }
 
     /// Delivers PaidAwaitingStock orders of `sku` while stock lasts, oldest payment first.
@@ -780,12 +989,14 @@ impl OrderEngine {
         while let Some(&(seq, id)) = state.awaiting.get(sku).and_then(|q| q.front()) {
             let raw = self.store.get(&record::order_key(&id))?.ok_or(OrderError::NotFound)?;
             let mut order = OrderRecord::decode(&raw)?;
-            let Some(taken) = state.inventory.take(sku, order.quantity as usize, Instant::now()) else { break };
+            let Some(taken) = state.holdings.take(sku, order.quantity as usize, self.mono_ms()) else { break };
             if let Some(queue) = state.awaiting.get_mut(sku) {
                 queue.pop_front();
             }
             batch.delete(record::awaiting_key(seq));
-            self.deliver(&mut state, &mut batch, &mut order, taken.into_iter().map(|(k, _)| k).collect(), now)?;
+            let keys = taken.iter().map(|(k, _)| *k).collect();
+            let event_seq = self.deliver(&mut state, &mut batch, &mut order, keys, now)?;
+            state.holdings.record_takes(event_seq, &taken);
             batch.put(record::order_key(&id), order.encode());
             delivered.push(id);
         }
@@ -846,7 +1057,9 @@ impl OrderEngine {
             }
         }
         batch.put(record::SYNC_ACKED.to_vec(), acked_through.to_be_bytes().to_vec());
-        self.store.apply(batch)
+        self.store.apply(batch)?;
+        self.state.lock().holdings.acknowledge(acked_through);
+        Ok(())
     }
 
     /// Records that control message `seq` was applied; durable before returning, so a restart
@@ -882,33 +1095,27 @@ pub fn normalize_email(raw: &str) -> Result<String, OrderError> {
     }
 }
 
-fn load_state(store: &Store, config: &OrdersConfig) -> Result<State, StoreError> {
+/// Rebuilds the engine's memory from the store; `mono_now` is the engine's monotonic clock.
+fn load_state(store: &Store, config: &OrdersConfig, mono_now: u64) -> Result<State, StoreError> {
     let mut state = State::default();
     let now = now_millis();
     let corrupt = |key: &str, reason: &str| StoreError::Corrupt { key: key.to_string(), reason: reason.to_string() };
+    let margin = config.lease_safety_margin_secs.saturating_mul(1000);
     for item in store.scan_prefix(record::SLICE) {
         let (_, raw) = item?;
         let meta: SliceMeta = serde_json::from_slice(&raw).map_err(|e| corrupt("g/", &e.to_string()))?;
-        let remaining = meta.lease_deadline.0.saturating_sub(now.0);
-        let margin = config.lease_safety_margin_secs.saturating_mul(1000);
-        let sells_until = Instant::now() + Duration::from_millis(remaining.saturating_sub(margin));
-        state.inventory.upsert_slice(
-            meta.slice_id,
-            SliceLease {
-                sku: meta.sku,
-                epoch: meta.epoch,
-                lease_deadline: meta.lease_deadline,
-                sells_until,
-                available: 0,
-            },
-        );
+        let sells_until = mono_now.saturating_add(lease::node_sells_for_ms(meta.lease_deadline, now, margin));
+        let mut holding = SliceHolding::new(meta.sku, meta.epoch, meta.lease_deadline, sells_until, meta.take_window);
+        holding.closed = meta.closed;
+        state.holdings.upsert_slice(meta.slice_id, holding);
     }
     for item in store.scan_prefix(record::KEY) {
         let (key, value) = item?;
         let (sku, key_id) = record::parse_key_key(&key).ok_or_else(|| corrupt("k/", "bad key"))?;
         let (slice, _) = record::decode_key_value(&value).ok_or_else(|| corrupt("k/", "bad value"))?;
-        state.inventory.put(&sku, key_id, slice);
+        state.holdings.put(&sku, key_id, slice);
     }
+    rebuild_take_windows(store, &mut state)?;
     for item in store.scan_prefix(record::OPEN) {
         let (key, _) = item?;
         let id = record::order_id_from(&key[record::OPEN.len()..]).ok_or_else(|| corrupt("x/", "bad order id"))?;
@@ -918,7 +1125,7 @@ fn load_state(store: &Store, config: &OrdersConfig) -> Result<State, StoreError>
             continue;
         }
         for key in &order.key_ids {
-            state.inventory.remove(&order.sku, *key);
+            state.holdings.remove(&order.sku, *key);
         }
         let ip = limit_key(order.client_ip);
         state.count_open(ip, order.email.as_ref());
@@ -951,4 +1158,35 @@ fn load_state(store: &Store, config: &OrdersConfig) -> Result<State, StoreError>
         None => 1,
     };
     Ok(state)
+}
+
+/// Counts the takes of every outbox event the coordinator has not acknowledged against their
+/// slices' take windows. The outbox holds exactly those events (acknowledged ones are pruned in
+/// the same batch that records the mark). A delivered key no longer names its slice, so it counts
+/// against every slice of its sku: over-counting only narrows the window, which is safe.
+fn rebuild_take_windows(store: &Store, state: &mut State) -> Result<(), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { key: "e/".into(), reason };
+    let slices_of: Vec<(SliceId, Sku)> = state.holdings.slices().map(|(id, h)| (*id, h.sku.clone())).collect();
+    for item in store.scan_prefix(record::OUTBOX) {
+        let (_, value) = item?;
+        let event: OrderEvent = serde_json::from_slice(&value).map_err(|e| corrupt(e.to_string()))?;
+        let key_ids = match &event.kind {
+            OrderEventKind::Reserved { key_ids, .. } | OrderEventKind::Delivered { key_ids } => key_ids,
+            _ => continue,
+        };
+        for key in key_ids {
+            let slice = store
+                .get(&record::key_key(&event.sku, *key))?
+                .and_then(|raw| record::decode_key_value(&raw).map(|(slice, _)| slice));
+            match slice {
+                Some(slice) => state.holdings.record_slice_takes(event.seq, slice, 1),
+                None => {
+                    for (slice, _) in slices_of.iter().filter(|(_, sku)| sku == &event.sku) {
+                        state.holdings.record_slice_takes(event.seq, *slice, 1);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,12 +1,11 @@
-//! Orders: the in-memory inventory (pure), the stored records, and the engine that ties them to
+//! Orders: the stored records, and the engine that ties them to
 //! the durable store.
 
 pub mod engine;
-pub mod inventory;
 pub mod record;
 
 pub use engine::{
     CreateOrder, CreatedOrder, GrantInstallError, GrantOutcome, OrderEngine, OrderError, PaymentConfirmation,
-    PaymentOutcome,
+    PaymentOutcome, SliceStatus,
 };
 pub use record::{OrderRecord, OrderStatus, PaymentAttempt};

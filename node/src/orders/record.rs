@@ -139,6 +139,20 @@ pub struct SliceMeta {
     pub key_count: usize,
     /// SHA-256 over the slice's (key id, secret) list: a renewal must carry exactly these keys.
     pub keys_digest: String,
+    /// Most unacknowledged takes allowed (see `protocol::holdings`). Slices stored before the
+    /// window existed had none.
+    #[serde(default = "unbounded_window")]
+    pub take_window: u64,
+    /// The ticket of the coordinator's close, once closed.
+    #[serde(default)]
+    pub closed: Option<u64>,
+    /// The last shrink ticket applied, so a repeated control message releases nothing more.
+    #[serde(default)]
+    pub last_ticket: u64,
+}
+
+fn unbounded_window() -> u64 {
+    u64::MAX
 }
 
 /// The digest stored in [`SliceMeta::keys_digest`].

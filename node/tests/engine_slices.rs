@@ -1,0 +1,192 @@
+//! The order engine's side of leases and rebalancing, against a real sled store: the take
+//! window, shrink and close (demarcation: the donor releases first), and lease renewals.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use edgecard_node::catalog::Catalog;
+use edgecard_node::config::{OrdersConfig, PriceConfig, ProductConfig};
+use edgecard_node::metrics::{OrderMetrics, StoreMetrics};
+use edgecard_node::orders::engine::now_millis;
+use edgecard_node::orders::{CreateOrder, OrderEngine, OrderError, PaymentConfirmation, PaymentOutcome};
+use edgecard_node::store::Store;
+use edgecard_protocol::{
+    Epoch, GrantedKey, KeyId, LeaseRenewal, NodeId, OrderEvent, OrderEventKind, OrderId, Secret, Sku, SliceGrant,
+    SliceId,
+};
+
+fn sku() -> Sku {
+    Sku::new("game-10").unwrap()
+}
+
+fn node() -> NodeId {
+    NodeId::new("eu-1").unwrap()
+}
+
+fn config() -> OrdersConfig {
+    OrdersConfig { max_open_per_ip: 1000, max_open_per_email: 1000, ..OrdersConfig::default() }
+}
+
+async fn open(dir: &Path) -> OrderEngine {
+    let store = Arc::new(Store::open(dir, 8 << 20, Arc::new(StoreMetrics::default())).unwrap());
+    let products = vec![ProductConfig {
+        sku: sku(),
+        title: BTreeMap::from([("en".into(), "Game card".into())]),
+        prices: vec![PriceConfig { amount_minor: 1000, currency: "USD".parse().unwrap() }],
+    }];
+    OrderEngine::open(node(), store, Arc::new(Catalog::new(products)), config(), Arc::new(OrderMetrics::default()))
+        .await
+        .unwrap()
+}
+
+fn grant(slice: u64, keys: std::ops::RangeInclusive<u64>, take_window: u64) -> SliceGrant {
+    let now = now_millis();
+    SliceGrant {
+        slice_id: SliceId(slice),
+        sku: sku(),
+        node_id: node(),
+        epoch: Epoch(1),
+        issued_at: now,
+        lease_deadline: now.saturating_add_ms(3_600_000),
+        take_window,
+        keys: keys
+            .map(|k| GrantedKey { key_id: KeyId(k), secret: Secret::new(format!("S-{k:04}")).unwrap() })
+            .collect(),
+    }
+}
+
+fn buy(ip: u8) -> CreateOrder {
+    CreateOrder {
+        sku: sku(),
+        quantity: 1,
+        email: None,
+        currency: None,
+        channel: "sandbox".into(),
+        client_ip: IpAddr::from([192, 0, 2, ip]),
+    }
+}
+
+fn pay(order: &edgecard_node::orders::OrderRecord, txn: &str) -> PaymentConfirmation {
+    PaymentConfirmation {
+        order_id: order.id,
+        channel: "sandbox".into(),
+        provider_txn: txn.into(),
+        amount_minor: order.amount_minor,
+        currency: order.currency.clone(),
+    }
+}
+
+fn released(events: &[OrderEvent]) -> Vec<(u64, Vec<u64>)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            OrderEventKind::Released { ticket, key_ids, .. } => {
+                assert_eq!(e.order_id, OrderId::NONE);
+                Some((*ticket, key_ids.iter().map(|k| k.0).collect()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_take_window_stops_sales_until_the_coordinator_acknowledges_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = open(dir.path()).await;
+        engine.install_grant(grant(1, 1..=10, 3)).await.unwrap();
+        for ip in 1..=3 {
+            engine.create_order(buy(ip)).await.unwrap();
+        }
+        assert!(matches!(engine.create_order(buy(4)).await, Err(OrderError::SoldOut { .. })), "window of 3 is full");
+        assert_eq!(engine.leases()[0].unacked_takes, 3);
+    }
+    // After a restart the unacknowledged takes are counted again from the outbox.
+    let engine = open(dir.path()).await;
+    assert!(matches!(engine.create_order(buy(4)).await, Err(OrderError::SoldOut { .. })));
+    engine.record_sync_ack(2).unwrap();
+    let fourth = engine.create_order(buy(4)).await.unwrap();
+    assert_eq!(fourth.record.key_ids, vec![KeyId(4)]);
+    engine.create_order(buy(5)).await.unwrap();
+    assert!(matches!(engine.create_order(buy(6)).await, Err(OrderError::SoldOut { .. })), "seqs 3 to 5 unacked");
+    assert_eq!(engine.stock(&sku()), 5, "the keys are there; only the window holds them back");
+}
+
+#[tokio::test]
+async fn shrink_releases_the_highest_available_keys_once_per_ticket() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    engine.install_grant(grant(7, 1..=10, 100)).await.unwrap();
+    let held = engine.create_order(buy(1)).await.unwrap();
+    assert_eq!(held.record.key_ids, vec![KeyId(1)]);
+
+    assert_eq!(engine.apply_shrink(SliceId(7), &sku(), Epoch(2), 4, false, 11).await.unwrap(), 4);
+    assert_eq!(engine.stock(&sku()), 5);
+    // The same control message again (e.g. after a crash before it was marked applied).
+    assert_eq!(engine.apply_shrink(SliceId(7), &sku(), Epoch(2), 4, false, 11).await.unwrap(), 0);
+    assert_eq!(engine.stock(&sku()), 5);
+    // Asking for more than is available releases what is available; the reservation keeps key 1.
+    assert_eq!(engine.apply_shrink(SliceId(7), &sku(), Epoch(3), 100, false, 12).await.unwrap(), 5);
+    assert_eq!(engine.stock(&sku()), 0);
+    let events = engine.outbox_after(0, 100).unwrap();
+    assert_eq!(released(&events), vec![(11, vec![7, 8, 9, 10]), (12, vec![2, 3, 4, 5, 6])]);
+    // The held key is still the buyer's.
+    assert_eq!(engine.confirm_payment(pay(&held.record, "t1")).await.unwrap(), PaymentOutcome::Delivered);
+    // A shrink of a slice the node never had is answered with an empty release.
+    assert_eq!(engine.apply_shrink(SliceId(99), &sku(), Epoch(1), 5, false, 13).await.unwrap(), 0);
+    let events = engine.outbox_after(0, 100).unwrap();
+    assert_eq!(released(&events).last(), Some(&(13, vec![])));
+}
+
+#[tokio::test]
+async fn a_closed_slice_releases_keys_of_reservations_as_they_end() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = open(dir.path()).await;
+        engine.install_grant(grant(3, 1..=5, 100)).await.unwrap();
+        let a = engine.create_order(buy(1)).await.unwrap();
+        let b = engine.create_order(buy(2)).await.unwrap();
+        assert_eq!(engine.apply_shrink(SliceId(3), &sku(), Epoch(2), u64::MAX, true, 21).await.unwrap(), 3);
+        assert!(engine.leases()[0].closed);
+        assert!(matches!(engine.create_order(buy(3)).await, Err(OrderError::SoldOut { .. })));
+        // Paid: the reserved key is delivered (it was never released).
+        assert_eq!(engine.confirm_payment(pay(&a.record, "t1")).await.unwrap(), PaymentOutcome::Delivered);
+        // Unpaid: at expiry the key is released under the close ticket instead of going back on sale.
+        engine.expire_due(b.record.expires_at).await.unwrap();
+        assert_eq!(engine.stock(&sku()), 0);
+        let events = engine.outbox_after(0, 100).unwrap();
+        assert_eq!(released(&events), vec![(21, vec![3, 4, 5]), (21, vec![2])]);
+    }
+    // Closed survives a restart.
+    let engine = open(dir.path()).await;
+    assert!(engine.leases()[0].closed);
+    assert_eq!(engine.stock(&sku()), 0);
+}
+
+#[tokio::test]
+async fn renewals_apply_to_the_current_epoch_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    let g = grant(5, 1..=3, 100);
+    let deadline = g.lease_deadline;
+    engine.install_grant(g).await.unwrap();
+    let renewal = |epoch: u64, extra: u64| LeaseRenewal {
+        slice_id: SliceId(5),
+        node_id: node(),
+        epoch: Epoch(epoch),
+        issued_at: now_millis(),
+        lease_deadline: deadline.saturating_add_ms(extra),
+    };
+    assert!(!engine.apply_renewal(&renewal(2, 60_000)).await.unwrap(), "another epoch");
+    assert!(engine.apply_renewal(&renewal(1, 60_000)).await.unwrap());
+    assert_eq!(engine.leases()[0].lease_deadline, deadline.saturating_add_ms(60_000));
+    assert!(!engine.apply_renewal(&renewal(1, 30_000)).await.unwrap(), "not later than held");
+    // After a shrink bumps the epoch, renewals for the old epoch no longer apply.
+    engine.apply_shrink(SliceId(5), &sku(), Epoch(2), 1, false, 1).await.unwrap();
+    assert!(!engine.apply_renewal(&renewal(1, 120_000)).await.unwrap());
+    assert!(engine.apply_renewal(&renewal(2, 120_000)).await.unwrap());
+}
