@@ -54,6 +54,15 @@ impl AdminClient {
         self.call(Request::post_json(path, body)).await
     }
 
+    pub async fn put_json(&self, path: &str, body: &Value) -> Result<Value, AdminError> {
+        let request = Request::new(http::Method::PUT, path).header("content-type", "application/json");
+        self.call(request.body(body.to_string())).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, AdminError> {
+        self.call(Request::new(http::Method::DELETE, path)).await
+    }
+
     pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<Value, AdminError> {
         self.call(Request::post(path).header("content-type", "text/plain; charset=utf-8").body(body)).await
     }

@@ -96,8 +96,9 @@ pub fn sign_grant(key: &SigningKey, spec: &GrantSpec, secrets: Vec<Secret>) -> R
         epoch: spec.epoch,
         issued_at: UnixMillis(now),
         lease_deadline: UnixMillis(now + spec.lease.as_millis() as u64),
-        // Standalone nodes are never reclaimed by a coordinator, so the whole slice may be taken.
-        take_window: keys.len() as u64,
+        // A standalone node has no coordinator to acknowledge its sales or reclaim its keys, so
+        // nothing limits its takes but the slice itself.
+        take_window: u64::MAX,
         keys,
     };
     Ok(grant.sign(key)?)

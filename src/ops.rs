@@ -69,6 +69,17 @@ pub enum ProductsCommand {
         /// AMOUNT_MINOR:CURRENCY
         price: String,
     },
+    /// Automatic top-up: a node reporting fewer than LOW sellable keys gets enough from the pool
+    /// to reach TARGET. `--off` turns it off.
+    Topup {
+        sku: String,
+        #[arg(long, required_unless_present = "off")]
+        low: Option<u64>,
+        #[arg(long, required_unless_present = "off")]
+        target: Option<u64>,
+        #[arg(long, conflicts_with_all = ["low", "target"])]
+        off: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,8 +110,31 @@ pub enum SlicesCommand {
         #[arg(long)]
         count: u64,
     },
-    /// Every slice with its node, lease and key count.
+    /// Every slice: node, lease, state, and its keys by where they are now.
+    List,
+    /// Stage a move of COUNT unsold keys of SKU from one node to another (see `slices show`).
+    Move {
+        sku: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        count: u64,
+    },
+    /// Stage a drain: every slice of NODE closes and its unsold keys go back to the pool.
+    Drain { node: String },
+    /// Show the staged changes, the plan (what moves where, stock after) and the apply command.
     Show,
+    /// Carry out the staged changes; VERSION is the one `slices show` prints.
+    Apply {
+        #[arg(long)]
+        version: u64,
+    },
+    /// Discard the staged changes.
+    Revert,
+    /// Give up the quarantined keys of a reclaimed slice: nobody will sell them.
+    WriteOff { slice: u64 },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -166,13 +200,18 @@ fn stock_per_sku(stock: &Value) -> String {
     }
     let parts: Vec<String> = per_sku
         .into_iter()
-        .map(|(sku, (n, selling))| if selling { format!("{sku}={n}") } else { format!("{sku}=0(lease expired)") })
+        .map(|(sku, (n, selling))| if selling { format!("{sku}={n}") } else { format!("{sku}=0(not selling)") })
         .collect();
     if parts.is_empty() {
         "-".into()
     } else {
         parts.join(" ")
     }
+}
+
+/// Unix ms as an RFC 3339 UTC time.
+fn time(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "-".into(), |ms| edgecard_node::time_fmt::rfc3339(edgecard_protocol::UnixMillis(ms)))
 }
 
 fn text(v: &Value) -> String {
@@ -293,6 +332,20 @@ pub async fn products(args: &AdminArgs, command: ProductsCommand) -> Result<()> 
             let updated = client.post_json(&format!("/v1/products/{sku}/prices"), &parse_price(&price)?).await?;
             println!("{sku} prices: {}", updated["prices"]);
         }
+        ProductsCommand::Topup { sku, low, target, off } => {
+            let path = format!("/v1/products/{sku}/topup");
+            match (off, low, target) {
+                (true, _, _) => {
+                    client.delete(&path).await?;
+                    println!("{sku}: automatic top-up off");
+                }
+                (false, Some(low), Some(target)) => {
+                    client.put_json(&path, &json!({ "low_watermark": low, "target": target })).await?;
+                    println!("{sku}: nodes under {low} sellable keys are topped up to {target} from the pool");
+                }
+                _ => bail!("give --low and --target, or --off"),
+            }
+        }
     }
     Ok(())
 }
@@ -333,34 +386,147 @@ pub async fn slices(args: &AdminArgs, command: SlicesCommand) -> Result<()> {
                 text(&slice["slice_id"])
             );
         }
-        SlicesCommand::Show => {
+        SlicesCommand::List => {
             let slices = client.get("/v1/slices").await?;
             print(args, &slices, |slices| {
                 println!(
-                    "{:>6} {:<20} {:<12} {:>6} {:>8} {:>16}",
-                    "slice", "sku", "node", "epoch", "keys", "lease until ms"
+                    "{:>6} {:<20} {:<12} {:>6} {:<10} {:>8} {:>8} {:>11} {:>11}  lease until",
+                    "slice", "sku", "node", "epoch", "state", "unsold", "sold", "quarantined", "written off"
                 );
                 for s in slices.as_array().into_iter().flatten() {
-                    let keys: u64 = s["key_runs"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|r| r[1].as_u64().unwrap_or(0).saturating_sub(r[0].as_u64().unwrap_or(0)) + 1)
-                        .sum();
                     println!(
-                        "{:>6} {:<20} {:<12} {:>6} {:>8} {:>16}",
+                        "{:>6} {:<20} {:<12} {:>6} {:<10} {:>8} {:>8} {:>11} {:>11}  {}",
                         text(&s["slice_id"]),
                         text(&s["sku"]),
                         text(&s["node"]),
                         text(&s["epoch"]),
-                        keys,
-                        text(&s["lease_deadline"])
+                        text(&s["state"]["state"]),
+                        text(&s["unsold"]),
+                        text(&s["sold"]),
+                        text(&s["quarantined"]),
+                        text(&s["written_off"]),
+                        time(&s["lease_deadline"])
                     );
                 }
             })?;
         }
+        SlicesCommand::Move { sku, from, to, count } => {
+            let change = json!({ "change": "move", "sku": sku, "from": from, "to": to, "count": count });
+            let preview = client.post_json("/v1/layout/changes", &change).await?;
+            print(args, &preview, print_layout)?;
+        }
+        SlicesCommand::Drain { node } => {
+            let preview = client.post_json("/v1/layout/changes", &json!({ "change": "drain", "node": node })).await?;
+            print(args, &preview, print_layout)?;
+        }
+        SlicesCommand::Show => {
+            let preview = client.get("/v1/layout").await?;
+            print(args, &preview, print_layout)?;
+        }
+        SlicesCommand::Apply { version } => {
+            let applied = client.post_json("/v1/layout/apply", &json!({ "version": version })).await?;
+            print(args, &applied, |a| {
+                println!("layout version {version} applied:");
+                for m in a["moves"].as_array().into_iter().flatten() {
+                    println!(
+                        "  ticket {}: slice {} on {} {} → {}",
+                        text(&m["ticket"]),
+                        text(&m["slice_id"]),
+                        text(&m["from"]),
+                        if m["close"].as_bool() == Some(true) {
+                            "closes".to_string()
+                        } else {
+                            format!("gives {}", text(&m["requested"]))
+                        },
+                        destination(&m["to"])
+                    );
+                }
+                println!("donors release first, with their next sync; recipients get the released keys after that.");
+                println!("follow it with `edgecard status`.");
+            })?;
+        }
+        SlicesCommand::Revert => {
+            let preview = client.post_json("/v1/layout/revert", &json!({})).await?;
+            print(args, &preview, |p| {
+                println!("staged changes discarded; layout version {} is empty", text(&p["version"]))
+            })?;
+        }
+        SlicesCommand::WriteOff { slice } => {
+            let result = client.post_json(&format!("/v1/slices/{slice}/write-off"), &json!({})).await?;
+            print(args, &result, |r| {
+                println!("slice {slice}: {} quarantined keys written off", text(&r["written_off"]))
+            })?;
+        }
     }
     Ok(())
+}
+
+/// Where a move's keys go, from its JSON form.
+fn destination(to: &Value) -> String {
+    match to["kind"].as_str() {
+        Some("node") => text(&to["node"]),
+        _ => "pool".into(),
+    }
+}
+
+fn print_layout(preview: &Value) {
+    let version = text(&preview["version"]);
+    let changes = preview["changes"].as_array().cloned().unwrap_or_default();
+    if changes.is_empty() {
+        println!("nothing staged (next layout version {version})");
+        return;
+    }
+    println!("staged changes (layout version {version}):");
+    for change in &changes {
+        match change["change"].as_str() {
+            Some("move") => println!(
+                "  move {} keys of {} from {} to {}",
+                text(&change["count"]),
+                text(&change["sku"]),
+                text(&change["from"]),
+                text(&change["to"])
+            ),
+            _ => println!("  drain {}", text(&change["node"])),
+        }
+    }
+    if let Some(error) = preview["error"].as_str() {
+        println!("\nthe plan no longer holds: {error}");
+        println!("revert with `edgecard slices revert` and stage again.");
+        return;
+    }
+    let plan = &preview["plan"];
+    println!("\nplan (donors release first; recipients are granted only what was released):");
+    for step in plan["steps"].as_array().into_iter().flatten() {
+        let what = if step["close"].as_bool() == Some(true) {
+            "close".to_string()
+        } else {
+            format!("shrink by {}", text(&step["count"]))
+        };
+        println!(
+            "  slice {:>5} of {:<16} on {:<10} {:<16} → {}",
+            text(&step["slice_id"]),
+            text(&step["sku"]),
+            text(&step["donor"]),
+            what,
+            destination(&step["to"])
+        );
+    }
+    println!("\nunsold keys after:");
+    for change in plan["stock"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<10} {:<16} {:>8} → {}",
+            text(&change["node"]),
+            text(&change["sku"]),
+            text(&change["before"]),
+            text(&change["after"])
+        );
+    }
+    if let Some(pool) = plan["pool_after"].as_object() {
+        for (sku, n) in pool {
+            println!("  {:<10} {:<16} {:>8}", "pool", sku, text(n));
+        }
+    }
+    println!("\napply with:\n  edgecard slices apply --version {version}");
 }
 
 fn order_query(filter: &OrderFilterArgs) -> String {
@@ -491,6 +657,75 @@ pub async fn status(args: &AdminArgs) -> Result<()> {
                 lag(&n["last_contact"]),
                 stock_per_sku(&n["stock"])
             );
+        }
+        println!(
+            "\n{:>6} {:<12} {:<16} {:<10} {:>8} {:>8} {:>11}  lease until",
+            "slice", "node", "sku", "state", "unsold", "sold", "quarantined"
+        );
+        for l in s["leases"].as_array().into_iter().flatten() {
+            println!(
+                "{:>6} {:<12} {:<16} {:<10} {:>8} {:>8} {:>11}  {}",
+                text(&l["slice_id"]),
+                text(&l["node"]),
+                text(&l["sku"]),
+                text(&l["state"]),
+                text(&l["unsold"]),
+                text(&l["sold"]),
+                text(&l["quarantined"]),
+                time(&l["lease_deadline"])
+            );
+        }
+        let moves = s["moves_in_flight"].as_array().cloned().unwrap_or_default();
+        println!("\nmoves in flight: {}", moves.len());
+        for m in &moves {
+            println!(
+                "  ticket {} ({}): slice {} on {} → {}, released {} of {}, {}",
+                text(&m["ticket"]),
+                text(&m["kind"]),
+                text(&m["slice_id"]),
+                text(&m["from"]),
+                destination(&m["to"]),
+                text(&m["released"]),
+                if m["close"].as_bool() == Some(true) { "all".to_string() } else { text(&m["requested"]) },
+                text(&m["state"])
+            );
+        }
+        let quarantined: Vec<String> = s["skus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|k| k["quarantined"].as_u64().unwrap_or(0) + k["written_off"].as_u64().unwrap_or(0) > 0)
+            .map(|k| {
+                format!("{} {} (written off {})", text(&k["sku"]), text(&k["quarantined"]), text(&k["written_off"]))
+            })
+            .collect();
+        println!("quarantined keys: {}", if quarantined.is_empty() { "none".into() } else { quarantined.join(", ") });
+        let policies: Vec<String> = s["skus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|k| k["topup"].is_object())
+            .map(|k| {
+                format!(
+                    "{} below {} → {}",
+                    text(&k["sku"]),
+                    text(&k["topup"]["low_watermark"]),
+                    text(&k["topup"]["target"])
+                )
+            })
+            .collect();
+        println!("top-up: {}", if policies.is_empty() { "off".into() } else { policies.join(", ") });
+        for n in s["nodes"].as_array().into_iter().flatten() {
+            for t in n["topups"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} got {} keys of {} (slice {}) at {}",
+                    text(&n["node"]),
+                    text(&t["keys"]),
+                    text(&t["sku"]),
+                    text(&t["slice_id"]),
+                    time(&t["at"])
+                );
+            }
         }
         println!("\nalarms: {}", text(&s["alarms"]));
         for a in s["latest_alarms"].as_array().into_iter().flatten() {

@@ -193,7 +193,7 @@ async fn export_lists_every_order_of_three_nodes_once_within_2s() {
     assert_status_consistent(&lab.status().await, &bought);
 
     // Each node sold only keys of its own slice.
-    let slices = lab.json(&["slices", "show"]).await;
+    let slices = lab.json(&["slices", "list"]).await;
     for order in &orders {
         let node = order["node"].as_str().unwrap();
         let runs: Vec<(u64, u64)> = slices
@@ -431,7 +431,7 @@ async fn forged_grant_key_outside_the_nodes_slices_is_refused_with_an_alarm() {
     }
 
     // The keys of us-1's slice, ids and secrets, in a grant for eu-1.
-    let slices = lab.json(&["slices", "show"]).await;
+    let slices = lab.json(&["slices", "list"]).await;
     let us_slice = slices.as_array().unwrap().iter().find(|s| s["node"] == "us-1").unwrap();
     let run = &us_slice["key_runs"][0];
     let (lo, hi) = (run[0].as_u64().unwrap(), run[1].as_u64().unwrap());

@@ -95,6 +95,9 @@ impl From<OrderError> for ApiError {
             OrderError::UnknownChannel(_) => ApiError::new(StatusCode::BAD_REQUEST, "unknown_channel", message),
             OrderError::BadEmail => ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", message),
             OrderError::SoldOut { .. } => ApiError::new(StatusCode::CONFLICT, "sold_out", message),
+            OrderError::StockSyncing { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stock_syncing", message).retry_after(1)
+            }
             OrderError::TooManyOpen { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_open_orders", message).retry_after(60)
             }

@@ -12,6 +12,7 @@ pub struct OrderMetrics {
     pub expired: Counter,
     pub awaiting_stock: Counter,
     pub sold_out: Counter,
+    pub window_full: Counter,
     pub reservation_cap_hits: Counter,
     pub duplicate_payments: Counter,
     pub callbacks_rejected: Counter,
@@ -41,6 +42,12 @@ impl OrderMetrics {
             "edgecard_orders_sold_out_total",
             "Order attempts refused for lack of stock.",
             self.sold_out.get(),
+        );
+        render_counter(
+            out,
+            "edgecard_orders_window_full_total",
+            "Order attempts refused because the take window is full (sales not yet acknowledged).",
+            self.window_full.get(),
         );
         render_counter(
             out,

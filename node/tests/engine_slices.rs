@@ -102,17 +102,20 @@ async fn the_take_window_stops_sales_until_the_coordinator_acknowledges_and_surv
         for ip in 1..=3 {
             engine.create_order(buy(ip)).await.unwrap();
         }
-        assert!(matches!(engine.create_order(buy(4)).await, Err(OrderError::SoldOut { .. })), "window of 3 is full");
+        assert!(
+            matches!(engine.create_order(buy(4)).await, Err(OrderError::StockSyncing { .. })),
+            "window of 3 is full"
+        );
         assert_eq!(engine.leases()[0].unacked_takes, 3);
     }
     // After a restart the unacknowledged takes are counted again from the outbox.
     let engine = open(dir.path()).await;
-    assert!(matches!(engine.create_order(buy(4)).await, Err(OrderError::SoldOut { .. })));
+    assert!(matches!(engine.create_order(buy(4)).await, Err(OrderError::StockSyncing { .. })));
     engine.record_sync_ack(2).unwrap();
     let fourth = engine.create_order(buy(4)).await.unwrap();
     assert_eq!(fourth.record.key_ids, vec![KeyId(4)]);
     engine.create_order(buy(5)).await.unwrap();
-    assert!(matches!(engine.create_order(buy(6)).await, Err(OrderError::SoldOut { .. })), "seqs 3 to 5 unacked");
+    assert!(matches!(engine.create_order(buy(6)).await, Err(OrderError::StockSyncing { .. })), "seqs 3 to 5 unacked");
     assert_eq!(engine.stock(&sku()), 5, "the keys are there; only the window holds them back");
 }
 

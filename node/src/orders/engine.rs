@@ -40,6 +40,10 @@ pub enum OrderError {
     BadEmail,
     #[error("not enough stock for {sku}")]
     SoldOut { sku: String },
+    /// Stock is there, but the node has as many sales unacknowledged by the coordinator as its
+    /// take window allows (it is cut off, or syncing behind): retry shortly.
+    #[error("stock for {sku} is waiting for the coordinator to acknowledge recent sales; retry shortly")]
+    StockSyncing { sku: String },
     #[error("too many unpaid orders for this {who}; pay or let one expire first")]
     TooManyOpen { who: &'static str },
     #[error("order not found")]
@@ -366,7 +370,12 @@ impl OrderEngine {
                     return Err(OrderError::TooManyOpen { who: "email" });
                 }
             }
-            let Some(taken) = state.holdings.take(&request.sku, request.quantity as usize, self.mono_ms()) else {
+            let mono = self.mono_ms();
+            let Some(taken) = state.holdings.take(&request.sku, request.quantity as usize, mono) else {
+                if state.holdings.sellable(&request.sku, mono) >= request.quantity as usize {
+                    self.metrics.window_full.inc();
+                    return Err(OrderError::StockSyncing { sku: request.sku.to_string() });
+                }
                 self.metrics.sold_out.inc();
                 return Err(OrderError::SoldOut { sku: request.sku.to_string() });
             };
