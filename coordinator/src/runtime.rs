@@ -67,7 +67,7 @@ pub struct CoordinatorConfig {
     pub max_clock_skew_secs: u64,
     /// Most takes a node may have from one slice that the coordinator has not acknowledged.
     /// Bounds what stays quarantined when a node goes dark, and how many keys a cut-off node
-    /// can still sell per slice. Default 1000.
+    /// can still sell per slice. Default 10000.
     #[serde(default = "default_take_window")]
     pub take_window: u64,
     /// How often the coordinator looks for leases run out past the skew margin, in seconds.
@@ -98,7 +98,7 @@ fn default_max_clock_skew_secs() -> u64 {
     300
 }
 fn default_take_window() -> u64 {
-    1000
+    10_000
 }
 fn default_reclaim_check_secs() -> u64 {
     10

@@ -113,7 +113,7 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { lease: Duration::from_secs(24 * 3600), max_clock_skew: Duration::from_secs(300), take_window: 1000 }
+        Settings { lease: Duration::from_secs(24 * 3600), max_clock_skew: Duration::from_secs(300), take_window: 10_000 }
     }
 }
 
