@@ -113,7 +113,11 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { lease: Duration::from_secs(24 * 3600), max_clock_skew: Duration::from_secs(300), take_window: 10_000 }
+        Settings {
+            lease: Duration::from_secs(24 * 3600),
+            max_clock_skew: Duration::from_secs(300),
+            take_window: 10_000,
+        }
     }
 }
 
@@ -592,8 +596,9 @@ impl Coordinator {
         Ok((slice, node, seq))
     }
 
-    /// Renews, while the node is in contact, every lease of its active slices that has less than
-    /// half of its length left: a signed renewal for the slice's epoch with a later deadline,
+    /// Renews, while the node is in contact, every lease of its active or closing slices (keys
+    /// under a closing slice's open reservations stay deliverable) that has less than half of its
+    /// length left: a signed renewal for the slice's epoch with a later deadline,
     /// queued like any control message. The slice record takes the new deadline at once; if the
     /// node never receives it, the deadline the node holds is the earlier one, so the
     /// coordinator's view errs on the late side, which is the safe side for reclaiming keys.
@@ -606,7 +611,7 @@ impl Coordinator {
         let lease_ms = self.settings.lease.as_millis() as u64;
         for mut slice in self.slices()? {
             let due = slice.node == node.node_id
-                && slice.state == SliceState::Active
+                && matches!(slice.state, SliceState::Active | SliceState::Closing { .. })
                 && lease::renewal_due(slice.lease_deadline, now, lease_ms);
             if !due {
                 continue;

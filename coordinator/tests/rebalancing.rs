@@ -323,3 +323,35 @@ async fn a_drain_closes_every_slice_and_top_up_refills_below_the_watermark() {
     assert_eq!(again.iter().map(|g| g.slice_id).collect::<Vec<_>>(), vec![topped[0].slice_id]);
     assert_eq!(c.pool_size(&sku()), 64);
 }
+
+#[tokio::test]
+async fn a_closing_slice_keeps_its_lease_while_the_node_is_in_contact() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings { lease: Duration::from_secs(2), ..Settings::default() };
+    let c = setup(dir.path(), 10, settings).await;
+    let mut eu = FakeNode::new("eu-1");
+    let slice = c.allocate(&sku(), &eu.id, 10).await.unwrap();
+    eu.sync(&c, vec![], 10).await;
+    let preview = c.stage_change(StagedChange::Drain { node: eu.id.clone() }).await.unwrap();
+    c.apply_layout(preview.version).await.unwrap();
+    eu.sync(&c, vec![], 10).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Still closing (an open reservation keeps a key at the node): the lease is renewed anyway,
+    // for the epoch the close set, so the held key stays deliverable.
+    let control = eu.sync(&c, vec![], 0).await;
+    let renewed: Vec<_> = control
+        .iter()
+        .filter_map(|m| match &m.body {
+            ControlBody::Renew { signed_renewal } => Some(
+                edgecard_protocol::SignedRenewal::from_bytes(signed_renewal)
+                    .unwrap()
+                    .verify(&key().verifying_key(), &eu.id)
+                    .unwrap(),
+            ),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(renewed.len(), 1, "{control:?}");
+    assert_eq!((renewed[0].slice_id, renewed[0].epoch), (slice.slice_id, edgecard_protocol::Epoch(2)));
+    assert!(c.reclaim_expired(now_millis()).await.unwrap().is_empty());
+}

@@ -79,10 +79,11 @@ impl Holdings {
         self.slices.insert(id, SliceHolding { available, unacked_takes, closed, ..holding });
     }
 
-    /// A renewal: the later deadline, for the slice's current epoch only.
+    /// A renewal: the later deadline, for the slice's current epoch only. A closed slice is
+    /// renewed too: it sells nothing new, but keys under its open reservations stay deliverable.
     pub fn renew(&mut self, id: SliceId, epoch: Epoch, lease_deadline: UnixMillis, sells_until_ms: u64) -> bool {
         match self.slices.get_mut(&id) {
-            Some(s) if s.epoch == epoch && s.closed.is_none() && lease_deadline > s.lease_deadline => {
+            Some(s) if s.epoch == epoch && lease_deadline > s.lease_deadline => {
                 s.lease_deadline = lease_deadline;
                 s.sells_until_ms = s.sells_until_ms.max(sells_until_ms);
                 true
@@ -299,6 +300,12 @@ mod tests {
         assert!(h.renew(SliceId(1), Epoch(1), UnixMillis(50), 100));
         assert!(h.slice(SliceId(1)).unwrap().lease_live(50));
         assert!(!h.renew(SliceId(1), Epoch(1), UnixMillis(40), 200), "not later");
+        h.mark_closed(SliceId(1), 3);
+        assert!(
+            h.renew(SliceId(1), Epoch(1), UnixMillis(60), 300),
+            "a closed slice keeps its reservations deliverable"
+        );
+        assert!(!h.slice(SliceId(1)).unwrap().sells(100));
     }
 
     #[test]

@@ -804,6 +804,11 @@ impl OrderEngine {
             self.sells_until_ms(grant.lease_deadline, now),
             grant.take_window,
         );
+        if lease.sells_until_ms <= self.mono_ms() {
+            tracing::warn!(slice = %grant.slice_id, lease_deadline = grant.lease_deadline.0,
+                margin_secs = self.config.lease_safety_margin_secs,
+                "the grant's lease is shorter than orders.lease_safety_margin_secs: nothing will sell from it");
+        }
         let mut delivered = Vec::new();
         let outcome = {
             let mut state = self.state.lock();
@@ -898,8 +903,9 @@ impl OrderEngine {
         self.mono_ms().saturating_add(lease::node_sells_for_ms(lease_deadline, now, margin))
     }
 
-    /// Applies a verified lease renewal. `Ok(false)` when it does not apply: unknown or closed
-    /// slice, another epoch, or not later than the deadline held.
+    /// Applies a verified lease renewal. `Ok(false)` when it does not apply: unknown slice,
+    /// another epoch, or not later than the deadline held. A closed slice is renewed too, so keys
+    /// under its open reservations stay deliverable while the node is in contact.
     pub async fn apply_renewal(&self, renewal: &LeaseRenewal) -> Result<bool, StoreError> {
         let now = now_millis();
         {
@@ -908,7 +914,7 @@ impl OrderEngine {
             let Some(raw) = self.store.get(&slice_key)? else { return Ok(false) };
             let meta: SliceMeta = serde_json::from_slice(&raw)
                 .map_err(|e| StoreError::Corrupt { key: format!("g/{}", renewal.slice_id), reason: e.to_string() })?;
-            if meta.epoch != renewal.epoch || meta.closed.is_some() || renewal.lease_deadline <= meta.lease_deadline {
+            if meta.epoch != renewal.epoch || renewal.lease_deadline <= meta.lease_deadline {
                 return Ok(false);
             }
             let sells_until = self.sells_until_ms(renewal.lease_deadline, now);
