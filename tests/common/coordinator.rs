@@ -269,6 +269,17 @@ impl Lab {
     /// [`Lab::start`], with extra environment for the coordinator process (`EDGECARD_LOG`, say),
     /// kept across restarts.
     pub async fn start_with_env(ports: Ports, env: &[(&str, &str)]) -> Lab {
+        Lab::start_with_env_and_config(ports, env, &[]).await
+    }
+
+    /// [`Lab::start`], with fields of `coordinator.toml` set (added or replaced) between `init`
+    /// and `run`: `[("lease_secs", toml::Value::Integer(10))]`, say.
+    pub async fn start_with_config(ports: Ports, config: &[(&str, toml::Value)]) -> Lab {
+        Lab::start_with_env_and_config(ports, &[], config).await
+    }
+
+    /// [`Lab::start_with_env`] and [`Lab::start_with_config`] together.
+    pub async fn start_with_env_and_config(ports: Ports, env: &[(&str, &str)], config: &[(&str, toml::Value)]) -> Lab {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let dir = tempfile::tempdir().unwrap();
         let coordinator_dir = dir.path().join("coordinator");
@@ -289,6 +300,13 @@ impl Lab {
             .find_map(|line| line.trim().strip_prefix("export EDGECARD_ADMIN_TOKEN="))
             .unwrap_or_else(|| panic!("no admin token in the init output:\n{}", init.stdout))
             .to_string();
+        if !config.is_empty() {
+            edit_toml(&coordinator_dir.join("coordinator.toml"), |table| {
+                for (field, value) in config {
+                    table.insert(field.to_string(), value.clone());
+                }
+            });
+        }
         let coordinator = blocking(move || CoordinatorProcess::start(&coordinator_dir, &env)).await;
         if ports == Ports::Fixed {
             assert_eq!(coordinator.admin_addr.to_string(), admin);
@@ -395,6 +413,27 @@ impl Lab {
     /// `status --json`.
     pub async fn status(&self) -> Value {
         self.json(&["status"]).await
+    }
+
+    /// `slices list --json`: every slice with its keys counted by where they are now.
+    pub async fn slices(&self) -> Vec<Value> {
+        self.json(&["slices", "list"]).await.as_array().unwrap().clone()
+    }
+
+    /// Polls `status --json` until `done` holds, at most `limit`; returns the status. Panics
+    /// with `what` and the last status when the time runs out.
+    pub async fn wait_for_status(&self, what: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let started = Instant::now();
+        loop {
+            let status = self.status().await;
+            if done(&status) {
+                return status;
+            }
+            if started.elapsed() > limit {
+                panic!("{what}: not reached within {limit:?}\nstatus: {status:#}");
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
     }
 
     /// Polls the ledger until `done` holds, at most `limit`; returns the ledger and how long it
@@ -532,4 +571,25 @@ pub fn json_log_lines(log: &str) -> Vec<Value> {
 /// Whether a JSON log line is the event `message` inside a span naming `node`.
 pub fn is_node_event(line: &Value, message: &str, node: &str) -> bool {
     line["fields"]["message"] == message && line["span"]["node"] == node
+}
+
+/// Rewrites a TOML file through `edit` (a node.toml or coordinator.toml between steps, say).
+pub fn edit_toml(path: &Path, edit: impl FnOnce(&mut toml::Table)) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut table: toml::Table = text.parse().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    edit(&mut table);
+    std::fs::write(path, toml::to_string(&table).unwrap()).unwrap();
+}
+
+/// Sets `field` of the `[section]` table of a TOML file (made if missing).
+pub fn set_toml_field(path: &Path, section: &str, field: &str, value: impl Into<toml::Value>) {
+    let value = value.into();
+    edit_toml(path, |table| {
+        let fields = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .unwrap_or_else(|| panic!("[{section}] is not a table"));
+        fields.insert(field.to_string(), value);
+    });
 }
