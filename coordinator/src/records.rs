@@ -134,8 +134,8 @@ pub enum SliceState {
     /// Closed by the coordinator (drain); the node releases what it has left.
     Closing { ticket: u64 },
     /// The node went dark past its lease: untouched keys went back to the pool, the take window
-    /// is quarantined. `reconcile_ticket` is set once the node, back in contact, was told to
-    /// close the slice.
+    /// is quarantined, and the node was told (under `reconcile_ticket`) to close the slice when
+    /// it is back. `None` only in records written before reclaims queued that order.
     Reclaimed { at: UnixMillis, reconcile_ticket: Option<u64> },
     /// Nothing of the slice is left at the node.
     Closed,

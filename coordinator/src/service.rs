@@ -527,7 +527,6 @@ impl Coordinator {
                 }
             }
             node = self.queue_renewals(&mut batch, node, now)?;
-            node = self.queue_reconciles(&mut batch, node, now)?;
             node.control_applied = node.control_applied.max(upload.control_applied);
             node.last_contact = Some(now);
             node.stock = upload

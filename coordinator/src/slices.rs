@@ -4,7 +4,7 @@
 //!
 //! Demarcation order throughout: keys reach a recipient only from the pool, and reach the pool
 //! only when the donor's `Released` event is in the ledger (or, for a dark node, when the reclaim
-//! rule proves them untouched).
+//! rule proves them untouched; the node is then told to close the slice before anything else).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -193,57 +193,46 @@ impl Coordinator {
         Ok(())
     }
 
-    /// For each slice of `node` reclaimed while it was dark, tells the node (back in contact) to
-    /// close it: what it still holds comes back as releases, and its sales arrive as events.
-    pub(crate) fn queue_reconciles(
+    /// Queues into `batch` the order that closes a reclaimed slice at its node, under a fresh
+    /// ticket, and returns the node record and the ticket. It is queued at reclaim time, before
+    /// any grant of the keys the reclaim pooled: control messages arrive in order, so the node
+    /// (back in contact) drops the slice before it could be offered those keys again.
+    fn queue_reconcile(
         &self,
         batch: &mut WriteBatch,
-        mut node: NodeRecord,
+        node: NodeRecord,
+        slice: &mut SliceRecord,
         now: UnixMillis,
-    ) -> Result<NodeRecord, CoordinatorError> {
-        let waiting: Vec<SliceRecord> = self
-            .slices()?
-            .into_iter()
-            .filter(|s| s.node == node.node_id)
-            .filter(|s| matches!(s.state, SliceState::Reclaimed { reconcile_ticket: None, .. }))
-            .collect();
-        if waiting.is_empty() {
-            return Ok(node);
-        }
-        let first = self.take_tickets(batch, waiting.len() as u64)?;
-        for (ticket, mut slice) in (first..).zip(waiting) {
-            let SliceState::Reclaimed { at, .. } = slice.state else { continue };
-            slice.epoch = Epoch(slice.epoch.0 + 1);
-            slice.state = SliceState::Reclaimed { at, reconcile_ticket: Some(ticket) };
-            let order = ShrinkOrder {
-                slice_id: slice.slice_id,
-                sku: slice.sku.clone(),
-                epoch: slice.epoch,
-                count: u64::MAX,
-                close: true,
-                ticket,
-            };
-            node = self.queue_control(batch, node, CONTROL_SHRINK, rec::encode(&order))?;
-            let record = MoveRecord {
-                ticket,
-                kind: MoveKind::Reconcile,
-                sku: slice.sku.clone(),
-                slice_id: slice.slice_id,
-                from: node.node_id.clone(),
-                to: Destination::Pool,
-                requested: u64::MAX,
-                close: true,
-                created_at: now,
-                released: 0,
-                pending_regrant: Vec::new(),
-                regranted: Vec::new(),
-                state: MoveState::AwaitingDonor,
-            };
-            batch.put(rec::move_key(ticket), rec::encode(&record));
-            batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice));
-            tracing::info!(slice = %slice.slice_id, node = %node.node_id, ticket, "node back: reconcile queued");
-        }
-        Ok(node)
+    ) -> Result<(NodeRecord, u64), CoordinatorError> {
+        let ticket = self.take_tickets(batch, 1)?;
+        slice.epoch = Epoch(slice.epoch.0 + 1);
+        slice.state = SliceState::Reclaimed { at: now, reconcile_ticket: Some(ticket) };
+        let order = ShrinkOrder {
+            slice_id: slice.slice_id,
+            sku: slice.sku.clone(),
+            epoch: slice.epoch,
+            count: u64::MAX,
+            close: true,
+            ticket,
+        };
+        let node = self.queue_control(batch, node, CONTROL_SHRINK, rec::encode(&order))?;
+        let record = MoveRecord {
+            ticket,
+            kind: MoveKind::Reconcile,
+            sku: slice.sku.clone(),
+            slice_id: slice.slice_id,
+            from: node.node_id.clone(),
+            to: Destination::Pool,
+            requested: u64::MAX,
+            close: true,
+            created_at: now,
+            released: 0,
+            pending_regrant: Vec::new(),
+            regranted: Vec::new(),
+            state: MoveState::AwaitingDonor,
+        };
+        batch.put(rec::move_key(ticket), rec::encode(&record));
+        Ok((node, ticket))
     }
 
     /// Tops up `node` from the pool for every sku with a policy whose sellable stock the node
@@ -346,7 +335,7 @@ impl Coordinator {
                     record.state = MoveState::DonorReclaimed;
                     batch.put(rec::move_key(record.ticket), rec::encode(&record));
                 }
-                slice.state = SliceState::Reclaimed { at: now, reconcile_ticket: None };
+                self.queue_reconcile(&mut batch, node, &mut slice, now)?;
                 batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice));
                 self.store.apply(batch)?;
                 tracing::warn!(slice = %slice.slice_id, node = %slice.node, returned = split.reclaimed.len(),

@@ -205,7 +205,7 @@ async fn a_dark_node_loses_only_provably_unsold_keys_and_reconciles_when_back() 
     assert_eq!(c.pool_size(&sku()), 85);
     let summary = c.slice_summaries().unwrap().into_iter().find(|s| s.slice.slice_id == slice.slice_id).unwrap();
     assert_eq!((summary.unsold, summary.sold, summary.quarantined), (0, 3, 12));
-    assert!(matches!(summary.slice.state, SliceState::Reclaimed { reconcile_ticket: None, .. }));
+    assert!(matches!(summary.slice.state, SliceState::Reclaimed { reconcile_ticket: Some(_), .. }));
     // The reclaimed keys can be granted elsewhere at once.
     let ap = node("ap-1");
     let elsewhere = c.allocate(&sku(), &ap, 85).await.unwrap();

@@ -43,17 +43,29 @@ pub enum GrantRefusal {
     Install(#[from] GrantInstallError),
 }
 
+/// How a verified grant reached the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantSource {
+    /// A grant file or the admin API: an operator is there to hear that a lease already ran out.
+    Operator,
+    /// The coordinator's sync link: a grant whose lease ran out in transit is installed anyway,
+    /// selling nothing, so the coordinator's reclaim and close find the keys where it put them.
+    Coordinator,
+}
+
 /// Verifies a signed grant against the pinned coordinator key and this node's id, then installs
-/// it. Used for grant files at start and for the admin API alike.
+/// it. Used for grant files at start, the admin API and the sync link alike.
 pub async fn verify_and_install(
     engine: &OrderEngine,
     coordinator_key: &VerifyingKey,
     bytes: &[u8],
+    source: GrantSource,
 ) -> Result<GrantOutcome, GrantRefusal> {
     let outcome = async {
         let signed = SignedGrant::from_bytes(bytes)?;
         let grant = signed.verify(coordinator_key, engine.node_id())?;
-        Ok::<_, GrantRefusal>(engine.install_grant(grant).await?)
+        let accept_expired = source == GrantSource::Coordinator;
+        Ok::<_, GrantRefusal>(engine.install_grant_with(grant, accept_expired).await?)
     }
     .await;
     if let Err(e) = &outcome {
@@ -91,7 +103,7 @@ impl AdminApi {
             Ok(body) => body.to_bytes(),
             Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "grant too large or unreadable"),
         };
-        match verify_and_install(&self.engine, &self.coordinator_key, &body).await {
+        match verify_and_install(&self.engine, &self.coordinator_key, &body, GrantSource::Operator).await {
             Ok(outcome) => json_response(StatusCode::OK, &json!({ "outcome": format!("{outcome:?}") }), "no-store"),
             Err(GrantRefusal::Install(GrantInstallError::Store(e))) => {
                 error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &format!("store failure: {e}"))

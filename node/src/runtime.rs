@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::{verify_and_install, AdminApi};
+use crate::admin::{verify_and_install, AdminApi, GrantSource};
 use crate::api::NodeApi;
 use crate::catalog::Catalog;
 use crate::client_ip::ClientIpResolver;
@@ -79,7 +79,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     for path in &config.trust.grant_files {
         match std::fs::read(path) {
-            Ok(bytes) => match verify_and_install(&engine, &coordinator_key, &bytes).await {
+            Ok(bytes) => match verify_and_install(&engine, &coordinator_key, &bytes, GrantSource::Operator).await {
                 Ok(outcome) => tracing::info!(file = %path.display(), ?outcome, "grant file loaded"),
                 Err(e) => tracing::error!(file = %path.display(), reason = %e, "grant file refused"),
             },

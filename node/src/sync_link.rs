@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::admin::{verify_and_install, GrantRefusal};
+use crate::admin::{verify_and_install, GrantRefusal, GrantSource};
 use crate::config::{Currency, PriceConfig, ProductConfig};
 use crate::orders::{GrantInstallError, OrderEngine};
 use crate::tls;
@@ -405,7 +405,9 @@ impl Link {
         let seq = message.seq;
         match message.body {
             ControlBody::Grant { signed_grant } => {
-                match verify_and_install(&self.engine, &self.coordinator_key, &signed_grant).await {
+                match verify_and_install(&self.engine, &self.coordinator_key, &signed_grant, GrantSource::Coordinator)
+                    .await
+                {
                     Ok(outcome) => tracing::info!(control = seq, ?outcome, "grant from the coordinator applied"),
                     Err(GrantRefusal::Install(GrantInstallError::Store(e))) => {
                         return Err(ExchangeError::Local(format!("installing grant (control {seq}): {e}")));

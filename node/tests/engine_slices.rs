@@ -16,7 +16,7 @@ use edgecard_node::orders::{CreateOrder, OrderEngine, OrderError, PaymentConfirm
 use edgecard_node::store::Store;
 use edgecard_protocol::{
     Epoch, GrantedKey, KeyId, LeaseRenewal, NodeId, OrderEvent, OrderEventKind, OrderId, Secret, Sku, SliceGrant,
-    SliceId,
+    SliceId, UnixMillis,
 };
 
 fn sku() -> Sku {
@@ -215,4 +215,21 @@ async fn renewals_apply_to_the_current_epoch_only() {
     engine.apply_shrink(SliceId(5), &sku(), Epoch(2), 1, false, 1).await.unwrap();
     assert!(!engine.apply_renewal(&renewal(1, 120_000)).await.unwrap());
     assert!(engine.apply_renewal(&renewal(2, 120_000)).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_coordinator_grant_that_expired_in_transit_is_installed_selling_nothing_and_can_be_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    let mut late = grant(4, 1..=3, 100);
+    late.issued_at = UnixMillis(late.issued_at.0 - 7_200_000);
+    late.lease_deadline = UnixMillis(now_millis().0 - 1_000);
+    assert!(engine.install_grant(late.clone()).await.is_err(), "an operator's expired grant is refused");
+    engine.install_grant_with(late, true).await.unwrap();
+    assert_eq!(engine.stock(&sku()), 0);
+    assert!(matches!(engine.create_order(buy(1)).await, Err(OrderError::SoldOut { .. })));
+    // The coordinator's close finds the keys where its books say they are.
+    assert_eq!(engine.apply_shrink(SliceId(4), &sku(), Epoch(2), u64::MAX, true, 5).await.unwrap(), 3);
+    let events = engine.outbox_after(0, 10).unwrap();
+    assert_eq!(released(&events), vec![(5, vec![1, 2, 3])]);
 }

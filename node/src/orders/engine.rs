@@ -793,8 +793,19 @@ impl OrderEngine {
     /// Installs a verified grant: new slice, or a lease renewal of one already held. Orders paid
     /// while out of stock are filled first, in payment order.
     pub async fn install_grant(&self, grant: SliceGrant) -> Result<GrantOutcome, GrantInstallError> {
+        self.install_grant_with(grant, false).await
+    }
+
+    /// As [`OrderEngine::install_grant`]; with `accept_expired`, a grant whose lease already ran
+    /// out is installed too, selling nothing until renewed (the coordinator's grants: its books
+    /// say the keys are here, and its reclaim and close expect to find them here).
+    pub async fn install_grant_with(
+        &self,
+        grant: SliceGrant,
+        accept_expired: bool,
+    ) -> Result<GrantOutcome, GrantInstallError> {
         let now = now_millis();
-        if grant.lease_deadline <= now {
+        if grant.lease_deadline <= now && !accept_expired {
             return Err(GrantInstallError::Expired);
         }
         let lease = SliceHolding::new(
