@@ -369,23 +369,28 @@ impl Coordinator {
     }
 
     /// Marks closing and reclaimed slices with nothing left at the node as closed, and their
-    /// moves as done. Periodic housekeeping: it scans the keys of those slices.
+    /// moves as done. Periodic housekeeping: it reads the keys of those slices only, so it costs
+    /// nothing while no slice is closing.
     pub async fn settle_closed_slices(&self) -> Result<usize, CoordinatorError> {
         let settled = {
             let _guard = self.lock.lock();
             self.complete_regrants()?;
+            let waiting: Vec<SliceRecord> = self
+                .slices()?
+                .into_iter()
+                .filter(|s| {
+                    matches!(
+                        s.state,
+                        SliceState::Closing { .. } | SliceState::Reclaimed { reconcile_ticket: Some(_), .. }
+                    )
+                })
+                .collect();
             let mut settled = 0;
-            for summary in self.slice_summaries()? {
-                let waiting_for_node = match summary.slice.state {
-                    SliceState::Closing { .. } => true,
-                    SliceState::Reclaimed { reconcile_ticket, .. } => reconcile_ticket.is_some(),
-                    SliceState::Active | SliceState::Closed => false,
-                };
-                if !waiting_for_node || summary.unsold + summary.quarantined > 0 {
+            for mut slice in waiting {
+                if self.keys_left_at_node(&slice)? > 0 {
                     continue;
                 }
                 let mut batch = WriteBatch::default();
-                let mut slice = summary.slice;
                 for mut record in self.moves()?.into_iter().filter(|m| m.slice_id == slice.slice_id) {
                     if record.state == MoveState::Releasing || record.state == MoveState::AwaitingDonor {
                         record.state = MoveState::Done;
@@ -403,6 +408,20 @@ impl Coordinator {
             self.store.durable().await?;
         }
         Ok(settled)
+    }
+
+    /// Keys of `slice` the ledger still places at its node: granted or quarantined there.
+    fn keys_left_at_node(&self, slice: &SliceRecord) -> Result<u64, StoreError> {
+        let mut left = 0;
+        for id in slice.key_ids() {
+            let Some(record) = self.load::<KeyRecord>("key", &rec::key_key(&slice.sku, id))? else { continue };
+            let here = matches!(record.state,
+                KeyState::Granted { slice: of, .. } | KeyState::Quarantined { slice: of, .. } if of == slice.slice_id);
+            if here {
+                left += 1;
+            }
+        }
+        Ok(left)
     }
 
     /// Writes off the quarantined keys of a reclaimed slice: nobody will sell them. A later
