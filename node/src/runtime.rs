@@ -71,7 +71,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.store.cache_capacity_mb.saturating_mul(1 << 20),
         Arc::new(StoreMetrics::default()),
     )?);
-    let catalog = Arc::new(Catalog::new(config.products.clone()));
+    let products = match crate::orders::engine::stored_catalog(&store)? {
+        Some(from_coordinator) => from_coordinator,
+        None => config.products.clone(),
+    };
+    let catalog = Arc::new(Catalog::new(products));
     let order_metrics = Arc::new(OrderMetrics::default());
     let engine = Arc::new(
         OrderEngine::open(config.node_id.clone(), store, catalog, config.orders.clone(), order_metrics).await?,

@@ -419,7 +419,10 @@ impl Link {
             ControlBody::Catalog { products } => match catalog_from_wire(&products) {
                 Ok(products) => {
                     let count = products.len();
-                    self.engine.catalog().replace(products);
+                    self.engine
+                        .replace_catalog(products)
+                        .await
+                        .map_err(|e| ExchangeError::Local(format!("storing the catalog (control {seq}): {e}")))?;
                     tracing::info!(control = seq, products = count, "catalog from the coordinator applied");
                 }
                 Err(reason) => tracing::warn!(control = seq, %reason, "catalog from the coordinator refused"),

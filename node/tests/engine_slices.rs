@@ -233,3 +233,20 @@ async fn a_coordinator_grant_that_expired_in_transit_is_installed_selling_nothin
     let events = engine.outbox_after(0, 10).unwrap();
     assert_eq!(released(&events), vec![(5, vec![1, 2, 3])]);
 }
+
+#[tokio::test]
+async fn a_catalog_from_the_coordinator_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = open(dir.path()).await;
+        let mut products = engine.catalog().all().as_ref().clone();
+        products[0].prices[0].amount_minor = 4242;
+        engine.replace_catalog(products).await.unwrap();
+        assert_eq!(engine.catalog().all()[0].prices[0].amount_minor, 4242);
+    }
+    // The coordinator sends a catalog once; after a restart it must come from the store.
+    let engine = open(dir.path()).await;
+    let stored = edgecard_node::orders::engine::stored_catalog(engine.store()).unwrap().unwrap();
+    assert_eq!(stored[0].sku, sku());
+    assert_eq!(stored[0].prices[0].amount_minor, 4242);
+}

@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 
 use super::record::{self, OrderRecord, OrderStatus, PaymentAttempt, PaymentRecord, SliceMeta};
 use crate::catalog::Catalog;
-use crate::config::{Currency, OrdersConfig};
+use crate::config::{Currency, OrdersConfig, ProductConfig};
 use crate::limiter::{limit_key, LimitKey};
 use crate::metrics::OrderMetrics;
 use crate::store::{Store, StoreError, WriteBatch};
@@ -295,6 +295,16 @@ impl OrderEngine {
 
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
+    }
+
+    /// Replaces the catalog with one from the coordinator, durably first: the coordinator sends
+    /// a catalog once, so a restart must find it here (see [`stored_catalog`]).
+    pub async fn replace_catalog(&self, products: Vec<ProductConfig>) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put(record::CATALOG.to_vec(), serde_json::to_vec(&products).unwrap_or_default());
+        self.store.commit(batch).await?;
+        self.catalog.replace(products);
+        Ok(())
     }
 
     pub fn reservation_ttl(&self) -> Duration {
@@ -1103,6 +1113,16 @@ impl OrderEngine {
             state.awaiting.iter().flat_map(|(sku, q)| q.iter().map(|(seq, id)| (*seq, sku.clone(), *id))).collect();
         all.sort_by_key(|(seq, _, _)| *seq);
         all.into_iter().map(|(_, sku, id)| (sku, id)).collect()
+    }
+}
+
+/// The catalog last received from the coordinator, if any: it supersedes `node.toml`'s products.
+pub fn stored_catalog(store: &Store) -> Result<Option<Vec<ProductConfig>>, StoreError> {
+    match store.get(record::CATALOG)? {
+        Some(raw) => serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt { key: "m/catalog".into(), reason: e.to_string() }),
+        None => Ok(None),
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `e/` | event seq (8 bytes BE) | outbox: an `OrderEvent` envelope for the coordinator |
 //! | `m/next_seq` | | next outbox sequence number |
 //! | `m/sync_acked`, `m/control_applied` | | sync progress with the coordinator |
+//! | `m/catalog` | | the catalog last received from the coordinator, as JSON |
 
 use std::net::IpAddr;
 
@@ -167,6 +168,7 @@ pub fn keys_digest(keys: &[edgecard_protocol::GrantedKey]) -> String {
     hex::encode(hasher.finalize())
 }
 
+pub const CATALOG: &[u8] = b"m/catalog";
 pub const ORDER: &[u8] = b"o/";
 pub const OPEN: &[u8] = b"x/";
 pub const AWAITING: &[u8] = b"w/";
