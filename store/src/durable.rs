@@ -153,11 +153,15 @@ impl Store {
         if registered {
             self.shared.wake.notify_one();
         }
+        let metrics = self.metrics.clone();
+        let asked = Instant::now();
         async move {
             if !registered {
                 return Err(StoreError::Closed);
             }
-            match rx.await {
+            let outcome = rx.await;
+            metrics.commit_wait_seconds.observe(asked.elapsed().as_secs_f64());
+            match outcome {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(reason)) => {
                     Err(StoreError::Fsync { path: PathBuf::from("db"), source: std::io::Error::other(reason) })

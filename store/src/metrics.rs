@@ -112,7 +112,10 @@ fn escape_label(v: &str) -> String {
 
 #[derive(Debug)]
 pub struct StoreMetrics {
+    /// Duration of one durable flush.
     pub commit_seconds: Histogram,
+    /// What one caller of `durable` waits: queueing behind a flush in progress plus its own.
+    pub commit_wait_seconds: Histogram,
     pub group_size: Histogram,
     pub flushes: Counter,
     pub batches_applied: Counter,
@@ -122,6 +125,7 @@ impl Default for StoreMetrics {
     fn default() -> Self {
         StoreMetrics {
             commit_seconds: Histogram::new(LATENCY_BOUNDS),
+            commit_wait_seconds: Histogram::new(LATENCY_BOUNDS),
             group_size: Histogram::new(SIZE_BOUNDS),
             flushes: Counter::default(),
             batches_applied: Counter::default(),
@@ -135,6 +139,11 @@ impl StoreMetrics {
             out,
             "edgecard_store_commit_seconds",
             "Duration of one durable flush (sled flush + fsync).",
+        );
+        self.commit_wait_seconds.render(
+            out,
+            "edgecard_store_commit_wait_seconds",
+            "Time a caller waits until its batch is durable (queueing for the flusher included).",
         );
         self.group_size.render(out, "edgecard_store_commit_group_size", "Commits served by one durable flush.");
         render_counter(out, "edgecard_store_flushes_total", "Durable flushes.", self.flushes.get());
