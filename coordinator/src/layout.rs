@@ -160,7 +160,7 @@ impl Coordinator {
                 };
                 let donor = self.queue_control(&mut batch, donor, CONTROL_SHRINK, rec::encode(&order))?;
                 donors.insert(step.donor.clone(), donor);
-                let record = MoveRecord {
+                let order = MoveOrder {
                     ticket,
                     kind: if step.close { MoveKind::Drain } else { MoveKind::Move },
                     sku: step.sku,
@@ -169,12 +169,8 @@ impl Coordinator {
                     to: step.to,
                     requested: step.count,
                     close: step.close,
-                    created_at: now,
-                    released: 0,
-                    pending_regrant: Vec::new(),
-                    regranted: Vec::new(),
-                    state: MoveState::AwaitingDonor,
                 };
+                let record = MoveRecord::sent(order, now);
                 batch.put(rec::move_key(ticket), rec::encode(&record));
                 slices.insert(slice.slice_id, slice);
                 moves.push(record);

@@ -196,7 +196,40 @@ pub enum MoveState {
     DonorReclaimed,
 }
 
+/// What a shrink or close order asks of its donor.
+#[derive(Debug, Clone)]
+pub struct MoveOrder {
+    pub ticket: u64,
+    pub kind: MoveKind,
+    pub sku: Sku,
+    pub slice_id: SliceId,
+    pub from: NodeId,
+    pub to: Destination,
+    pub requested: u64,
+    pub close: bool,
+}
+
 impl MoveRecord {
+    /// A move as sent to its donor: nothing released yet.
+    pub fn sent(order: MoveOrder, created_at: UnixMillis) -> Self {
+        let MoveOrder { ticket, kind, sku, slice_id, from, to, requested, close } = order;
+        MoveRecord {
+            ticket,
+            kind,
+            sku,
+            slice_id,
+            from,
+            to,
+            requested,
+            close,
+            created_at,
+            released: 0,
+            pending_regrant: Vec::new(),
+            regranted: Vec::new(),
+            state: MoveState::AwaitingDonor,
+        }
+    }
+
     pub fn in_flight(&self) -> bool {
         matches!(self.state, MoveState::AwaitingDonor | MoveState::Releasing) || !self.pending_regrant.is_empty()
     }

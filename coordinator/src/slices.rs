@@ -216,7 +216,7 @@ impl Coordinator {
             ticket,
         };
         let node = self.queue_control(batch, node, CONTROL_SHRINK, rec::encode(&order))?;
-        let record = MoveRecord {
+        let order = MoveOrder {
             ticket,
             kind: MoveKind::Reconcile,
             sku: slice.sku.clone(),
@@ -225,12 +225,8 @@ impl Coordinator {
             to: Destination::Pool,
             requested: u64::MAX,
             close: true,
-            created_at: now,
-            released: 0,
-            pending_regrant: Vec::new(),
-            regranted: Vec::new(),
-            state: MoveState::AwaitingDonor,
         };
+        let record = MoveRecord::sent(order, now);
         batch.put(rec::move_key(ticket), rec::encode(&record));
         Ok((node, ticket))
     }
