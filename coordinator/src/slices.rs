@@ -235,6 +235,12 @@ impl Coordinator {
     /// reported under the low watermark, unless a top-up is still in flight or the node is
     /// being drained.
     pub(crate) fn top_up(&self, node_id: &NodeId) -> Result<(), CoordinatorError> {
+        // Runs on every upload: cheap checks first.
+        let with_policy: Vec<(ProductRecord, TopUpPolicy)> =
+            self.products()?.into_iter().filter_map(|p| p.topup.map(|policy| (p, policy))).collect();
+        if with_policy.is_empty() {
+            return Ok(());
+        }
         let mut node = self.node(node_id)?;
         if node.revoked {
             return Ok(());
@@ -243,8 +249,7 @@ impl Coordinator {
         if draining {
             return Ok(());
         }
-        for product in self.products()? {
-            let Some(policy) = product.topup else { continue };
+        for (product, policy) in with_policy {
             let in_flight = node.topups.iter().any(|t| t.sku == product.sku && t.control_seq > node.control_applied);
             let stock: u64 = node.stock.iter().filter(|s| s.sku == product.sku && s.selling).map(|s| s.available).sum();
             if in_flight || stock >= policy.low_watermark {
