@@ -1,7 +1,8 @@
 //! The Edgecard edge node: sells card keys from signed slices it holds, over HTTPS.
 //!
-//! Pure logic (inventory, limiter keys, client-IP resolution, config validation) sits apart from
-//! the modules that do I/O (store, engine, HTTP), so it can be tested without sockets.
+//! Pure logic (limiter keys, client-IP resolution, config validation; what the node holds and may
+//! sell is `edgecard_protocol::holdings`) sits apart from the modules that do I/O (store, engine,
+//! HTTP), so it can be tested without sockets.
 
 pub mod admin;
 pub mod api;
