@@ -121,16 +121,15 @@ impl Holdings {
     /// the seq of the event that carries them, before taking again.
     pub fn take(&mut self, sku: &Sku, count: usize, now_ms: u64) -> Option<Vec<(KeyId, SliceId)>> {
         let keys = self.available.get(sku)?;
-        let mut used: HashMap<SliceId, u64> = HashMap::new();
-        let mut picked = Vec::with_capacity(count);
+        let mut picked: Vec<(KeyId, SliceId)> = Vec::with_capacity(count);
         for (key, slice) in keys {
             if picked.len() == count {
                 break;
             }
             let Some(holding) = self.slices.get(slice) else { continue };
-            let used_here = used.entry(*slice).or_default();
-            if holding.sells(now_ms) && *used_here < holding.window_room() {
-                *used_here += 1;
+            // `count` is an order's quantity (small): counting in `picked` beats a map per take.
+            let used_here = picked.iter().filter(|(_, s)| s == slice).count() as u64;
+            if holding.sells(now_ms) && used_here < holding.window_room() {
                 picked.push((*key, *slice));
             }
         }
@@ -145,12 +144,8 @@ impl Holdings {
 
     /// Counts `takes` against their slices' windows until `seq` is acknowledged.
     pub fn record_takes(&mut self, seq: u64, takes: &[(KeyId, SliceId)]) {
-        let mut per_slice: BTreeMap<SliceId, u64> = BTreeMap::new();
         for (_, slice) in takes {
-            *per_slice.entry(*slice).or_default() += 1;
-        }
-        for (slice, n) in per_slice {
-            self.record_slice_takes(seq, slice, n);
+            self.record_slice_takes(seq, *slice, 1);
         }
     }
 
