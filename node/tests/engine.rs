@@ -3,86 +3,20 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashSet};
+mod fixtures;
+
+use std::collections::HashSet;
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::Arc;
 
-use edgecard_node::catalog::Catalog;
-use edgecard_node::config::{OrdersConfig, PriceConfig, ProductConfig};
-use edgecard_node::metrics::{OrderMetrics, StoreMetrics};
+use edgecard_node::config::OrdersConfig;
 use edgecard_node::orders::engine::now_millis;
-use edgecard_node::orders::{
-    CreateOrder, GrantInstallError, GrantOutcome, OrderEngine, OrderError, OrderStatus, PaymentConfirmation,
-    PaymentOutcome,
-};
-use edgecard_node::store::Store;
-use edgecard_protocol::{Epoch, GrantedKey, KeyId, NodeId, OrderToken, Secret, Sku, SliceGrant, SliceId, UnixMillis};
-
-fn sku() -> Sku {
-    Sku::new("game-10").unwrap()
-}
-
-fn products() -> Vec<ProductConfig> {
-    vec![ProductConfig {
-        sku: sku(),
-        title: BTreeMap::from([("en".into(), "Game card".into())]),
-        prices: vec![PriceConfig { amount_minor: 1000, currency: "USD".parse().unwrap() }],
-    }]
-}
-
-fn config() -> OrdersConfig {
-    OrdersConfig { max_open_per_ip: 1000, max_open_per_email: 1000, ..OrdersConfig::default() }
-}
-
-async fn open(dir: &Path, config: OrdersConfig) -> OrderEngine {
-    let store = Arc::new(Store::open(dir, 8 << 20, Arc::new(StoreMetrics::default())).unwrap());
-    OrderEngine::open(
-        NodeId::new("eu-1").unwrap(),
-        store,
-        Arc::new(Catalog::new(products())),
-        config,
-        Arc::new(OrderMetrics::default()),
-    )
-    .await
-    .unwrap()
-}
+use edgecard_node::orders::{GrantInstallError, GrantOutcome, OrderError, OrderStatus, PaymentOutcome};
+use edgecard_protocol::{Epoch, KeyId, OrderToken, Secret, Sku, SliceGrant, UnixMillis};
+use fixtures::*;
 
 fn grant(slice: u64, first_key: u64, count: u64) -> SliceGrant {
-    let now = now_millis();
-    SliceGrant {
-        slice_id: SliceId(slice),
-        sku: sku(),
-        node_id: NodeId::new("eu-1").unwrap(),
-        epoch: Epoch(1),
-        issued_at: now,
-        lease_deadline: now.saturating_add_ms(3_600_000),
-        take_window: 1_000_000,
-        keys: (first_key..first_key + count)
-            .map(|k| GrantedKey { key_id: KeyId(k), secret: Secret::new(format!("SECRET-{k:06}")).unwrap() })
-            .collect(),
-    }
-}
-
-fn buy(ip: u8) -> CreateOrder {
-    CreateOrder {
-        sku: sku(),
-        quantity: 1,
-        email: None,
-        currency: None,
-        channel: "sandbox".into(),
-        client_ip: IpAddr::from([192, 0, 2, ip]),
-    }
-}
-
-fn payment_for(order: &edgecard_node::orders::OrderRecord, txn: &str) -> PaymentConfirmation {
-    PaymentConfirmation {
-        order_id: order.id,
-        channel: "sandbox".into(),
-        provider_txn: txn.into(),
-        amount_minor: order.amount_minor,
-        currency: order.currency.clone(),
-    }
+    grant_of(slice, first_key, count, 1_000_000)
 }
 
 #[tokio::test]

@@ -3,93 +3,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::path::Path;
-use std::sync::Arc;
+mod fixtures;
 
-use edgecard_node::catalog::Catalog;
-use edgecard_node::config::{OrdersConfig, PriceConfig, ProductConfig};
-use edgecard_node::metrics::{OrderMetrics, StoreMetrics};
 use edgecard_node::orders::engine::now_millis;
-use edgecard_node::orders::{CreateOrder, OrderEngine, OrderError, PaymentConfirmation, PaymentOutcome};
-use edgecard_node::store::Store;
+use edgecard_node::orders::{OrderError, PaymentOutcome};
 use edgecard_protocol::{
-    Epoch, GrantedKey, KeyId, LeaseRenewal, NodeId, OrderEvent, OrderEventKind, OrderId, Secret, Sku, SliceGrant,
-    SliceId, UnixMillis,
+    Epoch, KeyId, LeaseRenewal, OrderEvent, OrderEventKind, OrderId, SliceGrant, SliceId, UnixMillis,
 };
-
-fn sku() -> Sku {
-    Sku::new("game-10").unwrap()
-}
-
-fn node() -> NodeId {
-    NodeId::new("eu-1").unwrap()
-}
-
-fn config() -> OrdersConfig {
-    OrdersConfig { max_open_per_ip: 1000, max_open_per_email: 1000, ..OrdersConfig::default() }
-}
-
-async fn open(dir: &Path) -> OrderEngine {
-    // sled releases its file lock from a background thread after the previous engine is dropped.
-    let mut attempts = 0;
-    let store = loop {
-        match Store::open(dir, 8 << 20, Arc::new(StoreMetrics::default())) {
-            Ok(store) => break Arc::new(store),
-            Err(e) if attempts < 50 => {
-                attempts += 1;
-                eprintln!("store still locked ({e}); retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("opening the store: {e}"),
-        }
-    };
-    let products = vec![ProductConfig {
-        sku: sku(),
-        title: BTreeMap::from([("en".into(), "Game card".into())]),
-        prices: vec![PriceConfig { amount_minor: 1000, currency: "USD".parse().unwrap() }],
-    }];
-    OrderEngine::open(node(), store, Arc::new(Catalog::new(products)), config(), Arc::new(OrderMetrics::default()))
-        .await
-        .unwrap()
-}
+use fixtures::*;
 
 fn grant(slice: u64, keys: std::ops::RangeInclusive<u64>, take_window: u64) -> SliceGrant {
-    let now = now_millis();
-    SliceGrant {
-        slice_id: SliceId(slice),
-        sku: sku(),
-        node_id: node(),
-        epoch: Epoch(1),
-        issued_at: now,
-        lease_deadline: now.saturating_add_ms(3_600_000),
-        take_window,
-        keys: keys
-            .map(|k| GrantedKey { key_id: KeyId(k), secret: Secret::new(format!("S-{k:04}")).unwrap() })
-            .collect(),
-    }
-}
-
-fn buy(ip: u8) -> CreateOrder {
-    CreateOrder {
-        sku: sku(),
-        quantity: 1,
-        email: None,
-        currency: None,
-        channel: "sandbox".into(),
-        client_ip: IpAddr::from([192, 0, 2, ip]),
-    }
-}
-
-fn pay(order: &edgecard_node::orders::OrderRecord, txn: &str) -> PaymentConfirmation {
-    PaymentConfirmation {
-        order_id: order.id,
-        channel: "sandbox".into(),
-        provider_txn: txn.into(),
-        amount_minor: order.amount_minor,
-        currency: order.currency.clone(),
-    }
+    grant_of(slice, *keys.start(), keys.end() + 1 - keys.start(), take_window)
 }
 
 fn released(events: &[OrderEvent]) -> Vec<(u64, Vec<u64>)> {
@@ -109,7 +33,7 @@ fn released(events: &[OrderEvent]) -> Vec<(u64, Vec<u64>)> {
 async fn the_take_window_stops_sales_until_the_coordinator_acknowledges_and_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let engine = open(dir.path()).await;
+        let engine = open(dir.path(), config()).await;
         engine.install_grant(grant(1, 1..=10, 3)).await.unwrap();
         for ip in 1..=3 {
             engine.create_order(buy(ip)).await.unwrap();
@@ -121,7 +45,7 @@ async fn the_take_window_stops_sales_until_the_coordinator_acknowledges_and_surv
         assert_eq!(engine.leases()[0].unacked_takes, 3);
     }
     // After a restart the unacknowledged takes are counted again from the outbox.
-    let engine = open(dir.path()).await;
+    let engine = open(dir.path(), config()).await;
     assert!(matches!(engine.create_order(buy(4)).await, Err(OrderError::StockSyncing { .. })));
     engine.record_sync_ack(2).unwrap();
     let fourth = engine.create_order(buy(4)).await.unwrap();
@@ -134,7 +58,7 @@ async fn the_take_window_stops_sales_until_the_coordinator_acknowledges_and_surv
 #[tokio::test]
 async fn shrink_releases_the_highest_available_keys_once_per_ticket() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path()).await;
+    let engine = open(dir.path(), config()).await;
     engine.install_grant(grant(7, 1..=10, 100)).await.unwrap();
     let held = engine.create_order(buy(1)).await.unwrap();
     assert_eq!(held.record.key_ids, vec![KeyId(1)]);
@@ -150,7 +74,7 @@ async fn shrink_releases_the_highest_available_keys_once_per_ticket() {
     let events = engine.outbox_after(0, 100).unwrap();
     assert_eq!(released(&events), vec![(11, vec![7, 8, 9, 10]), (12, vec![2, 3, 4, 5, 6])]);
     // The held key is still the buyer's.
-    assert_eq!(engine.confirm_payment(pay(&held.record, "t1")).await.unwrap(), PaymentOutcome::Delivered);
+    assert_eq!(engine.confirm_payment(payment_for(&held.record, "t1")).await.unwrap(), PaymentOutcome::Delivered);
     // A shrink of a slice the node never had is answered with an empty release.
     assert_eq!(engine.apply_shrink(SliceId(99), &sku(), Epoch(1), 5, false, 13).await.unwrap(), 0);
     let events = engine.outbox_after(0, 100).unwrap();
@@ -161,7 +85,7 @@ async fn shrink_releases_the_highest_available_keys_once_per_ticket() {
 async fn a_closed_slice_releases_keys_of_reservations_as_they_end() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let engine = open(dir.path()).await;
+        let engine = open(dir.path(), config()).await;
         engine.install_grant(grant(3, 1..=5, 100)).await.unwrap();
         let a = engine.create_order(buy(1)).await.unwrap();
         let b = engine.create_order(buy(2)).await.unwrap();
@@ -169,7 +93,7 @@ async fn a_closed_slice_releases_keys_of_reservations_as_they_end() {
         assert!(engine.leases()[0].closed);
         assert!(matches!(engine.create_order(buy(3)).await, Err(OrderError::SoldOut { .. })));
         // Paid: the reserved key is delivered (it was never released).
-        assert_eq!(engine.confirm_payment(pay(&a.record, "t1")).await.unwrap(), PaymentOutcome::Delivered);
+        assert_eq!(engine.confirm_payment(payment_for(&a.record, "t1")).await.unwrap(), PaymentOutcome::Delivered);
         // Unpaid: at expiry the key is released under the close ticket instead of going back on sale.
         engine.expire_due(b.record.expires_at).await.unwrap();
         assert_eq!(engine.stock(&sku()), 0);
@@ -177,7 +101,7 @@ async fn a_closed_slice_releases_keys_of_reservations_as_they_end() {
         assert_eq!(released(&events), vec![(21, vec![3, 4, 5]), (21, vec![2])]);
     }
     // Closed survives a restart.
-    let engine = open(dir.path()).await;
+    let engine = open(dir.path(), config()).await;
     assert!(engine.leases()[0].closed);
     // A closed slice is still renewed: keys under its open reservations stay deliverable.
     let held = engine.leases()[0].lease_deadline;
@@ -196,7 +120,7 @@ async fn a_closed_slice_releases_keys_of_reservations_as_they_end() {
 #[tokio::test]
 async fn renewals_apply_to_the_current_epoch_only() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path()).await;
+    let engine = open(dir.path(), config()).await;
     let g = grant(5, 1..=3, 100);
     let deadline = g.lease_deadline;
     engine.install_grant(g).await.unwrap();
@@ -220,7 +144,7 @@ async fn renewals_apply_to_the_current_epoch_only() {
 #[tokio::test]
 async fn a_coordinator_grant_that_expired_in_transit_is_installed_selling_nothing_and_can_be_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path()).await;
+    let engine = open(dir.path(), config()).await;
     let mut late = grant(4, 1..=3, 100);
     late.issued_at = UnixMillis(late.issued_at.0 - 7_200_000);
     late.lease_deadline = UnixMillis(now_millis().0 - 1_000);
@@ -238,14 +162,14 @@ async fn a_coordinator_grant_that_expired_in_transit_is_installed_selling_nothin
 async fn a_catalog_from_the_coordinator_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let engine = open(dir.path()).await;
+        let engine = open(dir.path(), config()).await;
         let mut products = engine.catalog().all().as_ref().clone();
         products[0].prices[0].amount_minor = 4242;
         engine.replace_catalog(products).await.unwrap();
         assert_eq!(engine.catalog().all()[0].prices[0].amount_minor, 4242);
     }
     // The coordinator sends a catalog once; after a restart it must come from the store.
-    let engine = open(dir.path()).await;
+    let engine = open(dir.path(), config()).await;
     let stored = edgecard_node::orders::engine::stored_catalog(engine.store()).unwrap().unwrap();
     assert_eq!(stored[0].sku, sku());
     assert_eq!(stored[0].prices[0].amount_minor, 4242);
