@@ -185,12 +185,12 @@ impl Coordinator {
         };
         self.store.durable().await?;
         for m in &moves {
-            let to = match &m.to {
+            let to = match &m.order.to {
                 Destination::Node(node) => node.to_string(),
                 Destination::Pool => "pool".to_string(),
             };
-            tracing::info!(ticket = m.ticket, slice = %m.slice_id, from = %m.from, %to, count = m.requested,
-                close = m.close, "layout step sent to the donor");
+            tracing::info!(ticket = m.order.ticket, slice = %m.order.slice_id, from = %m.order.from, %to, count = m.order.requested,
+                close = m.order.close, "layout step sent to the donor");
         }
         Ok(moves)
     }

@@ -155,14 +155,8 @@ impl SliceState {
 /// A shrink or close sent to a node under `ticket`, and what became of the keys it released.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveRecord {
-    pub ticket: u64,
-    pub kind: MoveKind,
-    pub sku: Sku,
-    pub slice_id: SliceId,
-    pub from: NodeId,
-    pub to: Destination,
-    pub requested: u64,
-    pub close: bool,
+    #[serde(flatten)]
+    pub order: MoveOrder,
     pub created_at: UnixMillis,
     /// Keys the donor released so far.
     pub released: u64,
@@ -197,7 +191,7 @@ pub enum MoveState {
 }
 
 /// What a shrink or close order asks of its donor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveOrder {
     pub ticket: u64,
     pub kind: MoveKind,
@@ -212,16 +206,8 @@ pub struct MoveOrder {
 impl MoveRecord {
     /// A move as sent to its donor: nothing released yet.
     pub fn sent(order: MoveOrder, created_at: UnixMillis) -> Self {
-        let MoveOrder { ticket, kind, sku, slice_id, from, to, requested, close } = order;
         MoveRecord {
-            ticket,
-            kind,
-            sku,
-            slice_id,
-            from,
-            to,
-            requested,
-            close,
+            order,
             created_at,
             released: 0,
             pending_regrant: Vec::new(),

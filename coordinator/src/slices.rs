@@ -136,15 +136,15 @@ impl Coordinator {
         }
         let ignored = release.key_ids.len() - freed.len();
         match overlay.moves.get_mut(&release.ticket) {
-            Some(record) if record.slice_id == release.slice_id && record.from == node.node_id => {
+            Some(record) if record.order.slice_id == release.slice_id && record.order.from == node.node_id => {
                 record.released += freed.len() as u64;
-                if matches!(record.to, Destination::Node(_)) {
+                if matches!(record.order.to, Destination::Node(_)) {
                     for (start, end) in runs {
                         rec::add_run(&mut record.pending_regrant, start, end);
                     }
                 }
                 if record.state == MoveState::AwaitingDonor {
-                    record.state = if record.close { MoveState::Releasing } else { MoveState::Done };
+                    record.state = if record.order.close { MoveState::Releasing } else { MoveState::Done };
                 }
                 tracing::info!(ticket = release.ticket, slice = %release.slice_id, node = %node.node_id,
                     released = freed.len(), ignored, "donor released keys");
@@ -162,12 +162,12 @@ impl Coordinator {
         for mut record in self.moves()?.into_iter().filter(|m| !m.pending_regrant.is_empty()) {
             let mut batch = WriteBatch::default();
             let pending = std::mem::take(&mut record.pending_regrant);
-            let recipient = match &record.to {
+            let recipient = match &record.order.to {
                 Destination::Node(to) => self.node(to).ok().filter(|n| !n.revoked),
                 Destination::Pool => None,
             };
             if let Some(recipient) = recipient {
-                let mut pool = self.pool_runs(&record.sku)?;
+                let mut pool = self.pool_runs(&record.order.sku)?;
                 let ids: Vec<KeyId> = pending
                     .iter()
                     .flat_map(|(a, b)| (*a..=*b).map(KeyId))
@@ -176,18 +176,18 @@ impl Coordinator {
                 for chunk in ids.chunks(edgecard_protocol::MAX_GRANT_KEYS / 10) {
                     let recipient = self.node(&recipient.node_id)?;
                     let (slice, _, _) =
-                        self.grant_slice_into(&mut batch, recipient, &record.sku, chunk, now_millis())?;
+                        self.grant_slice_into(&mut batch, recipient, &record.order.sku, chunk, now_millis())?;
                     record.regranted.push(slice.slice_id);
-                    tracing::info!(ticket = record.ticket, slice = %slice.slice_id, to = %slice.node,
+                    tracing::info!(ticket = record.order.ticket, slice = %slice.slice_id, to = %slice.node,
                         keys = chunk.len(), "moved keys granted to the recipient");
-                    batch.put(rec::pool_key(&record.sku), rec::encode(&pool));
-                    batch.put(rec::move_key(record.ticket), rec::encode(&record));
+                    batch.put(rec::pool_key(&record.order.sku), rec::encode(&pool));
+                    batch.put(rec::move_key(record.order.ticket), rec::encode(&record));
                     self.store.apply(std::mem::take(&mut batch))?;
                 }
             } else {
-                tracing::warn!(ticket = record.ticket, "recipient gone: released keys stay in the pool");
+                tracing::warn!(ticket = record.order.ticket, "recipient gone: released keys stay in the pool");
             }
-            batch.put(rec::move_key(record.ticket), rec::encode(&record));
+            batch.put(rec::move_key(record.order.ticket), rec::encode(&record));
             self.store.apply(batch)?;
         }
         Ok(())
@@ -245,7 +245,7 @@ impl Coordinator {
         if node.revoked {
             return Ok(());
         }
-        let draining = self.moves()?.iter().any(|m| m.in_flight() && m.close && &m.from == node_id);
+        let draining = self.moves()?.iter().any(|m| m.in_flight() && m.order.close && &m.order.from == node_id);
         if draining {
             return Ok(());
         }
@@ -332,9 +332,11 @@ impl Coordinator {
                     rec::add_run(&mut pool, start, end);
                 }
                 batch.put(rec::pool_key(&slice.sku), rec::encode(&pool));
-                for mut record in self.moves()?.into_iter().filter(|m| m.slice_id == slice.slice_id && m.in_flight()) {
+                for mut record in
+                    self.moves()?.into_iter().filter(|m| m.order.slice_id == slice.slice_id && m.in_flight())
+                {
                     record.state = MoveState::DonorReclaimed;
-                    batch.put(rec::move_key(record.ticket), rec::encode(&record));
+                    batch.put(rec::move_key(record.order.ticket), rec::encode(&record));
                 }
                 self.queue_reconcile(&mut batch, node, &mut slice, now)?;
                 batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice));
@@ -392,10 +394,10 @@ impl Coordinator {
                     continue;
                 }
                 let mut batch = WriteBatch::default();
-                for mut record in self.moves()?.into_iter().filter(|m| m.slice_id == slice.slice_id) {
+                for mut record in self.moves()?.into_iter().filter(|m| m.order.slice_id == slice.slice_id) {
                     if record.state == MoveState::Releasing || record.state == MoveState::AwaitingDonor {
                         record.state = MoveState::Done;
-                        batch.put(rec::move_key(record.ticket), rec::encode(&record));
+                        batch.put(rec::move_key(record.order.ticket), rec::encode(&record));
                     }
                 }
                 slice.state = SliceState::Closed;

@@ -126,7 +126,7 @@ async fn a_move_reaches_the_recipient_only_after_the_donor_released() {
     assert!(matches!(c.apply_layout(2).await, Err(CoordinatorError::StaleLayout { staged: 1, given: 2 })));
     let moves = c.apply_layout(1).await.unwrap();
     assert_eq!(moves.len(), 1);
-    let ticket = moves[0].ticket;
+    let ticket = moves[0].order.ticket;
     assert!(matches!(c.apply_layout(1).await, Err(CoordinatorError::StaleLayout { .. })), "applied once");
 
     // The recipient gets nothing yet; the donor gets the shrink order.
@@ -158,7 +158,7 @@ async fn a_move_reaches_the_recipient_only_after_the_donor_released() {
     let regranted = grants(&ap.sync(&c, vec![], 0).await, &ap.id);
     assert_eq!(regranted.len(), 1);
     assert_eq!(regranted[0].keys.iter().map(|k| k.key_id).collect::<Vec<_>>(), ids(33..=50));
-    let record = c.moves().unwrap().into_iter().find(|m| m.ticket == ticket).unwrap();
+    let record = c.moves().unwrap().into_iter().find(|m| m.order.ticket == ticket).unwrap();
     assert_eq!((record.released, record.state, record.in_flight()), (18, MoveState::Done, false));
 
     // A release under the same ticket replayed (a lost ack) changes nothing.
