@@ -516,6 +516,7 @@ impl Coordinator {
             for ((sku, id), record) in keys {
                 batch.put(rec::key_key(&sku, id), rec::encode(&record));
             }
+            let regrants = releases.has_regrants();
             releases.write(&mut batch);
             for (id, order) in orders {
                 batch.put(rec::order_key(&id), rec::encode(&order));
@@ -537,7 +538,10 @@ impl Coordinator {
             batch.put(rec::node_key(node_id), rec::encode(&node));
             self.store.apply(batch)?;
             // Keys released for a recipient go out only now that the release is in the ledger.
-            self.complete_regrants()?;
+            // (A crash between the two batches is repaired by the housekeeping task.)
+            if regrants {
+                self.complete_regrants()?;
+            }
             self.top_up(node_id)?;
             node.events_high_water
         };

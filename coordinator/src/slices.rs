@@ -33,6 +33,11 @@ pub(crate) struct ReleaseOverlay {
 }
 
 impl ReleaseOverlay {
+    /// Whether some release in this batch is waiting to be granted to a recipient.
+    pub(crate) fn has_regrants(&self) -> bool {
+        self.moves.values().any(|m| !m.pending_regrant.is_empty())
+    }
+
     pub(crate) fn write(self, batch: &mut WriteBatch) {
         for (sku, pool) in self.pools {
             batch.put(rec::pool_key(&sku), rec::encode(&pool));
