@@ -1,9 +1,28 @@
-//! The durable store shared by the node and the coordinator, and the metric primitives it and
-//! they report with. sled sits behind a narrow interface (`get`, `scan_prefix`, atomic `apply`,
-//! `durable`) so the rest of the code never depends on sled's API.
+//! The one durability layer of the node and the coordinator, and the metric primitives they
+//! report with.
+//!
+//! A write-ahead log with group commit is the durability point; sled holds the materialized
+//! state, written by checkpoints; file I/O of the log goes through [`Disk`], so that tests can
+//! put it on a [`FaultyDisk`] that loses unsynced writes, fails fsyncs, fills up and tears writes.
+//! The rules are in `ARCHITECTURE.md` ("Store").
 
-mod durable;
+mod batch;
+mod checkpoint;
+pub mod disk;
+mod error;
+pub mod faulty_disk;
+mod health;
+mod log;
+mod memtable;
 pub mod metrics;
+mod store;
+pub mod workload;
 
-pub use durable::{Store, StoreError, WriteBatch};
+pub use batch::{Op, WriteBatch};
+pub use disk::{Disk, DiskFile, OsDisk};
+pub use error::StoreError;
+pub use faulty_disk::FaultyDisk;
+pub use health::Health;
+pub use log::LogOptions;
 pub use metrics::StoreMetrics;
+pub use store::{Store, StoreOptions};

@@ -112,13 +112,22 @@ fn escape_label(v: &str) -> String {
 
 #[derive(Debug)]
 pub struct StoreMetrics {
-    /// Duration of one durable flush.
+    /// Duration of one group write plus its fdatasync.
     pub commit_seconds: Histogram,
     /// What one caller of `durable` waits: queueing behind a flush in progress plus its own.
     pub commit_wait_seconds: Histogram,
     pub group_size: Histogram,
     pub flushes: Counter,
     pub batches_applied: Counter,
+    pub log_bytes: Counter,
+    /// Group writes refused by a full disk.
+    pub disk_full_stalls: Counter,
+    pub segments_opened: Counter,
+    pub checkpoints: Counter,
+    pub checkpoint_seconds: Histogram,
+    pub recovery_seconds: Histogram,
+    /// 0 ok, 1 disk full, 2 poisoned.
+    pub health: Gauge,
 }
 
 impl Default for StoreMetrics {
@@ -129,6 +138,13 @@ impl Default for StoreMetrics {
             group_size: Histogram::new(SIZE_BOUNDS),
             flushes: Counter::default(),
             batches_applied: Counter::default(),
+            log_bytes: Counter::default(),
+            disk_full_stalls: Counter::default(),
+            segments_opened: Counter::default(),
+            checkpoints: Counter::default(),
+            checkpoint_seconds: Histogram::new(LATENCY_BOUNDS),
+            recovery_seconds: Histogram::new(LATENCY_BOUNDS),
+            health: Gauge::default(),
         }
     }
 }
@@ -138,7 +154,7 @@ impl StoreMetrics {
         self.commit_seconds.render(
             out,
             "edgecard_store_commit_seconds",
-            "Duration of one durable flush (sled flush + fsync).",
+            "Duration of one group write to the log plus its fdatasync.",
         );
         self.commit_wait_seconds.render(
             out,
@@ -146,12 +162,43 @@ impl StoreMetrics {
             "Time a caller waits until its batch is durable (queueing for the flusher included).",
         );
         self.group_size.render(out, "edgecard_store_commit_group_size", "Commits served by one durable flush.");
-        render_counter(out, "edgecard_store_flushes_total", "Durable flushes.", self.flushes.get());
+        render_counter(
+            out,
+            "edgecard_store_flushes_total",
+            "Log fdatasyncs (one per commit group).",
+            self.flushes.get(),
+        );
         render_counter(
             out,
             "edgecard_store_batches_total",
             "Atomic write batches applied.",
             self.batches_applied.get(),
+        );
+        render_counter(out, "edgecard_store_log_bytes_total", "Bytes written to the log.", self.log_bytes.get());
+        render_counter(
+            out,
+            "edgecard_store_disk_full_stalls_total",
+            "Log writes refused by a full disk (retried until space returns).",
+            self.disk_full_stalls.get(),
+        );
+        render_counter(
+            out,
+            "edgecard_store_log_segments_opened_total",
+            "Log segments started.",
+            self.segments_opened.get(),
+        );
+        render_counter(out, "edgecard_store_checkpoints_total", "Checkpoints into sled.", self.checkpoints.get());
+        self.checkpoint_seconds.render(out, "edgecard_store_checkpoint_seconds", "Duration of one checkpoint.");
+        self.recovery_seconds.render(
+            out,
+            "edgecard_store_recovery_seconds",
+            "Duration of opening the store (log replay included).",
+        );
+        render_gauge(
+            out,
+            "edgecard_store_health",
+            "Store health: 0 ok, 1 disk full (writes refused until space returns), 2 poisoned (restart needed).",
+            self.health.get(),
         );
     }
 }

@@ -625,7 +625,7 @@ impl OrderEngine {
         let _state = self.state.lock();
         let mut batch = WriteBatch::default();
         batch.delete(record::confirm_key(id));
-        self.store.apply(batch)
+        self.store.apply(batch).map(drop)
     }
 
     /// Ends an unpaid reservation at once (no payment could be created for it): its keys go back
@@ -1060,7 +1060,7 @@ impl OrderEngine {
         let mut events = Vec::new();
         for item in self.store.scan_prefix(record::OUTBOX) {
             let (key, value) = item?;
-            if key.as_ref() < start.as_slice() {
+            if key.as_slice() < start.as_slice() {
                 continue;
             }
             let event: OrderEvent = serde_json::from_slice(&value)
