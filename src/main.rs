@@ -214,10 +214,23 @@ async fn run_node(args: ConfigArg) -> Result<()> {
             "self_signed_cert": node.self_signed_cert.as_ref().map(|p| p.display().to_string()),
         })
     );
-    wait_for_signal().await?;
+    let poisoned = node.engine.store().until_poisoned();
+    let outcome = stop_on_signal_or_poison(poisoned).await;
     tracing::info!("shutting down");
     node.shutdown().await;
-    Ok(())
+    outcome
+}
+
+/// Waits for SIGINT or SIGTERM (a clean stop), or for the store to be poisoned: then the process
+/// stops with an error, so that its supervisor restarts it and recovery reads the disk again.
+async fn stop_on_signal_or_poison(poisoned: impl std::future::Future<Output = String>) -> Result<()> {
+    tokio::select! {
+        signal = wait_for_signal() => signal,
+        reason = poisoned => {
+            tracing::error!(%reason, "store poisoned: exiting for a restart");
+            anyhow::bail!("store poisoned ({reason}): exiting so that a restart recovers from disk")
+        }
+    }
 }
 
 pub async fn wait_for_signal() -> Result<()> {
@@ -257,9 +270,11 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
                     "sync": running.sync_addr.to_string(),
                 })
             );
-            wait_for_signal().await?;
+            let poisoned = running.coordinator.store().until_poisoned();
+            let outcome = stop_on_signal_or_poison(poisoned).await;
             tracing::info!("shutting down");
             running.shutdown().await;
+            outcome?;
         }
     }
     Ok(())

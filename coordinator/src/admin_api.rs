@@ -102,6 +102,9 @@ struct NewSlice {
 
 impl AdminApi {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>, _peer: SocketAddr) -> HttpResponse {
+        if request.method() == Method::GET && request.uri().path() == "/healthz" {
+            return self.healthz();
+        }
         if !self.authorized(&request) {
             return error_response(ApiError(StatusCode::UNAUTHORIZED, "unauthorized", "bearer token required".into()));
         }
@@ -109,6 +112,14 @@ impl AdminApi {
             Ok(response) => response,
             Err(e) => error_response(e),
         }
+    }
+
+    /// Unauthenticated, for orchestrators: 503 while the store refuses writes.
+    fn healthz(&self) -> HttpResponse {
+        let store = self.coordinator.store().health();
+        let healthy = store == edgecard_store::Health::Ok;
+        let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        respond(status, &json!({ "status": if healthy { "ok" } else { "unavailable" }, "store": store.as_str() }))
     }
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::api::{bytes_response, json_response, HttpResponse};
+use crate::api::{bytes_response, healthz_response, json_response, HttpResponse};
 use crate::limiter::Limiters;
 use crate::metrics::{render_gauge, render_labelled, HttpMetrics};
 use crate::orders::{GrantInstallError, GrantOutcome, OrderEngine, SliceStatus};
@@ -80,11 +80,7 @@ impl AdminApi {
         let path = request.uri().path().to_string();
         match (request.method(), path.as_str()) {
             (&Method::GET, "/metrics") => self.metrics(),
-            (&Method::GET, "/healthz") => json_response(
-                StatusCode::OK,
-                &json!({ "status": "ok", "node": self.engine.node_id().as_str() }),
-                "no-store",
-            ),
+            (&Method::GET, "/healthz") => healthz_response(&self.engine),
             (&Method::GET, "/admin/v1/status") if self.authorized(&request) => self.status(),
             (&Method::POST, "/admin/v1/grants") if self.authorized(&request) => self.install(request).await,
             (_, "/admin/v1/status" | "/admin/v1/grants") => {

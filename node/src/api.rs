@@ -37,6 +37,20 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const CATALOG_CACHE_CONTROL: &str = "public, max-age=2, stale-while-revalidate=30";
 const NO_STORE: &str = "no-store";
 
+/// `/healthz` for the CDN and the orchestrator: 503 while the store refuses writes, so that
+/// traffic moves to another origin (disk full) or the process is replaced (poisoned).
+pub fn healthz_response(engine: &OrderEngine) -> HttpResponse {
+    let store = engine.store().health();
+    let healthy = store == edgecard_store::Health::Ok;
+    let body = json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "node": engine.node_id().as_str(),
+        "store": store.as_str(),
+    });
+    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, &body, NO_STORE)
+}
+
 pub struct NodeApi {
     pub engine: Arc<OrderEngine>,
     pub limiters: Arc<Limiters>,
@@ -214,8 +228,7 @@ impl NodeApi {
     }
 
     fn healthz(&self) -> HttpResponse {
-        let body = json!({ "status": "ok", "node": self.engine.node_id().as_str() });
-        json_response(StatusCode::OK, &body, NO_STORE)
+        healthz_response(&self.engine)
     }
 
     fn products(&self, headers: &HeaderMap, query: Option<&str>) -> HttpResponse {

@@ -1,3 +1,3 @@
 //! The node's durable store (see the `edgecard-store` crate).
 
-pub use edgecard_store::{Store, StoreError, WriteBatch};
+pub use edgecard_store::{Health, Store, StoreError, WriteBatch};
