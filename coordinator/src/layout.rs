@@ -95,7 +95,7 @@ impl Coordinator {
             staged.changes.push(change);
             rebalance::plan(&self.layout_view()?, &staged.changes)?;
             let mut batch = WriteBatch::default();
-            batch.put(rec::STAGED_LAYOUT.to_vec(), rec::encode(&staged));
+            batch.put(rec::STAGED_LAYOUT.to_vec(), rec::encode(&staged)?);
             self.store.apply(batch)?;
         }
         self.store.durable().await?;
@@ -108,7 +108,7 @@ impl Coordinator {
             let _guard = self.lock.lock();
             let staged = StagedLayout { changes: Vec::new(), ..self.staged()? };
             let mut batch = WriteBatch::default();
-            batch.put(rec::STAGED_LAYOUT.to_vec(), rec::encode(&staged));
+            batch.put(rec::STAGED_LAYOUT.to_vec(), rec::encode(&staged)?);
             self.store.apply(batch)?;
         }
         self.store.durable().await?;
@@ -158,7 +158,7 @@ impl Coordinator {
                     Some(node) => node,
                     None => self.node(&step.donor)?,
                 };
-                let donor = self.queue_control(&mut batch, donor, CONTROL_SHRINK, rec::encode(&order))?;
+                let donor = self.queue_control(&mut batch, donor, CONTROL_SHRINK, rec::encode(&order)?)?;
                 donors.insert(step.donor.clone(), donor);
                 let order = MoveOrder {
                     ticket,
@@ -171,15 +171,15 @@ impl Coordinator {
                     close: step.close,
                 };
                 let record = MoveRecord::sent(order, now);
-                batch.put(rec::move_key(ticket), rec::encode(&record));
+                batch.put(rec::move_key(ticket), rec::encode(&record)?);
                 slices.insert(slice.slice_id, slice);
                 moves.push(record);
             }
             for slice in slices.values() {
-                batch.put(rec::slice_key(slice.slice_id), rec::encode(slice));
+                batch.put(rec::slice_key(slice.slice_id), rec::encode(slice)?);
             }
             let next = StagedLayout { version: version + 1, changes: Vec::new() };
-            batch.put(rec::STAGED_LAYOUT.to_vec(), rec::encode(&next));
+            batch.put(rec::STAGED_LAYOUT.to_vec(), rec::encode(&next)?);
             self.store.apply(batch)?;
             moves
         };

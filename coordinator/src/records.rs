@@ -1,5 +1,5 @@
-//! What the coordinator stores, and under which keys (one sled tree, prefixed keys, so that each
-//! change is one atomic batch):
+//! What the coordinator stores, and under which keys (one store, prefixed keys, so that each
+//! change is one atomic batch). Values are store records (versioned rkyv, validated on read):
 //!
 //! | prefix | key | value |
 //! |---|---|---|
@@ -11,7 +11,7 @@
 //! | `s/` | slice id (8 bytes BE) | [`SliceRecord`] |
 //! | `n/` | node id | [`NodeRecord`] |
 //! | `q/` | node id, 0, control seq (8 bytes BE) | a queued control message for the node |
-//! | `l/` | node id, 0, event seq (8 bytes BE) | the ledger: an `OrderEvent` as JSON |
+//! | `l/` | node id, 0, event seq (8 bytes BE) | the ledger: an `OrderEvent` |
 //! | `o/` | order id (16 bytes) | [`LedgerOrder`]: the order as the ledger sees it |
 //! | `a/` | alarm seq (8 bytes BE) | [`Alarm`] |
 //! | `t/` | ticket (8 bytes BE) | [`MoveRecord`]: a shrink or close sent to a node, and its outcome |
@@ -20,17 +20,16 @@
 
 use edgecard_protocol::rebalance::{Destination, StagedChange};
 use edgecard_protocol::{Epoch, KeyId, NodeId, OrderId, Secret, Sku, SliceId, UnixMillis};
-use edgecard_store::StoreError;
-use serde::de::DeserializeOwned;
+use edgecard_store::{Storable, StoreError};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Price {
     pub amount_minor: u64,
     pub currency: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct ProductRecord {
     pub sku: Sku,
     /// (language tag, title); `en` first.
@@ -43,13 +42,17 @@ pub struct ProductRecord {
 
 /// When a node reports fewer than `low_watermark` sellable keys of the sku, the coordinator
 /// grants it enough from the pool to reach `target` (as far as the pool allows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct TopUpPolicy {
     pub low_watermark: u64,
     pub target: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum KeyState {
     Pool,
@@ -87,14 +90,14 @@ impl KeyState {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct KeyRecord {
     pub secret: Secret,
     pub batch: u64,
     pub state: KeyState,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct ImportBatch {
     pub id: u64,
     pub sku: Sku,
@@ -104,7 +107,7 @@ pub struct ImportBatch {
     pub last_key: KeyId,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SliceRecord {
     pub slice_id: SliceId,
     pub sku: Sku,
@@ -125,7 +128,19 @@ fn default_take_window() -> u64 {
     u64::MAX
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum SliceState {
     /// Selling under its lease, renewed while the node is in contact.
@@ -153,7 +168,7 @@ impl SliceState {
 }
 
 /// A shrink or close sent to a node under `ticket`, and what became of the keys it released.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct MoveRecord {
     #[serde(flatten)]
     pub order: MoveOrder,
@@ -169,7 +184,9 @@ pub struct MoveRecord {
     pub state: MoveState,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum MoveKind {
     Move,
@@ -178,7 +195,9 @@ pub enum MoveKind {
     Reconcile,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum MoveState {
     /// Sent; the donor has not answered yet.
@@ -191,7 +210,7 @@ pub enum MoveState {
 }
 
 /// What a shrink or close order asks of its donor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct MoveOrder {
     pub ticket: u64,
     pub kind: MoveKind,
@@ -222,14 +241,16 @@ impl MoveRecord {
 }
 
 /// The operator's staged changes; `apply --version` must name `version`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct StagedLayout {
     pub version: u64,
     pub changes: Vec<StagedChange>,
 }
 
 /// A top-up granted to a node, kept on the node record while in flight and for status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct TopUpRecord {
     pub sku: Sku,
     pub slice_id: SliceId,
@@ -261,7 +282,7 @@ pub fn runs_of(ids: &[KeyId]) -> Vec<(u64, u64)> {
     runs
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct NodeStock {
     pub slice_id: SliceId,
     pub sku: Sku,
@@ -269,7 +290,7 @@ pub struct NodeStock {
     pub selling: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct NodeRecord {
     pub node_id: NodeId,
     /// Small stable number used inside key states instead of the id string.
@@ -290,7 +311,9 @@ pub struct NodeRecord {
     pub topups: Vec<TopUpRecord>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LedgerStatus {
     Reserved,
@@ -313,7 +336,7 @@ impl LedgerStatus {
 }
 
 /// An order as the coordinator's ledger knows it (no secrets: events carry key ids only).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct LedgerOrder {
     pub order_id: OrderId,
     pub node: NodeId,
@@ -329,7 +352,7 @@ pub struct LedgerOrder {
     pub provider_txn: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Alarm {
     pub seq: u64,
     pub at: UnixMillis,
@@ -464,13 +487,13 @@ pub fn trailing_u64(raw: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(tail))
 }
 
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Plain data always serializes.
-    serde_json::to_vec(value).unwrap_or_default()
+/// A stored record (versioned rkyv; see `edgecard_store::record`).
+pub fn encode<T: Storable>(value: &T) -> Result<Vec<u8>, StoreError> {
+    edgecard_store::record::encode(std::any::type_name::<T>(), value)
 }
 
-pub fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt { key: what.to_string(), reason: e.to_string() })
+pub fn decode<T: Storable>(what: &str, raw: &[u8]) -> Result<T, StoreError> {
+    edgecard_store::record::decode(what, raw)
 }
 
 #[cfg(test)]

@@ -153,7 +153,7 @@ impl Coordinator {
         Ok(next)
     }
 
-    pub(crate) fn load<T: serde::de::DeserializeOwned>(&self, what: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
+    pub(crate) fn load<T: edgecard_store::Storable>(&self, what: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.store.get(key)? {
             Some(raw) => Ok(Some(rec::decode(what, &raw)?)),
             None => Ok(None),
@@ -182,7 +182,7 @@ impl Coordinator {
                 return Err(CoordinatorError::ProductExists(product.sku.to_string()));
             }
             let mut batch = WriteBatch::default();
-            batch.put(rec::product_key(&product.sku), rec::encode(&product));
+            batch.put(rec::product_key(&product.sku), rec::encode(&product)?);
             let mut products = self.products()?;
             products.push(product);
             self.queue_catalog(&mut batch, &products)?;
@@ -203,7 +203,7 @@ impl Coordinator {
             }
             validate_product(&product)?;
             let mut batch = WriteBatch::default();
-            batch.put(rec::product_key(sku), rec::encode(&product));
+            batch.put(rec::product_key(sku), rec::encode(&product)?);
             let products: Vec<ProductRecord> =
                 self.products()?.into_iter().map(|p| if &p.sku == sku { product.clone() } else { p }).collect();
             self.queue_catalog(&mut batch, &products)?;
@@ -228,7 +228,7 @@ impl Coordinator {
             let mut product = self.product(sku)?.ok_or_else(|| CoordinatorError::UnknownSku(sku.to_string()))?;
             product.topup = policy;
             let mut batch = WriteBatch::default();
-            batch.put(rec::product_key(sku), rec::encode(&product));
+            batch.put(rec::product_key(sku), rec::encode(&product)?);
             self.store.apply(batch)?;
             product
         };
@@ -239,7 +239,7 @@ impl Coordinator {
     fn queue_catalog(&self, batch: &mut WriteBatch, products: &[ProductRecord]) -> Result<(), CoordinatorError> {
         for node in self.nodes()? {
             if !node.revoked {
-                self.queue_control(batch, node, CONTROL_CATALOG, rec::encode(&products))?;
+                self.queue_control(batch, node, CONTROL_CATALOG, rec::encode(&products.to_vec())?)?;
             }
         }
         Ok(())
@@ -258,7 +258,7 @@ impl Coordinator {
         let mut value = vec![tag];
         value.extend_from_slice(&payload);
         batch.put(rec::control_key(&node.node_id, seq), value);
-        batch.put(rec::node_key(&node.node_id), rec::encode(&node));
+        batch.put(rec::node_key(&node.node_id), rec::encode(&node)?);
         Ok(node)
     }
 
@@ -314,7 +314,7 @@ impl Coordinator {
             for (offset, (secret, hash)) in fresh.iter().enumerate() {
                 let id = KeyId(first + offset as u64);
                 let record = KeyRecord { secret: secret.clone(), batch: batch_id, state: KeyState::Pool };
-                batch.put(rec::key_key(sku, id), rec::encode(&record));
+                batch.put(rec::key_key(sku, id), rec::encode(&record)?);
                 let mut location = sku.as_str().as_bytes().to_vec();
                 location.push(0);
                 location.extend_from_slice(&id.0.to_be_bytes());
@@ -323,7 +323,7 @@ impl Coordinator {
             let last = first + fresh.len() as u64 - 1;
             let mut pool = self.pool_runs(sku)?;
             rec::add_run(&mut pool, first, last);
-            batch.put(rec::pool_key(sku), rec::encode(&pool));
+            batch.put(rec::pool_key(sku), rec::encode(&pool)?);
             let meta = ImportBatch {
                 id: batch_id,
                 sku: sku.clone(),
@@ -332,7 +332,7 @@ impl Coordinator {
                 first_key: KeyId(first),
                 last_key: KeyId(last),
             };
-            batch.put(rec::batch_key(batch_id), rec::encode(&meta));
+            batch.put(rec::batch_key(batch_id), rec::encode(&meta)?);
             self.store.apply(batch)?;
             report.batch = Some(batch_id);
             report.imported = fresh.len() as u64;
@@ -383,7 +383,7 @@ impl Coordinator {
                 topups: Vec::new(),
             };
             let products = self.products()?;
-            let record = self.queue_control(&mut batch, record, CONTROL_CATALOG, rec::encode(&products))?;
+            let record = self.queue_control(&mut batch, record, CONTROL_CATALOG, rec::encode(&products.to_vec())?)?;
             self.store.apply(batch)?;
             record
         };
@@ -397,7 +397,7 @@ impl Coordinator {
             let mut node = self.node(node_id)?;
             node.revoked = true;
             let mut batch = WriteBatch::default();
-            batch.put(rec::node_key(node_id), rec::encode(&node));
+            batch.put(rec::node_key(node_id), rec::encode(&node)?);
             self.store.apply(batch)?;
         }
         self.store.durable().await?;
@@ -436,7 +436,7 @@ impl Coordinator {
             };
             let mut batch = WriteBatch::default();
             let (slice, _node, _seq) = self.grant_slice_into(&mut batch, node, sku, &free, now_millis())?;
-            batch.put(rec::pool_key(sku), rec::encode(&pool));
+            batch.put(rec::pool_key(sku), rec::encode(&pool)?);
             self.store.apply(batch)?;
             slice
         };
@@ -482,13 +482,13 @@ impl Coordinator {
                         node_id,
                         "sequence_gap",
                         format!("events {} to {} never arrived", node.events_high_water + 1, event.seq - 1),
-                    );
+                    )?;
                 }
                 node.events_high_water = event.seq;
                 if let OrderEventKind::Released { slice_id, ticket, key_ids, .. } = &event.kind {
                     let release = Release { sku: &event.sku, slice_id: *slice_id, ticket: *ticket, key_ids };
                     self.ingest_release(&node, release, &mut keys, &mut releases)?;
-                    batch.put(rec::ledger_key(node_id, event.seq), rec::encode(&event));
+                    batch.put(rec::ledger_key(node_id, event.seq), rec::encode(&event)?);
                     continue;
                 }
                 // An order's later events stand or fall with its reservation: if that was refused,
@@ -502,24 +502,24 @@ impl Coordinator {
                         "seq {}: event for order {} whose reservation the ledger refused or never saw",
                         event.seq, event.order_id
                     );
-                    self.alarm(&mut batch, &mut next_alarm, node_id, "refused_order", detail);
+                    self.alarm(&mut batch, &mut next_alarm, node_id, "refused_order", detail)?;
                     continue;
                 }
                 match self.check_event(&node, &event, &mut keys)? {
                     Ok(()) => {
                         self.apply_to_order(&event, &mut orders)?;
-                        batch.put(rec::ledger_key(node_id, event.seq), rec::encode(&event));
+                        batch.put(rec::ledger_key(node_id, event.seq), rec::encode(&event)?);
                     }
-                    Err((kind, detail)) => self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail),
+                    Err((kind, detail)) => self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail)?,
                 }
             }
             for ((sku, id), record) in keys {
-                batch.put(rec::key_key(&sku, id), rec::encode(&record));
+                batch.put(rec::key_key(&sku, id), rec::encode(&record)?);
             }
             let regrants = releases.has_regrants();
-            releases.write(&mut batch);
+            releases.write(&mut batch)?;
             for (id, order) in orders {
-                batch.put(rec::order_key(&id), rec::encode(&order));
+                batch.put(rec::order_key(&id), rec::encode(&order)?);
             }
             for item in self.store.scan_prefix(&rec::control_prefix(node_id)) {
                 let (key, _) = item?;
@@ -535,7 +535,7 @@ impl Coordinator {
                 .into_iter()
                 .map(|s| NodeStock { slice_id: s.slice_id, sku: s.sku, available: s.available, selling: s.selling })
                 .collect();
-            batch.put(rec::node_key(node_id), rec::encode(&node));
+            batch.put(rec::node_key(node_id), rec::encode(&node)?);
             self.store.apply(batch)?;
             // Keys released for a recipient go out only now that the release is in the ledger.
             // (A crash between the two batches is repaired by the housekeeping task.)
@@ -569,7 +569,7 @@ impl Coordinator {
             })?;
             record.state = KeyState::Granted { slice: slice_id, node_index: node.index };
             keys.push(GrantedKey { key_id: *id, secret: record.secret.clone() });
-            batch.put(rec::key_key(sku, *id), rec::encode(&record));
+            batch.put(rec::key_key(sku, *id), rec::encode(&record)?);
         }
         let grant = SliceGrant {
             slice_id,
@@ -593,7 +593,7 @@ impl Coordinator {
             take_window: grant.take_window,
             state: SliceState::Active,
         };
-        batch.put(rec::slice_key(slice_id), rec::encode(&slice));
+        batch.put(rec::slice_key(slice_id), rec::encode(&slice)?);
         let node = self.queue_control(batch, node, CONTROL_GRANT, signed.to_bytes()?)?;
         let seq = node.next_control_seq.saturating_sub(1);
         Ok((slice, node, seq))
@@ -629,7 +629,7 @@ impl Coordinator {
             let signed = renewal.sign(&self.signing_key)?;
             node = self.queue_control(batch, node, CONTROL_RENEW, signed.to_bytes()?)?;
             slice.lease_deadline = renewal.lease_deadline;
-            batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice));
+            batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice)?);
             tracing::debug!(slice = %slice.slice_id, node = %node.node_id, "lease renewal queued");
         }
         Ok(node)
@@ -753,13 +753,21 @@ impl Coordinator {
 
     /// Records an alarm. `next` is the batch's alarm counter: several alarms in one batch must not
     /// share a seq (the stored counter is read once per batch and written back by the caller).
-    fn alarm(&self, batch: &mut WriteBatch, next: &mut u64, node: &NodeId, kind: &str, detail: String) {
+    fn alarm(
+        &self,
+        batch: &mut WriteBatch,
+        next: &mut u64,
+        node: &NodeId,
+        kind: &str,
+        detail: String,
+    ) -> Result<(), StoreError> {
+        tracing::error!(node = %node, kind, %detail, "ledger alarm");
         let seq = *next;
+        let alarm = Alarm { seq, at: now_millis(), node: node.clone(), kind: kind.to_string(), detail };
+        batch.put(rec::alarm_key(seq), rec::encode(&alarm)?);
         *next += 1;
         batch.put(rec::counter_key("next_alarm"), next.to_be_bytes().to_vec());
-        tracing::error!(node = %node, kind, %detail, "ledger alarm");
-        let alarm = Alarm { seq, at: now_millis(), node: node.clone(), kind: kind.to_string(), detail };
-        batch.put(rec::alarm_key(seq), rec::encode(&alarm));
+        Ok(())
     }
 
     pub fn alarms(&self) -> Result<Vec<Alarm>, StoreError> {

@@ -38,18 +38,19 @@ impl ReleaseOverlay {
         self.moves.values().any(|m| !m.pending_regrant.is_empty())
     }
 
-    pub(crate) fn write(self, batch: &mut WriteBatch) {
+    pub(crate) fn write(self, batch: &mut WriteBatch) -> Result<(), StoreError> {
         for (sku, pool) in self.pools {
-            batch.put(rec::pool_key(&sku), rec::encode(&pool));
+            batch.put(rec::pool_key(&sku), rec::encode(&pool)?);
         }
         for (ticket, record) in self.moves {
-            batch.put(rec::move_key(ticket), rec::encode(&record));
+            batch.put(rec::move_key(ticket), rec::encode(&record)?);
         }
+        Ok(())
     }
 }
 
 /// A queued `Shrink` control message as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct ShrinkOrder {
     pub slice_id: SliceId,
     pub sku: Sku,
@@ -185,14 +186,14 @@ impl Coordinator {
                     record.regranted.push(slice.slice_id);
                     tracing::info!(ticket = record.order.ticket, slice = %slice.slice_id, to = %slice.node,
                         keys = chunk.len(), "moved keys granted to the recipient");
-                    batch.put(rec::pool_key(&record.order.sku), rec::encode(&pool));
-                    batch.put(rec::move_key(record.order.ticket), rec::encode(&record));
+                    batch.put(rec::pool_key(&record.order.sku), rec::encode(&pool)?);
+                    batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
                     self.store.apply(std::mem::take(&mut batch))?;
                 }
             } else {
                 tracing::warn!(ticket = record.order.ticket, "recipient gone: released keys stay in the pool");
             }
-            batch.put(rec::move_key(record.order.ticket), rec::encode(&record));
+            batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
             self.store.apply(batch)?;
         }
         Ok(())
@@ -220,7 +221,7 @@ impl Coordinator {
             close: true,
             ticket,
         };
-        let node = self.queue_control(batch, node, CONTROL_SHRINK, rec::encode(&order))?;
+        let node = self.queue_control(batch, node, CONTROL_SHRINK, rec::encode(&order)?)?;
         let order = MoveOrder {
             ticket,
             kind: MoveKind::Reconcile,
@@ -232,7 +233,7 @@ impl Coordinator {
             close: true,
         };
         let record = MoveRecord::sent(order, now);
-        batch.put(rec::move_key(ticket), rec::encode(&record));
+        batch.put(rec::move_key(ticket), rec::encode(&record)?);
         Ok((node, ticket))
     }
 
@@ -276,8 +277,8 @@ impl Coordinator {
             });
             let excess = node.topups.len().saturating_sub(TOPUPS_KEPT);
             node.topups.drain(..excess);
-            batch.put(rec::node_key(node_id), rec::encode(&node));
-            batch.put(rec::pool_key(&product.sku), rec::encode(&pool));
+            batch.put(rec::node_key(node_id), rec::encode(&node)?);
+            batch.put(rec::pool_key(&product.sku), rec::encode(&pool)?);
             self.store.apply(batch)?;
             tracing::info!(node = %node_id, sku = %product.sku, keys = free.len(), stock, "top-up granted");
         }
@@ -329,22 +330,22 @@ impl Coordinator {
                 {
                     if let Some(mut record) = records.remove(id) {
                         record.state = state;
-                        batch.put(rec::key_key(&slice.sku, *id), rec::encode(&record));
+                        batch.put(rec::key_key(&slice.sku, *id), rec::encode(&record)?);
                     }
                 }
                 let mut pool = self.pool_runs(&slice.sku)?;
                 for (start, end) in rec::runs_of(&split.reclaimed) {
                     rec::add_run(&mut pool, start, end);
                 }
-                batch.put(rec::pool_key(&slice.sku), rec::encode(&pool));
+                batch.put(rec::pool_key(&slice.sku), rec::encode(&pool)?);
                 for mut record in
                     self.moves()?.into_iter().filter(|m| m.order.slice_id == slice.slice_id && m.in_flight())
                 {
                     record.state = MoveState::DonorReclaimed;
-                    batch.put(rec::move_key(record.order.ticket), rec::encode(&record));
+                    batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
                 }
                 self.queue_reconcile(&mut batch, node, &mut slice, now)?;
-                batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice));
+                batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice)?);
                 self.store.apply(batch)?;
                 tracing::warn!(slice = %slice.slice_id, node = %slice.node, returned = split.reclaimed.len(),
                     quarantined = split.quarantined.len(), "lease ran out: slice reclaimed from a dark node");
@@ -402,11 +403,11 @@ impl Coordinator {
                 for mut record in self.moves()?.into_iter().filter(|m| m.order.slice_id == slice.slice_id) {
                     if record.state == MoveState::Releasing || record.state == MoveState::AwaitingDonor {
                         record.state = MoveState::Done;
-                        batch.put(rec::move_key(record.order.ticket), rec::encode(&record));
+                        batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
                     }
                 }
                 slice.state = SliceState::Closed;
-                batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice));
+                batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice)?);
                 self.store.apply(batch)?;
                 settled += 1;
             }
@@ -450,7 +451,7 @@ impl Coordinator {
                 let Some(mut record) = self.load::<KeyRecord>("key", &rec::key_key(&slice.sku, id))? else { continue };
                 if let KeyState::Quarantined { slice: of, node_index } = record.state {
                     record.state = KeyState::WrittenOff { slice: of, node_index };
-                    batch.put(rec::key_key(&slice.sku, id), rec::encode(&record));
+                    batch.put(rec::key_key(&slice.sku, id), rec::encode(&record)?);
                     written += 1;
                 }
             }

@@ -30,7 +30,7 @@ pub struct LayoutView {
     pub pool: BTreeMap<Sku, u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum StagedChange {
     /// Move `count` unsold keys of `sku` from node `from` to node `to`.
@@ -39,7 +39,7 @@ pub enum StagedChange {
     Drain { node: NodeId },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[serde(tag = "kind", content = "node", rename_all = "snake_case")]
 pub enum Destination {
     Node(NodeId),

@@ -15,6 +15,7 @@ mod health;
 mod log;
 mod memtable;
 pub mod metrics;
+pub mod record;
 mod store;
 pub mod workload;
 
@@ -25,4 +26,5 @@ pub use faulty_disk::FaultyDisk;
 pub use health::Health;
 pub use log::LogOptions;
 pub use metrics::StoreMetrics;
+pub use record::{Sealer, Storable, Table};
 pub use store::{Store, StoreOptions};

@@ -50,12 +50,13 @@ impl Memtable {
         }
     }
 
-    /// Every entry under `prefix`, newest write per key, in key order.
-    pub fn prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    /// Every entry under `prefix` from key `from` on, newest write per key, in key order.
+    pub fn range(&self, prefix: &[u8], from: &[u8]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         let mut merged: Entries = BTreeMap::new();
+        let from = from.max(prefix);
         let range = |entries: &Entries| -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
             entries
-                .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+                .range::<[u8], _>((Bound::Included(from), Bound::Unbounded))
                 .take_while(|(k, _)| k.starts_with(prefix))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
@@ -179,7 +180,8 @@ mod tests {
         table.freeze();
         table.apply(vec![Op::Put(b"k".to_vec(), b"new".to_vec())]);
         assert!(matches!(table.get(b"k"), Lookup::Found(v) if v == b"new"));
-        assert_eq!(table.prefix(b"k"), vec![(b"k".to_vec(), Some(b"new".to_vec()))]);
+        assert_eq!(table.range(b"k", b""), vec![(b"k".to_vec(), Some(b"new".to_vec()))]);
+        assert_eq!(table.range(b"k", b"l"), vec![]);
         table.release_frozen();
         assert!(matches!(table.get(b"k"), Lookup::Found(v) if v == b"new"));
         table.freeze();

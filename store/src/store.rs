@@ -183,13 +183,29 @@ impl Store {
 
     /// Every entry under `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
-        let overlay = self.inner.memtable.read().prefix(prefix);
-        Merged::new(overlay, self.sled_prefix(prefix), false)
+        self.scan_prefix_from(prefix, prefix)
+    }
+
+    /// The entries under `prefix` whose keys are `from` or later, in key order.
+    pub fn scan_prefix_from(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        let overlay = self.inner.memtable.read().range(prefix, from);
+        let owned_prefix = prefix.to_vec();
+        let base = self
+            .inner
+            .db
+            .range(from.max(prefix)..)
+            .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&owned_prefix)))
+            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from));
+        Merged::new(overlay, base, false)
     }
 
     /// The last entry under `prefix`, in key order.
     pub fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let overlay = self.inner.memtable.read().prefix(prefix);
+        let overlay = self.inner.memtable.read().range(prefix, prefix);
         let base = self
             .inner
             .db
@@ -197,13 +213,6 @@ impl Store {
             .rev()
             .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from));
         Merged::new(overlay, base, true).next().transpose()
-    }
-
-    fn sled_prefix(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
-        self.inner
-            .db
-            .scan_prefix(prefix)
-            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
     }
 
     /// Applies `batch` atomically and returns its lsn. It is visible at once, and durable once

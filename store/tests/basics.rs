@@ -100,3 +100,26 @@ fn the_data_dir_is_private() {
     assert_eq!(mode, 0o700);
     drop(store);
 }
+
+#[tokio::test]
+async fn range_scans_start_where_asked_across_memory_and_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut batch = WriteBatch::default();
+    for i in 0..10u8 {
+        batch.put(vec![b'e', b'/', i], vec![i]);
+    }
+    batch.put(b"f/0".to_vec(), b"other prefix".to_vec());
+    store.commit(batch).await.unwrap();
+    store.checkpoint_now().unwrap();
+    let mut batch = WriteBatch::default();
+    batch.delete(vec![b'e', b'/', 6]);
+    batch.put(vec![b'e', b'/', 7], vec![70]);
+    store.commit(batch).await.unwrap();
+    let found: Vec<(Vec<u8>, Vec<u8>)> =
+        store.scan_prefix_from(b"e/", &[b'e', b'/', 5]).map(|kv| kv.unwrap()).collect();
+    let expected: Vec<(Vec<u8>, Vec<u8>)> =
+        [(5, 5), (7, 70), (8, 8), (9, 9)].iter().map(|(k, v)| (vec![b'e', b'/', *k], vec![*v])).collect();
+    assert_eq!(found, expected);
+    assert_eq!(store.last_with_prefix(b"e/").unwrap(), Some((vec![b'e', b'/', 9], vec![9])));
+}

@@ -166,7 +166,7 @@ impl State {
         order: &OrderRecord,
         at: UnixMillis,
         kind: OrderEventKind,
-    ) -> u64 {
+    ) -> Result<u64, StoreError> {
         self.push_outbox(batch, node, order.id, &order.sku, at, kind)
     }
 
@@ -178,25 +178,33 @@ impl State {
         sku: &Sku,
         at: UnixMillis,
         kind: OrderEventKind,
-    ) -> u64 {
+    ) -> Result<u64, StoreError> {
         let seq = self.next_seq;
-        self.next_seq += 1;
         let event = OrderEvent { node_id: node.clone(), seq, at, order_id, sku: sku.clone(), kind };
-        batch.put(record::outbox_key(seq), serde_json::to_vec(&event).unwrap_or_default());
+        // Encoded before the seq is taken, so a failure leaves no gap.
+        let encoded = edgecard_store::record::encode("outbox event", &event)?;
+        self.next_seq += 1;
+        batch.put(record::outbox_key(seq), encoded);
         batch.put(record::NEXT_SEQ.to_vec(), self.next_seq.to_be_bytes().to_vec());
         self.outbox_notify.notify_one();
-        seq
+        Ok(seq)
     }
 
     /// Reports keys of a slice as durably dropped (same batch as their removal).
-    fn push_released(&mut self, batch: &mut WriteBatch, node: &NodeId, slice: SliceId, released: Released) {
+    fn push_released(
+        &mut self,
+        batch: &mut WriteBatch,
+        node: &NodeId,
+        slice: SliceId,
+        released: Released,
+    ) -> Result<(), StoreError> {
         let kind = OrderEventKind::Released {
             slice_id: slice,
             epoch: released.epoch,
             ticket: released.ticket,
             key_ids: released.keys,
         };
-        self.push_outbox(batch, node, OrderId::NONE, &released.sku, now_millis(), kind);
+        self.push_outbox(batch, node, OrderId::NONE, &released.sku, now_millis(), kind).map(drop)
     }
 }
 
@@ -301,7 +309,7 @@ impl OrderEngine {
     /// a catalog once, so a restart must find it here (see [`stored_catalog`]).
     pub async fn replace_catalog(&self, products: Vec<ProductConfig>) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        batch.put(record::CATALOG.to_vec(), serde_json::to_vec(&products).unwrap_or_default());
+        batch.put(record::CATALOG.to_vec(), edgecard_store::record::encode("catalog", &products)?);
         self.store.commit(batch).await?;
         self.catalog.replace(products);
         Ok(())
@@ -411,7 +419,7 @@ impl OrderEngine {
                 payment_attempt: None,
             };
             let mut batch = WriteBatch::default();
-            batch.put(record::order_key(&record.id), record.encode());
+            batch.put(record::order_key(&record.id), record.encode()?);
             batch.put(record::open_key(&record.id), expires_at.0.to_be_bytes().to_vec());
             // Awaiting payment confirmation until a callback or compensation settles it.
             batch.put(record::confirm_key(&record.id), now.0.to_be_bytes().to_vec());
@@ -422,7 +430,7 @@ impl OrderEngine {
                 currency: record.currency.clone(),
                 expires_at,
             };
-            let seq = state.push_event(&mut batch, &self.node_id, &record, now, event);
+            let seq = state.push_event(&mut batch, &self.node_id, &record, now, event)?;
             if let Err(e) = self.store.apply(batch) {
                 for (key, slice) in taken {
                     state.holdings.put(&request.sku, key, slice);
@@ -509,7 +517,7 @@ impl OrderEngine {
                         amount_minor: paid.amount_minor,
                         currency: paid.currency.clone(),
                     };
-                    state.push_event(&mut batch, &self.node_id, &order, now, paid_event);
+                    state.push_event(&mut batch, &self.node_id, &order, now, paid_event)?;
                     order.payment = Some(paid);
                     batch.delete(record::confirm_key(&order.id));
                     let held =
@@ -546,14 +554,13 @@ impl OrderEngine {
                         None => {
                             order.status = OrderStatus::PaidAwaitingStock;
                             order.key_ids.clear();
-                            let seq = state.next_seq;
-                            state.push_event(
+                            let seq = state.push_event(
                                 &mut batch,
                                 &self.node_id,
                                 &order,
                                 now,
                                 OrderEventKind::AwaitingStock { quantity: order.quantity },
-                            );
+                            )?;
                             batch.put(record::awaiting_key(seq), order.id.as_bytes().to_vec());
                             state.awaiting.entry(order.sku.clone()).or_default().push_back((seq, order.id));
                             self.metrics.awaiting_stock.inc();
@@ -563,7 +570,7 @@ impl OrderEngine {
                 }
             };
             if outcome != PaymentOutcome::DuplicatePayment {
-                batch.put(record::order_key(&order.id), order.encode());
+                batch.put(record::order_key(&order.id), order.encode()?);
             }
             self.store.apply(batch)?;
             outcome
@@ -599,7 +606,7 @@ impl OrderEngine {
             order.channel = attempt.channel.clone();
             order.payment_attempt = Some(attempt);
             let mut batch = WriteBatch::default();
-            batch.put(record::order_key(id), order.encode());
+            batch.put(record::order_key(id), order.encode()?);
             self.store.apply(batch)?;
         }
         self.store.durable().await?;
@@ -669,9 +676,9 @@ impl OrderEngine {
         if let Some(raw) = self.store.get(&record::order_key(id))? {
             let mut order = OrderRecord::decode(&raw)?;
             order.status = OrderStatus::Expired;
-            batch.put(record::order_key(id), order.encode());
+            batch.put(record::order_key(id), order.encode()?);
             let event = OrderEventKind::Expired { key_ids: held.key_ids.clone() };
-            state.push_event(batch, &self.node_id, &order, now, event);
+            state.push_event(batch, &self.node_id, &order, now, event)?;
         }
         Ok(Some(held))
     }
@@ -726,7 +733,7 @@ impl OrderEngine {
         order.key_ids = keys.clone();
         order.secrets = secrets;
         order.delivered_at = Some(now);
-        let seq = state.push_event(batch, &self.node_id, order, now, OrderEventKind::Delivered { key_ids: keys });
+        let seq = state.push_event(batch, &self.node_id, order, now, OrderEventKind::Delivered { key_ids: keys })?;
         self.pending_durable.lock().insert(order.id);
         Ok(seq)
     }
@@ -765,7 +772,7 @@ impl OrderEngine {
         }
         for (slice, mut dropped) in released {
             dropped.keys.sort_unstable();
-            state.push_released(batch, &self.node_id, slice, dropped);
+            state.push_released(batch, &self.node_id, slice, dropped)?;
         }
         Ok(back)
     }
@@ -835,8 +842,7 @@ impl OrderEngine {
             let mut state = self.state.lock();
             let slice_key = record::slice_key(grant.slice_id);
             if let Some(raw) = self.store.get(&slice_key)? {
-                let meta: SliceMeta = serde_json::from_slice(&raw)
-                    .map_err(|e| StoreError::Corrupt { key: format!("g/{}", grant.slice_id), reason: e.to_string() })?;
+                let meta: SliceMeta = edgecard_store::record::decode("slice", &raw)?;
                 if grant.epoch < meta.epoch {
                     return Err(GrantInstallError::StaleEpoch {
                         slice: grant.slice_id,
@@ -855,7 +861,7 @@ impl OrderEngine {
                 }
                 let renewed = SliceMeta { epoch: grant.epoch, lease_deadline: grant.lease_deadline, ..meta };
                 let mut batch = WriteBatch::default();
-                batch.put(slice_key, serde_json::to_vec(&renewed).unwrap_or_default());
+                batch.put(slice_key, edgecard_store::record::encode("slice", &renewed)?);
                 self.store.apply(batch)?;
                 state.holdings.upsert_slice(grant.slice_id, lease.clone());
                 GrantOutcome::Renewed
@@ -881,7 +887,7 @@ impl OrderEngine {
                     last_ticket: 0,
                 };
                 let mut batch = WriteBatch::default();
-                batch.put(slice_key, serde_json::to_vec(&meta).unwrap_or_default());
+                batch.put(slice_key, edgecard_store::record::encode("slice", &meta)?);
                 for key in &grant.keys {
                     batch.put(
                         record::key_key(&grant.sku, key.key_id),
@@ -933,8 +939,7 @@ impl OrderEngine {
             let mut state = self.state.lock();
             let slice_key = record::slice_key(renewal.slice_id);
             let Some(raw) = self.store.get(&slice_key)? else { return Ok(false) };
-            let meta: SliceMeta = serde_json::from_slice(&raw)
-                .map_err(|e| StoreError::Corrupt { key: format!("g/{}", renewal.slice_id), reason: e.to_string() })?;
+            let meta: SliceMeta = edgecard_store::record::decode("slice", &raw)?;
             if meta.epoch != renewal.epoch || renewal.lease_deadline <= meta.lease_deadline {
                 return Ok(false);
             }
@@ -944,7 +949,7 @@ impl OrderEngine {
             }
             let renewed = SliceMeta { lease_deadline: renewal.lease_deadline, ..meta };
             let mut batch = WriteBatch::default();
-            batch.put(slice_key, serde_json::to_vec(&renewed).unwrap_or_default());
+            batch.put(slice_key, edgecard_store::record::encode("slice", &renewed)?);
             self.store.apply(batch)?;
         }
         self.store.durable().await?;
@@ -971,10 +976,7 @@ impl OrderEngine {
             let mut state = self.state.lock();
             let slice_key = record::slice_key(slice_id);
             let meta: Option<SliceMeta> = match self.store.get(&slice_key)? {
-                Some(raw) => Some(
-                    serde_json::from_slice(&raw)
-                        .map_err(|e| StoreError::Corrupt { key: format!("g/{slice_id}"), reason: e.to_string() })?,
-                ),
+                Some(raw) => Some(edgecard_store::record::decode("slice", &raw)?),
                 None => None,
             };
             if meta.as_ref().is_some_and(|m| m.last_ticket >= ticket) {
@@ -997,11 +999,11 @@ impl OrderEngine {
                     last_ticket: ticket,
                     ..meta.clone()
                 };
-                batch.put(slice_key, serde_json::to_vec(&updated).unwrap_or_default());
+                batch.put(slice_key, edgecard_store::record::encode("slice", &updated)?);
             }
             let sku = meta.as_ref().map_or(sku, |m| &m.sku).clone();
             let released = Released { sku: sku.clone(), epoch, ticket, keys: dropped.clone() };
-            state.push_released(&mut batch, &self.node_id, slice_id, released);
+            state.push_released(&mut batch, &self.node_id, slice_id, released)?;
             self.store.apply(batch)?;
             for key in &dropped {
                 state.holdings.remove(&sku, *key);
@@ -1033,7 +1035,7 @@ impl OrderEngine {
             let keys = taken.iter().map(|(k, _)| *k).collect();
             let event_seq = self.deliver(&mut state, &mut batch, &mut order, keys, now)?;
             state.holdings.record_takes(event_seq, &taken);
-            batch.put(record::order_key(&id), order.encode());
+            batch.put(record::order_key(&id), order.encode()?);
             delivered.push(id);
         }
         if !batch.is_empty() {
@@ -1058,13 +1060,9 @@ impl OrderEngine {
     pub fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<OrderEvent>, StoreError> {
         let start = record::outbox_key(after.saturating_add(1));
         let mut events = Vec::new();
-        for item in self.store.scan_prefix(record::OUTBOX) {
-            let (key, value) = item?;
-            if key.as_slice() < start.as_slice() {
-                continue;
-            }
-            let event: OrderEvent = serde_json::from_slice(&value)
-                .map_err(|e| StoreError::Corrupt { key: "e/".into(), reason: e.to_string() })?;
+        for item in self.store.scan_prefix_from(record::OUTBOX, &start) {
+            let (_, value) = item?;
+            let event: OrderEvent = edgecard_store::record::decode("outbox event", &value)?;
             events.push(event);
             if events.len() >= max {
                 break;
@@ -1085,7 +1083,10 @@ impl OrderEngine {
     /// if it is lost in a crash the coordinator sees those events again and skips them.
     pub fn record_sync_ack(&self, acked_through: u64) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        for item in self.store.scan_prefix(record::OUTBOX) {
+        // Entries up to the previous ack are gone already; start after them.
+        let (previous, _) = self.sync_progress()?;
+        let start = record::outbox_key(previous.saturating_add(1));
+        for item in self.store.scan_prefix_from(record::OUTBOX, &start) {
             let (key, _) = item?;
             match record::be_u64(&key[record::OUTBOX.len()..]) {
                 Some(seq) if seq <= acked_through => batch.delete(key.to_vec()),
@@ -1119,9 +1120,7 @@ impl OrderEngine {
 /// The catalog last received from the coordinator, if any: it supersedes `node.toml`'s products.
 pub fn stored_catalog(store: &Store) -> Result<Option<Vec<ProductConfig>>, StoreError> {
     match store.get(record::CATALOG)? {
-        Some(raw) => serde_json::from_slice(&raw)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt { key: "m/catalog".into(), reason: e.to_string() }),
+        Some(raw) => edgecard_store::record::decode("catalog", &raw).map(Some),
         None => Ok(None),
     }
 }
@@ -1149,7 +1148,7 @@ fn load_state(store: &Store, config: &OrdersConfig, mono_now: u64) -> Result<Sta
     let margin = config.lease_safety_margin_secs.saturating_mul(1000);
     for item in store.scan_prefix(record::SLICE) {
         let (_, raw) = item?;
-        let meta: SliceMeta = serde_json::from_slice(&raw).map_err(|e| corrupt("g/", &e.to_string()))?;
+        let meta: SliceMeta = edgecard_store::record::decode("slice", &raw)?;
         let sells_until = mono_now.saturating_add(lease::node_sells_for_ms(meta.lease_deadline, now, margin));
         let mut holding = SliceHolding::new(meta.sku, meta.epoch, meta.lease_deadline, sells_until, meta.take_window);
         holding.closed = meta.closed;
@@ -1211,11 +1210,10 @@ fn load_state(store: &Store, config: &OrdersConfig, mono_now: u64) -> Result<Sta
 /// the same batch that records the mark). A delivered key no longer names its slice, so it counts
 /// against every slice of its sku: over-counting only narrows the window, which is safe.
 fn rebuild_take_windows(store: &Store, state: &mut State) -> Result<(), StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt { key: "e/".into(), reason };
     let slices_of: Vec<(SliceId, Sku)> = state.holdings.slices().map(|(id, h)| (*id, h.sku.clone())).collect();
     for item in store.scan_prefix(record::OUTBOX) {
         let (_, value) = item?;
-        let event: OrderEvent = serde_json::from_slice(&value).map_err(|e| corrupt(e.to_string()))?;
+        let event: OrderEvent = edgecard_store::record::decode("outbox event", &value)?;
         let key_ids = match &event.kind {
             OrderEventKind::Reserved { key_ids, .. } | OrderEventKind::Delivered { key_ids } => key_ids,
             _ => continue,

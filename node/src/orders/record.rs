@@ -4,18 +4,18 @@
 //!
 //! | prefix | key | value |
 //! |---|---|---|
-//! | `o/` | order id (16 bytes) | [`OrderRecord`] as JSON |
+//! | `o/` | order id (16 bytes) | [`OrderRecord`] (a store record: versioned rkyv) |
 //! | `x/` | order id | open reservation marker: expiry, unix ms, big-endian |
 //! | `w/` | event seq (8 bytes BE) | order id of a `PaidAwaitingStock` order, FIFO |
 //! | `k/` | sku, 0, key id (8 bytes BE) | slice id (8 bytes BE) then the secret: keys not yet sold |
 //! | `s/` | sku, 0, key id | order id: sold tombstone, so a key can never be installed again |
-//! | `g/` | slice id (8 bytes BE) | [`SliceMeta`] as JSON |
+//! | `g/` | slice id (8 bytes BE) | [`SliceMeta`] (a store record) |
 //! | `c/` | channel, 0, provider transaction id | order id: callback idempotency |
 //! | `p/` | order id | created at, unix ms BE: awaiting payment confirmation (compensation index) |
-//! | `e/` | event seq (8 bytes BE) | outbox: an `OrderEvent` envelope for the coordinator |
+//! | `e/` | event seq (8 bytes BE) | outbox: an `OrderEvent` for the coordinator (a store record) |
 //! | `m/next_seq` | | next outbox sequence number |
 //! | `m/sync_acked`, `m/control_applied` | | sync progress with the coordinator |
-//! | `m/catalog` | | the catalog last received from the coordinator, as JSON |
+//! | `m/catalog` | | the catalog last received from the coordinator (a store record) |
 
 use std::net::IpAddr;
 
@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::StoreError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderStatus {
     Reserved,
@@ -44,7 +46,7 @@ impl OrderStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct PaymentRecord {
     pub channel: String,
     pub provider_txn: String,
@@ -55,7 +57,7 @@ pub struct PaymentRecord {
 
 /// A payment created at a provider for an order (recorded when the provider returned a handle of
 /// its own, or when creation fell through to another channel than the one first chosen).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct PaymentAttempt {
     pub channel: String,
     /// The provider's handle (a Stripe Checkout Session id), used to query the payment.
@@ -65,7 +67,7 @@ pub struct PaymentAttempt {
     pub created_at: UnixMillis,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct OrderRecord {
     pub id: OrderId,
     pub sku: Sku,
@@ -118,19 +120,17 @@ impl OrderRecord {
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        // Serializing plain data to JSON cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        edgecard_store::record::encode("order record", self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| StoreError::Corrupt { key: "order record".into(), reason: e.to_string() })
+        edgecard_store::record::decode("order record", bytes)
     }
 }
 
 /// What the node keeps about an installed slice (the keys themselves live under `k/`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SliceMeta {
     pub slice_id: SliceId,
     pub sku: Sku,
