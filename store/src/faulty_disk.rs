@@ -3,8 +3,9 @@
 //! It keeps two images of every file and directory: what a reader sees now (the page cache) and
 //! what is on stable storage. Writes reach stable storage only through a successful `sync_data`
 //! (files) or `sync_dir` (names). Faults:
-//! - [`FaultyDisk::crash`] throws away everything not synced, like a power cut; handles opened
-//!   before it fail from then on, so a store still running cannot write into the new life;
+//! - [`FaultyDisk::crash`] throws away everything not synced, like a power cut. The process on
+//!   the disk dies with it: views from [`FaultyDisk::attach`] and file handles made before the
+//!   crash fail from then on, so a store still running cannot write into the next life;
 //! - [`FaultyDisk::fail_next_syncs`] makes fsyncs fail with EIO and, as Linux does, drops the
 //!   dirty data they were to write while readers still see it, so a later fsync "succeeds"
 //!   without it (PostgreSQL's fsyncgate);
@@ -13,7 +14,9 @@
 //! - [`FaultyDisk::crash_tearing_last_write`] keeps only part of the last unsynced write;
 //! - [`FaultyDisk::flip_byte`] corrupts stored bytes;
 //! - [`FaultyDisk::stall_syncs`] holds fsyncs back, so that a crash can land between a write and
-//!   its fsync.
+//!   its fsync;
+//! - [`FaultyDisk::lie_about_syncs`] acknowledges fsyncs without persisting anything, so that
+//!   several writes are pending at a crash and can be lost out of order.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -27,9 +30,12 @@ use crate::disk::{Disk, DiskFile};
 const ENOSPC: i32 = 28;
 const EIO: i32 = 5;
 
+/// The disk's controller, and (through [`FaultyDisk::attach`]) a process's view of it.
 #[derive(Clone, Default)]
 pub struct FaultyDisk {
     inner: Arc<Mutex<State>>,
+    /// The life this view belongs to; `None` for the controller, whose file operations never die.
+    life: Option<u64>,
 }
 
 impl std::fmt::Debug for FaultyDisk {
@@ -56,6 +62,8 @@ struct State {
     syncs: u64,
     /// While set, file fsyncs wait (a slow disk), so a test can crash between write and sync.
     stall_syncs: bool,
+    /// While set, file fsyncs return at once and persist nothing (a write cache that lies).
+    lying_syncs: bool,
 }
 
 #[derive(Default, Clone)]
@@ -84,6 +92,19 @@ impl State {
 impl FaultyDisk {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A view of the disk for one process life (a store under test): it dies at the next crash.
+    pub fn attach(&self) -> FaultyDisk {
+        let life = self.inner.lock().life;
+        FaultyDisk { inner: self.inner.clone(), life: Some(life) }
+    }
+
+    fn alive(&self, state: &State) -> io::Result<()> {
+        match self.life {
+            Some(life) if life != state.life => Err(dead_handle()),
+            _ => Ok(()),
+        }
     }
 
     /// A power cut: everything not synced is gone, and every open handle is dead.
@@ -137,6 +158,11 @@ impl FaultyDisk {
         self.inner.lock().stall_syncs = stalled;
     }
 
+    /// While `lying`, file fsyncs succeed without persisting anything.
+    pub fn lie_about_syncs(&self, lying: bool) {
+        self.inner.lock().lying_syncs = lying;
+    }
+
     /// Writes not yet on stable storage, over all files.
     pub fn unsynced_writes(&self) -> usize {
         self.inner.lock().files.values().map(|f| f.pending.len()).sum()
@@ -181,6 +207,7 @@ fn dead_handle() -> io::Error {
 impl Disk for FaultyDisk {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DiskFile>> {
         let mut state = self.inner.lock();
+        self.alive(&state)?;
         let id = match state.names.get(path) {
             Some(id) => *id,
             None if create => {
@@ -201,6 +228,7 @@ impl Disk for FaultyDisk {
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let state = self.inner.lock();
+        self.alive(&state)?;
         if !state.dirs.contains_key(dir) {
             return Err(io::Error::from(io::ErrorKind::NotFound));
         }
@@ -214,6 +242,7 @@ impl Disk for FaultyDisk {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut state = self.inner.lock();
+        self.alive(&state)?;
         let id = state.names.remove(from).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         state.names.insert(to.to_path_buf(), id);
         Ok(())
@@ -221,6 +250,7 @@ impl Disk for FaultyDisk {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut state = self.inner.lock();
+        self.alive(&state)?;
         state.names.remove(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         Ok(())
     }
@@ -228,6 +258,7 @@ impl Disk for FaultyDisk {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         // Directories are treated as durable at once: the log creates its own only at start.
         let mut state = self.inner.lock();
+        self.alive(&state)?;
         let mut at = Some(dir);
         while let Some(d) = at {
             state.dirs.insert(d.to_path_buf(), ());
@@ -238,6 +269,7 @@ impl Disk for FaultyDisk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut state = self.inner.lock();
+        self.alive(&state)?;
         if state.failing_syncs > 0 {
             state.failing_syncs -= 1;
             return Err(io::Error::from_raw_os_error(EIO));
@@ -309,6 +341,9 @@ impl DiskFile for FaultyFile {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         self.with(|state| {
+            if state.lying_syncs {
+                return Ok(());
+            }
             let failing = state.failing_syncs > 0;
             if failing {
                 state.failing_syncs -= 1;

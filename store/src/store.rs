@@ -71,6 +71,8 @@ impl Default for StoreOptions {
 struct CheckpointSignal {
     requested: bool,
     closed: bool,
+    /// Stop without a last checkpoint, as a crash would.
+    halted: bool,
 }
 
 struct Inner {
@@ -159,7 +161,7 @@ impl Store {
             options,
             mark: Mutex::new(mark),
             life,
-            signal: Mutex::new(CheckpointSignal { requested: replayed > 0, closed: false }),
+            signal: Mutex::new(CheckpointSignal { requested: replayed > 0, closed: false, halted: false }),
             wake_checkpointer: Condvar::new(),
         });
         let worker = inner.clone();
@@ -305,9 +307,20 @@ impl Store {
 
     /// Writes a last checkpoint and stops the store's threads; later writes fail with `Closed`.
     pub fn close(&self) {
+        self.stop(false);
+    }
+
+    /// Stops the store's threads without a last checkpoint, as if the process died here: for
+    /// crash tests on a [`crate::FaultyDisk`], where the process must not outlive its disk.
+    pub fn halt(&self) {
+        self.stop(true);
+    }
+
+    fn stop(&self, halt: bool) {
         {
             let mut signal = self.inner.signal.lock();
             signal.closed = true;
+            signal.halted |= halt;
         }
         self.inner.wake_checkpointer.notify_all();
         if let Some(handle) = self.checkpointer.lock().take() {
@@ -334,15 +347,15 @@ impl Inner {
 
     fn run_checkpointer(&self) {
         loop {
-            let closing = {
+            let (closing, halted) = {
                 let mut signal = self.signal.lock();
                 if !signal.requested && !signal.closed {
                     self.wake_checkpointer.wait_for(&mut signal, self.options.checkpoint_interval);
                 }
                 signal.requested = false;
-                signal.closed
+                (signal.closed, signal.halted)
             };
-            if self.health.get() == Health::Poisoned {
+            if halted || self.health.get() == Health::Poisoned {
                 return;
             }
             match self.checkpoint() {

@@ -11,7 +11,7 @@ use edgecard_store::{FaultyDisk, Health, LogOptions, Store, StoreError, StoreMet
 
 fn options(disk: &FaultyDisk) -> StoreOptions {
     StoreOptions {
-        disk: Arc::new(disk.clone()),
+        disk: Arc::new(disk.attach()),
         cache_capacity: 4 << 20,
         log: LogOptions { segment_bytes: 64 << 10, disk_full_retry: Duration::from_millis(5), ..LogOptions::default() },
         // Checkpoints only when a test asks, so that what the log holds is what the test set up.
@@ -62,6 +62,7 @@ async fn an_unsynced_write_lost_at_crash_was_never_reported_durable() {
         }
     }
     assert_eq!(reported_durable, 0, "a commit whose fsync never happened was reported durable");
+    store.halt();
     drop(store);
 
     let store = open(dir.path(), options(&disk));
@@ -95,6 +96,7 @@ async fn a_failed_fsync_is_never_followed_by_a_success_for_the_same_data() {
     assert!(store.poison_reason().unwrap().contains("Input/output error"), "{:?}", store.poison_reason());
 
     disk.crash();
+    store.halt();
     drop(store);
     let store = open(dir.path(), options(&disk));
     assert_eq!(store.health(), Health::Ok, "a restart recovers from disk");
@@ -136,6 +138,7 @@ async fn a_full_disk_refuses_writes_and_they_resume_when_space_returns() {
 
     // Reported durable, kept; the refused batch stayed queued and landed when space returned.
     disk.crash();
+    store.halt();
     drop(store);
     let store = open(dir.path(), options(&disk));
     let after = keys(&store, b"k/");
@@ -167,6 +170,7 @@ async fn a_torn_tail_is_truncated_and_recovery_is_exact() {
     disk.crash_tearing_last_write(150);
     disk.stall_syncs(false);
     assert!(store.wait_durable(lsn).await.is_err());
+    store.halt();
     drop(store);
 
     let expected: Vec<String> = (0..20u32).map(|i| format!("k/{i:02}")).collect();
@@ -178,6 +182,7 @@ async fn a_torn_tail_is_truncated_and_recovery_is_exact() {
     }
     store.commit(put("k/zz".into(), b"short")).await.unwrap();
     disk.crash();
+    store.halt();
     drop(store);
     let store = open(dir.path(), options(&disk));
     let mut expected = expected;
@@ -194,6 +199,7 @@ async fn corruption_before_the_tail_stops_start_up() {
     for i in 0..10u32 {
         store.commit(put(format!("k/{i}"), b"value")).await.unwrap();
     }
+    store.halt();
     drop(store);
     let log = dir.path().join("log");
     let segment = disk.files_under(&log).into_iter().find(|p| p.extension().is_some_and(|e| e == "wal")).unwrap();
@@ -215,6 +221,7 @@ async fn large_values_are_as_durable_as_small_ones() {
     store.commit(put("big/1".into(), &large)).await.unwrap();
     store.commit(put("small/1".into(), b"s")).await.unwrap();
     disk.crash();
+    store.halt();
     drop(store);
 
     let store = open(dir.path(), options(&disk));
@@ -225,6 +232,7 @@ async fn large_values_are_as_durable_as_small_ones() {
     assert!(dir.path().join("sled/blobs").read_dir().unwrap().next().is_some(), "sled keeps it as a blob");
     store.commit(put("big/2".into(), &large)).await.unwrap();
     disk.crash();
+    store.halt();
     drop(store);
 
     let store = open(dir.path(), options(&disk));
@@ -256,10 +264,47 @@ async fn checkpoints_recycle_segments_and_keep_the_state() {
         store.commit(put(format!("k/{i:03}"), &value)).await.unwrap();
     }
     disk.crash();
+    store.halt();
     drop(store);
     let store = open(dir.path(), options(&disk));
     let found = keys(&store, b"k/");
     assert_eq!(found.len(), 199);
     assert_eq!(found.first().map(String::as_str), Some("k/001"));
     assert_eq!(store.last_with_prefix(b"k/").unwrap().map(|(k, _)| k), Some(b"k/199".to_vec()));
+}
+
+/// Writes can reach the platter out of order: a later frame can survive a crash that loses an
+/// earlier one. The log then ends before that frame, and the next life writes over the gap; even
+/// when its new frame ends exactly where the old one starts, the old frame (of an older life)
+/// must never be read back as data.
+#[tokio::test]
+async fn a_frame_left_over_from_a_crashed_life_never_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = FaultyDisk::new();
+    let store = open(dir.path(), options(&disk));
+    for i in 0..10u32 {
+        store.commit(put(format!("k/{i:02}"), b"durable")).await.unwrap();
+    }
+    // A disk whose cache acknowledges flushes it never does: both frames stay pending.
+    disk.lie_about_syncs(true);
+    store.commit(put("k/lost".into(), b"eleventh")).await.unwrap();
+    store.commit(put("k/late".into(), b"twelfth!")).await.unwrap();
+    // The crash keeps the twelfth frame and loses the eleventh.
+    disk.crash_tearing_last_write(usize::MAX);
+    disk.lie_about_syncs(false);
+    store.halt();
+    drop(store);
+
+    let store = open(dir.path(), options(&disk));
+    assert_eq!(store.last_lsn(), 10, "the log ends where the eleventh frame is missing");
+    // Same sizes as the lost frame, so the new frame ends where the old twelfth begins.
+    store.commit(put("k/next".into(), b"new 11th")).await.unwrap();
+    disk.crash();
+    store.halt();
+    drop(store);
+
+    let store = open(dir.path(), options(&disk));
+    assert_eq!(store.get(b"k/next").unwrap().as_deref(), Some(&b"new 11th"[..]));
+    assert_eq!(store.get(b"k/late").unwrap(), None, "a frame of a crashed life came back");
+    assert_eq!(store.last_lsn(), 11);
 }
