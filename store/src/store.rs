@@ -425,15 +425,17 @@ impl Inner {
         Ok(true)
     }
 
+    /// Entry by entry, not as one sled batch: a sled batch locks the whole tree against readers
+    /// while it applies, and atomicity is not needed here (the mark moves only afterwards, and
+    /// replay rewrites the same values).
     fn write_to_sled(&self, frozen: &Entries) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
         for (key, value) in frozen {
-            match value {
-                Some(value) => batch.insert(key.as_slice(), value.as_slice()),
-                None => batch.remove(key.as_slice()),
-            }
+            let written = match value {
+                Some(value) => self.db.insert(key.as_slice(), value.as_slice()).map(drop),
+                None => self.db.remove(key.as_slice()).map(drop),
+            };
+            written.map_err(|e| self.fail_sled(e))?;
         }
-        self.db.apply_batch(batch).map_err(|e| self.fail_sled(e))?;
         self.db.flush().map_err(|e| self.fail_sled(e))?;
         fsync_tree(&self.sled_dir).map_err(|e| self.fail(&self.sled_dir, e))
     }
