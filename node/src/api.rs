@@ -117,6 +117,11 @@ impl From<OrderError> for ApiError {
             }
             OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", message),
             OrderError::PaymentMismatch(_) => ApiError::new(StatusCode::BAD_REQUEST, "payment_mismatch", message),
+            OrderError::Store(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "order refused: the store's disk is full");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "disk_full", "the node cannot record orders right now")
+                    .retry_after(5)
+            }
             OrderError::Store(e) => {
                 tracing::error!(error = %e, "store failure while serving a request");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the node cannot record orders right now")
