@@ -419,7 +419,7 @@ impl OrderEngine {
                 payment_attempt: None,
             };
             let mut batch = WriteBatch::default();
-            batch.put(record::order_key(&record.id), record.encode()?);
+            record::ORDERS.put(&mut batch, record.id.as_bytes(), &record)?;
             batch.put(record::open_key(&record.id), expires_at.0.to_be_bytes().to_vec());
             // Awaiting payment confirmation until a callback or compensation settles it.
             batch.put(record::confirm_key(&record.id), now.0.to_be_bytes().to_vec());
@@ -456,8 +456,7 @@ impl OrderEngine {
     /// The order, if `token` is its token. Unknown id and wrong token look the same to the caller,
     /// so order ids cannot be probed. Keys are returned only from a durable Delivered record.
     pub async fn lookup(&self, id: &OrderId, token: &OrderToken) -> Result<OrderRecord, OrderError> {
-        let raw = self.store.get(&record::order_key(id))?.ok_or(OrderError::NotFound)?;
-        let record = OrderRecord::decode(&raw)?;
+        let record = record::ORDERS.get(&self.store, id.as_bytes())?.ok_or(OrderError::NotFound)?;
         let presented = hash_token(token);
         if !bool::from(presented.as_bytes().ct_eq(record.token_sha256.as_bytes())) {
             return Err(OrderError::NotFound);
@@ -470,8 +469,7 @@ impl OrderEngine {
 
     /// Loads an order without a token, for payment channels (which bind callbacks to orders).
     pub fn order_for_payment(&self, id: &OrderId) -> Result<OrderRecord, OrderError> {
-        let raw = self.store.get(&record::order_key(id))?.ok_or(OrderError::NotFound)?;
-        Ok(OrderRecord::decode(&raw)?)
+        record::ORDERS.get(&self.store, id.as_bytes())?.ok_or(OrderError::NotFound)
     }
 
     /// Records a verified payment and delivers. Returns only once the outcome is durable, so the
@@ -486,8 +484,8 @@ impl OrderEngine {
                 self.store.durable().await?;
                 return Ok(PaymentOutcome::AlreadyRecorded);
             }
-            let raw = self.store.get(&record::order_key(&payment.order_id))?.ok_or(OrderError::NotFound)?;
-            let mut order = OrderRecord::decode(&raw)?;
+            let mut order =
+                record::ORDERS.get(&self.store, payment.order_id.as_bytes())?.ok_or(OrderError::NotFound)?;
             if payment.amount_minor != order.amount_minor {
                 return Err(OrderError::PaymentMismatch("amount"));
             }
@@ -570,7 +568,7 @@ impl OrderEngine {
                 }
             };
             if outcome != PaymentOutcome::DuplicatePayment {
-                batch.put(record::order_key(&order.id), order.encode()?);
+                record::ORDERS.put(&mut batch, order.id.as_bytes(), &order)?;
             }
             self.store.apply(batch)?;
             outcome
@@ -597,8 +595,7 @@ impl OrderEngine {
     pub async fn record_payment_attempt(&self, id: &OrderId, attempt: PaymentAttempt) -> Result<(), OrderError> {
         {
             let _state = self.state.lock();
-            let raw = self.store.get(&record::order_key(id))?.ok_or(OrderError::NotFound)?;
-            let mut order = OrderRecord::decode(&raw)?;
+            let mut order = record::ORDERS.get(&self.store, id.as_bytes())?.ok_or(OrderError::NotFound)?;
             if !matches!(order.status, OrderStatus::Reserved | OrderStatus::Expired) {
                 // Settled meanwhile (a fast callback): nothing to record.
                 return Ok(());
@@ -606,7 +603,7 @@ impl OrderEngine {
             order.channel = attempt.channel.clone();
             order.payment_attempt = Some(attempt);
             let mut batch = WriteBatch::default();
-            batch.put(record::order_key(id), order.encode()?);
+            record::ORDERS.put(&mut batch, id.as_bytes(), &order)?;
             self.store.apply(batch)?;
         }
         self.store.durable().await?;
@@ -673,10 +670,9 @@ impl OrderEngine {
     ) -> Result<Option<OpenReservation>, StoreError> {
         let Some(held) = state.close_reservation(id) else { return Ok(None) };
         batch.delete(record::open_key(id));
-        if let Some(raw) = self.store.get(&record::order_key(id))? {
-            let mut order = OrderRecord::decode(&raw)?;
+        if let Some(mut order) = record::ORDERS.get(&self.store, id.as_bytes())? {
             order.status = OrderStatus::Expired;
-            batch.put(record::order_key(id), order.encode()?);
+            record::ORDERS.put(batch, id.as_bytes(), &order)?;
             let event = OrderEventKind::Expired { key_ids: held.key_ids.clone() };
             state.push_event(batch, &self.node_id, &order, now, event)?;
         }
@@ -1025,8 +1021,7 @@ impl OrderEngine {
         let mut batch = WriteBatch::default();
         let now = now_millis();
         while let Some(&(seq, id)) = state.awaiting.get(sku).and_then(|q| q.front()) {
-            let raw = self.store.get(&record::order_key(&id))?.ok_or(OrderError::NotFound)?;
-            let mut order = OrderRecord::decode(&raw)?;
+            let mut order = record::ORDERS.get(&self.store, id.as_bytes())?.ok_or(OrderError::NotFound)?;
             let Some(taken) = state.holdings.take(sku, order.quantity as usize, self.mono_ms()) else { break };
             if let Some(queue) = state.awaiting.get_mut(sku) {
                 queue.pop_front();
@@ -1035,7 +1030,7 @@ impl OrderEngine {
             let keys = taken.iter().map(|(k, _)| *k).collect();
             let event_seq = self.deliver(&mut state, &mut batch, &mut order, keys, now)?;
             state.holdings.record_takes(event_seq, &taken);
-            batch.put(record::order_key(&id), order.encode()?);
+            record::ORDERS.put(&mut batch, id.as_bytes(), &order)?;
             delivered.push(id);
         }
         if !batch.is_empty() {
@@ -1164,8 +1159,8 @@ fn load_state(store: &Store, config: &OrdersConfig, mono_now: u64) -> Result<Sta
     for item in store.scan_prefix(record::OPEN) {
         let (key, _) = item?;
         let id = record::order_id_from(&key[record::OPEN.len()..]).ok_or_else(|| corrupt("x/", "bad order id"))?;
-        let raw = store.get(&record::order_key(&id))?.ok_or_else(|| corrupt("x/", "open marker without order"))?;
-        let order = OrderRecord::decode(&raw)?;
+        let order =
+            record::ORDERS.get(store, id.as_bytes())?.ok_or_else(|| corrupt("x/", "open marker without order"))?;
         if order.status != OrderStatus::Reserved {
             continue;
         }
@@ -1194,8 +1189,8 @@ fn load_state(store: &Store, config: &OrdersConfig, mono_now: u64) -> Result<Sta
         awaiting.insert(seq, id);
     }
     for (seq, id) in awaiting {
-        let raw = store.get(&record::order_key(&id))?.ok_or_else(|| corrupt("w/", "awaiting marker without order"))?;
-        let order = OrderRecord::decode(&raw)?;
+        let order =
+            record::ORDERS.get(store, id.as_bytes())?.ok_or_else(|| corrupt("w/", "awaiting marker without order"))?;
         state.awaiting.entry(order.sku).or_default().push_back((seq, id));
     }
     state.next_seq = match store.get(record::NEXT_SEQ)? {

@@ -22,8 +22,6 @@ use std::net::IpAddr;
 use edgecard_protocol::{Epoch, KeyId, OrderId, Secret, Sku, SliceId, UnixMillis};
 use serde::{Deserialize, Serialize};
 
-use crate::store::StoreError;
-
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
@@ -119,14 +117,6 @@ impl OrderRecord {
             payment_attempt: None,
         }
     }
-
-    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
-        edgecard_store::record::encode("order record", self)
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        edgecard_store::record::decode("order record", bytes)
-    }
 }
 
 /// What the node keeps about an installed slice (the keys themselves live under `k/`).
@@ -167,6 +157,9 @@ pub fn keys_digest(keys: &[edgecard_protocol::GrantedKey]) -> String {
     }
     hex::encode(hasher.finalize())
 }
+
+/// Order records by order id.
+pub const ORDERS: edgecard_store::Table<OrderRecord> = edgecard_store::Table::new(ORDER, "order record");
 
 pub const CATALOG: &[u8] = b"m/catalog";
 pub const ORDER: &[u8] = b"o/";
