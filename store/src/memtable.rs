@@ -13,6 +13,12 @@ use crate::batch::Op;
 /// A key's latest write: a value, or `None` for a deletion not yet in sled.
 pub type Entries = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
+/// Memtable entries in key order, deletions included.
+pub type Overlay = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// A stored key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 #[derive(Default)]
 pub struct Memtable {
     active: Entries,
@@ -51,10 +57,10 @@ impl Memtable {
     }
 
     /// Every entry under `prefix` from key `from` on, newest write per key, in key order.
-    pub fn range(&self, prefix: &[u8], from: &[u8]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    pub fn range(&self, prefix: &[u8], from: &[u8]) -> Overlay {
         let mut merged: Entries = BTreeMap::new();
         let from = from.max(prefix);
-        let range = |entries: &Entries| -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let range = |entries: &Entries| -> Overlay {
             entries
                 .range::<[u8], _>((Bound::Included(from), Bound::Unbounded))
                 .take_while(|(k, _)| k.starts_with(prefix))
@@ -94,16 +100,16 @@ impl Memtable {
 /// Merges a memtable overlay with sled's entries under the same prefix, walking both in the same
 /// direction: the overlay wins on equal keys, and its deletions hide sled's entries.
 pub struct Merged<I: Iterator> {
-    overlay: std::iter::Peekable<std::vec::IntoIter<(Vec<u8>, Option<Vec<u8>>)>>,
+    overlay: std::iter::Peekable<<Overlay as IntoIterator>::IntoIter>,
     base: std::iter::Peekable<I>,
     reverse: bool,
 }
 
 impl<I, E> Merged<I>
 where
-    I: Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
+    I: Iterator<Item = Result<KeyValue, E>>,
 {
-    pub fn new(mut overlay: Vec<(Vec<u8>, Option<Vec<u8>>)>, base: I, reverse: bool) -> Self {
+    pub fn new(mut overlay: Overlay, base: I, reverse: bool) -> Self {
         if reverse {
             overlay.reverse();
         }
@@ -113,9 +119,9 @@ where
 
 impl<I, E> Iterator for Merged<I>
 where
-    I: Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
+    I: Iterator<Item = Result<KeyValue, E>>,
 {
-    type Item = Result<(Vec<u8>, Vec<u8>), E>;
+    type Item = Result<KeyValue, E>;
 
     fn next(&mut self) -> Option<Self::Item> {
         use std::cmp::Ordering;
@@ -141,10 +147,8 @@ where
                 }
                 Ordering::Less => {}
             }
-            if let Some((key, value)) = self.overlay.next() {
-                if let Some(value) = value {
-                    return Some(Ok((key, value)));
-                }
+            if let Some((key, Some(value))) = self.overlay.next() {
+                return Some(Ok((key, value)));
             }
         }
     }

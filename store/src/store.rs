@@ -26,7 +26,7 @@ use crate::disk::{is_disk_full, Disk, OsDisk};
 use crate::error::StoreError;
 use crate::health::{Health, HealthCell};
 use crate::log::{recovery, Log, LogOptions};
-use crate::memtable::{Entries, Lookup, Memtable, Merged};
+use crate::memtable::{Entries, KeyValue, Lookup, Memtable, Merged};
 use crate::metrics::StoreMetrics;
 
 const FORMAT: &str = "edgecard-store 2\n";
@@ -184,7 +184,7 @@ impl Store {
     }
 
     /// Every entry under `prefix`, in key order.
-    pub fn scan_prefix(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+    pub fn scan_prefix(&self, prefix: &[u8]) -> impl Iterator<Item = Result<KeyValue, StoreError>> + '_ {
         self.scan_prefix_from(prefix, prefix)
     }
 
@@ -193,7 +193,7 @@ impl Store {
         &self,
         prefix: &[u8],
         from: &[u8],
-    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<KeyValue, StoreError>> + '_ {
         let overlay = self.inner.memtable.read().range(prefix, from);
         let owned_prefix = prefix.to_vec();
         let base = self
@@ -206,7 +206,7 @@ impl Store {
     }
 
     /// The last entry under `prefix`, in key order.
-    pub fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         let overlay = self.inner.memtable.read().range(prefix, prefix);
         let base = self
             .inner

@@ -11,13 +11,13 @@ const KEYS: u64 = 500;
 /// enough for sled's blob files, and a counter.
 pub fn batch(n: u64) -> WriteBatch {
     let mut batch = WriteBatch::default();
-    let value: Vec<u8> = if n % 200 == 0 {
+    let value: Vec<u8> = if n.is_multiple_of(200) {
         (0..200_000u64).map(|i| (i.wrapping_mul(n) % 251) as u8).collect()
     } else {
         format!("value {n}").into_bytes()
     };
     batch.put(format!("k/{:03}", n % KEYS).into_bytes(), value);
-    if n % 3 == 0 {
+    if n.is_multiple_of(3) {
         batch.delete(format!("k/{:03}", (n * 7) % KEYS).into_bytes());
     }
     batch.put(b"n/last".to_vec(), n.to_be_bytes().to_vec());

@@ -13,7 +13,7 @@ use crate::disk::{read_exact_at, Disk, DiskFile};
 
 pub const SEGMENT_HEADER: u64 = 32;
 const MAGIC: &[u8; 8] = b"ECLOG\0\0\x01";
-const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
 /// Where a segment sits in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
