@@ -10,6 +10,7 @@ use std::path::Path;
 
 use crate::disk::{read_exact_at, Disk};
 use crate::error::StoreError;
+use crate::le::{u32_at, u64_at};
 
 const MAGIC: &[u8; 8] = b"ECCKPT\0\x01";
 const MARK_LEN: usize = 32;
@@ -35,16 +36,10 @@ fn encode(mark: Mark) -> [u8; MARK_LEN] {
 }
 
 fn decode(bytes: &[u8; MARK_LEN]) -> Option<Mark> {
-    let crc = u32::from_le_bytes([bytes[24], bytes[25], bytes[26], bytes[27]]);
-    if &bytes[..8] != MAGIC || crc != crc32fast::hash(&bytes[..24]) {
+    if &bytes[..8] != MAGIC || u32_at(bytes, 24) != crc32fast::hash(&bytes[..24]) {
         return None;
     }
-    let long = |at: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_le_bytes(w)
-    };
-    Some(Mark { lsn: long(8), life: long(16) })
+    Some(Mark { lsn: u64_at(bytes, 8), life: u64_at(bytes, 16) })
 }
 
 /// The mark in `dir`; zero when there is none yet.

@@ -12,6 +12,7 @@ pub mod disk;
 mod error;
 pub mod faulty_disk;
 mod health;
+mod le;
 mod log;
 mod memtable;
 pub mod metrics;

@@ -30,6 +30,15 @@ fn put(key: String, value: &[u8]) -> WriteBatch {
     batch
 }
 
+/// Waits (bounded) until the log writer has written something it has not fsynced yet.
+async fn wait_until_written(disk: &FaultyDisk) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while disk.unsynced_writes() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(disk.unsynced_writes() > 0, "the writer never wrote the batches");
+}
+
 fn keys(store: &Store, prefix: &[u8]) -> Vec<String> {
     store.scan_prefix(prefix).map(|kv| String::from_utf8(kv.unwrap().0).unwrap()).collect()
 }
@@ -48,11 +57,7 @@ async fn an_unsynced_write_lost_at_crash_was_never_reported_durable() {
         let store = store.clone();
         in_flight.push(tokio::spawn(async move { store.commit(put(format!("k/{i:04}"), b"during")).await }));
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while disk.unsynced_writes() == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert!(disk.unsynced_writes() > 0, "the writer never wrote the batches");
+    wait_until_written(&disk).await;
     disk.crash();
     disk.stall_syncs(false);
     let mut reported_durable = 0;
@@ -162,11 +167,7 @@ async fn a_torn_tail_is_truncated_and_recovery_is_exact() {
     }
     disk.stall_syncs(true);
     let lsn = store.apply(put("k/torn".into(), &[9u8; 300])).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while disk.unsynced_writes() == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(disk.unsynced_writes() > 0);
+    wait_until_written(&disk).await;
     disk.crash_tearing_last_write(150);
     disk.stall_syncs(false);
     assert!(store.wait_durable(lsn).await.is_err());

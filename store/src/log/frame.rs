@@ -10,6 +10,7 @@
 //! reader accepts no frame of an older life after one of a newer life, so it cannot come back.
 
 use crate::batch::{Op, WriteBatch};
+use crate::le::{u32_at, u64_at};
 
 pub const FRAME_HEADER: usize = 24;
 /// A frame larger than this is corruption, not data (the coordinator's largest control value is
@@ -81,14 +82,9 @@ pub struct Header {
 }
 
 impl Header {
-    pub fn parse(bytes: &[u8; FRAME_HEADER]) -> Header {
-        let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-        let long = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_le_bytes(w)
-        };
-        Header { len: word(0), crc: word(4), lsn: long(8), life: long(16) }
+    /// `bytes` holds at least a header.
+    pub fn parse(bytes: &[u8]) -> Header {
+        Header { len: u32_at(bytes, 0), crc: u32_at(bytes, 4), lsn: u64_at(bytes, 8), life: u64_at(bytes, 16) }
     }
 
     /// Zeroes: the preallocated end of a segment.
@@ -111,8 +107,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn len(&mut self) -> Option<usize> {
-        let b = self.take(4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        Some(u32_at(self.take(4)?, 0) as usize)
     }
 }
 
@@ -151,8 +146,7 @@ mod tests {
     }
 
     fn split(frame: &[u8]) -> (Header, &[u8]) {
-        let header: [u8; FRAME_HEADER] = frame[..FRAME_HEADER].try_into().unwrap();
-        (Header::parse(&header), &frame[FRAME_HEADER..])
+        (Header::parse(&frame[..FRAME_HEADER]), &frame[FRAME_HEADER..])
     }
 
     #[test]

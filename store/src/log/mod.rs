@@ -529,13 +529,11 @@ fn classify(error: std::io::Error, written: usize, path: &Path) -> WriteError {
     }
 }
 
+/// The size of the queued frame that `bytes` starts with (the queue holds whole frames only).
 fn frame_size(bytes: &[u8]) -> usize {
-    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-    frame::FRAME_HEADER + len
+    frame::FRAME_HEADER + crate::le::u32_at(bytes, 0) as usize
 }
 
 fn frame_lsn(bytes: &[u8]) -> u64 {
-    let mut lsn = [0u8; 8];
-    lsn.copy_from_slice(&bytes[8..16]);
-    u64::from_le_bytes(lsn)
+    crate::le::u64_at(bytes, 8)
 }

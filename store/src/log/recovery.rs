@@ -62,9 +62,7 @@ enum Stop {
 /// A frame that checks, is lsn `lsn` and is of life `min_life` or later, at `at` in `bytes`.
 fn frame_at(bytes: &[u8], at: usize, lsn: u64, min_life: u64) -> Result<(Header, &[u8]), Stop> {
     let Some(head) = bytes.get(at..at + FRAME_HEADER) else { return Err(Stop::Blank) };
-    let mut h = [0u8; FRAME_HEADER];
-    h.copy_from_slice(head);
-    let header = Header::parse(&h);
+    let header = Header::parse(head);
     if header.is_blank() {
         return Err(Stop::Blank);
     }
@@ -217,9 +215,7 @@ pub fn recover(disk: &dyn Disk, dir: &Path, checkpoint: u64) -> Result<Recovered
 fn valid_after(segments: &[Segment], index: usize, at: usize, lsn: u64, life: u64) -> Option<String> {
     let segment = &segments[index];
     if let Some(head) = segment.bytes.get(at..at + FRAME_HEADER) {
-        let mut h = [0u8; FRAME_HEADER];
-        h.copy_from_slice(head);
-        let claimed = Header::parse(&h).len as usize;
+        let claimed = Header::parse(head).len as usize;
         let next = at + FRAME_HEADER + claimed;
         if claimed <= MAX_PAYLOAD && frame_at(&segment.bytes, next, lsn + 1, life).is_ok() {
             return Some(format!("lsn {} at byte {next}", lsn + 1));

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::disk::{read_exact_at, Disk, DiskFile};
+use crate::le::{u32_at, u64_at};
 
 pub const SEGMENT_HEADER: u64 = 32;
 const MAGIC: &[u8; 8] = b"ECLOG\0\0\x01";
@@ -39,16 +40,10 @@ impl SegmentHeader {
         if &bytes[..8] != MAGIC {
             return None;
         }
-        let crc = u32::from_le_bytes([bytes[24], bytes[25], bytes[26], bytes[27]]);
-        if crc != crc32fast::hash(&bytes[..24]) {
+        if u32_at(bytes, 24) != crc32fast::hash(&bytes[..24]) {
             return None;
         }
-        let word = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_le_bytes(w)
-        };
-        Some(SegmentHeader { seq: word(8), base_lsn: word(16) })
+        Some(SegmentHeader { seq: u64_at(bytes, 8), base_lsn: u64_at(bytes, 16) })
     }
 
     pub fn read(file: &dyn DiskFile) -> io::Result<Option<SegmentHeader>> {
