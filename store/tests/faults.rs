@@ -309,3 +309,30 @@ async fn a_frame_left_over_from_a_crashed_life_never_comes_back() {
     assert_eq!(store.get(b"k/late").unwrap(), None, "a frame of a crashed life came back");
     assert_eq!(store.last_lsn(), 11);
 }
+
+/// Shutting down while the disk is full does not hang on the stalled writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_on_a_full_disk_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = FaultyDisk::new();
+    let store = Arc::new(open(dir.path(), options(&disk)));
+    disk.set_capacity(Some(disk.used()));
+    let value = vec![7u8; 1000];
+    let mut full = false;
+    for i in 0..1000u32 {
+        if let Err(StoreError::DiskFull) = store.commit(put(format!("k/{i:04}"), &value)).await {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the disk never filled");
+    // A plain thread, so that a hung close fails this test instead of hanging the runtime.
+    let (closed, done) = std::sync::mpsc::channel();
+    let closing = store.clone();
+    std::thread::spawn(move || {
+        closing.close();
+        let _ = closed.send(());
+    });
+    done.recv_timeout(Duration::from_secs(5)).expect("close hung on a full disk");
+    assert!(matches!(store.apply(put("k/x".into(), b"x")), Err(StoreError::DiskFull | StoreError::Closed)));
+}

@@ -32,7 +32,7 @@ pub fn frame_len(batch: &WriteBatch) -> usize {
     FRAME_HEADER + payload_len(batch)
 }
 
-fn payload_len(batch: &WriteBatch) -> usize {
+pub fn payload_len(batch: &WriteBatch) -> usize {
     4 + batch
         .ops()
         .iter()

@@ -165,6 +165,13 @@ impl Log {
     /// the log's lock, so that whatever `then` applies in memory is applied in lsn order. Returns
     /// the lsn and the log bytes appended since the last checkpoint began.
     pub fn append(&self, batch: WriteBatch, then: impl FnOnce(Vec<Op>)) -> Result<(u64, u64), StoreError> {
+        let size = frame::payload_len(&batch);
+        if size > frame::MAX_PAYLOAD {
+            return Err(StoreError::Encode {
+                what: "write batch".into(),
+                reason: format!("{size} bytes is over the log's {} per batch", frame::MAX_PAYLOAD),
+            });
+        }
         let mut queue = self.shared.queue.lock();
         if let Some(refused) = self.refusal(&queue) {
             return Err(refused);
@@ -229,8 +236,11 @@ impl Log {
             if queue.durable_lsn >= lsn {
                 return Ok(());
             }
-            if self.shared.health.get() == Health::Poisoned {
-                return Err(self.poisoned());
+            match self.shared.health.get() {
+                Health::Poisoned => return Err(self.poisoned()),
+                // Not durable now; the caller may try again once space returns.
+                Health::DiskFull => return Err(StoreError::DiskFull),
+                Health::Ok => {}
             }
             if queue.closed && queue.pending.is_empty() {
                 return Err(StoreError::Closed);
@@ -359,15 +369,20 @@ impl Writer {
                     self.shared.metrics.disk_full_stalls.inc();
                     self.requeue(&buffer[written..]);
                     self.fail_waiters_through(last, || StoreError::DiskFull);
+                    if self.shared.queue.lock().closed {
+                        // Shutting down on a full disk: what is queued was never reported durable.
+                        tracing::error!("store closed on a full disk; batches not yet written are dropped");
+                        self.drop_queued(|| StoreError::Closed);
+                        return;
+                    }
                     std::thread::sleep(self.shared.options.disk_full_retry);
                 }
                 Err(WriteError::Failed { path, error }) => {
                     self.shared.health.poison(format!("{}: {error}", path.display()));
                     let reason = self.shared.health.poison_reason().unwrap_or_default();
-                    self.fail_waiters_through(u64::MAX, || StoreError::Poisoned { reason: reason.clone() });
+                    // Nothing more is written: everyone waiting learns it now.
+                    self.drop_queued(|| StoreError::Poisoned { reason: reason.clone() });
                     self.shared.durable_changed.notify_all();
-                    // Stay alive only to fail anyone still waiting; nothing more is written.
-                    self.drain_after_poison();
                     return;
                 }
             }
@@ -398,14 +413,14 @@ impl Writer {
         }
     }
 
-    fn drain_after_poison(&self) {
+    /// Drops everything queued and fails every waiter with `error`: the writer is stopping.
+    fn drop_queued(&self, error: impl Fn() -> StoreError) {
         let mut queue = self.shared.queue.lock();
         queue.pending.clear();
         let waiters = std::mem::take(&mut queue.waiters);
         drop(queue);
-        let reason = self.shared.health.poison_reason().unwrap_or_default();
         for (_, waiter) in waiters {
-            let _ = waiter.send(Err(StoreError::Poisoned { reason: reason.clone() }));
+            let _ = waiter.send(Err(error()));
         }
     }
 
