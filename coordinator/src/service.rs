@@ -545,9 +545,13 @@ impl Coordinator {
             self.top_up(node_id)?;
             node.events_high_water
         };
-        self.store.durable().await?;
         let events_high_water = sent_through.map_or(high_water, |last| high_water.min(last));
-        Ok(SyncAck { events_high_water, control: self.pending_control(node_id)? })
+        // Read what goes out first, then wait: the wait covers every batch applied before it,
+        // including an allocation or top-up applied by another task after this upload's batch.
+        // Nothing in the ack leaves before it is durable.
+        let control = self.pending_control(node_id)?;
+        self.store.durable().await?;
+        Ok(SyncAck { events_high_water, control })
     }
 
     /// Puts into `batch` a new slice of `key_ids` (already taken out of the pool by the caller)

@@ -64,6 +64,8 @@ struct State {
     stall_syncs: bool,
     /// While set, file fsyncs return at once and persist nothing (a write cache that lies).
     lying_syncs: bool,
+    /// How many more file fsyncs may complete before the rest stall; `None` is no limit.
+    syncs_allowed: Option<u32>,
 }
 
 #[derive(Default, Clone)]
@@ -156,6 +158,12 @@ impl FaultyDisk {
     /// While `stalled`, file fsyncs wait instead of completing.
     pub fn stall_syncs(&self, stalled: bool) {
         self.inner.lock().stall_syncs = stalled;
+    }
+
+    /// Lets `n` more file fsyncs complete, then stalls the rest (`None` lifts the limit): a crash
+    /// can then land after one commit group is durable and before the next.
+    pub fn allow_syncs(&self, n: Option<u32>) {
+        self.inner.lock().syncs_allowed = n;
     }
 
     /// While `lying`, file fsyncs succeed without persisting anything.
@@ -337,7 +345,21 @@ impl DiskFile for FaultyFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        while self.with(|state| Ok(state.stall_syncs))? {
+        loop {
+            let go = self.with(|state| {
+                Ok(match state.syncs_allowed {
+                    _ if state.stall_syncs => false,
+                    Some(0) => false,
+                    Some(n) => {
+                        state.syncs_allowed = Some(n - 1);
+                        true
+                    }
+                    None => true,
+                })
+            })?;
+            if go {
+                break;
+            }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         self.with(|state| {
