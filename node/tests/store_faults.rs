@@ -98,4 +98,27 @@ async fn a_full_disk_refuses_orders_until_space_returns_without_a_restart() {
     tokio::time::timeout(Duration::from_secs(5), health.wait_for(|h| *h == Health::Ok)).await.unwrap().unwrap();
     engine.create_order(buy(250)).await.unwrap();
     assert_eq!(healthz(&engine).await.0, StatusCode::OK);
+    // No outbox seq was skipped: the coordinator would see a gap and alarm.
+    let seqs: Vec<u64> = engine.outbox_after(0, 100_000).unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
+
+/// A delivery whose fsync failed is in memory but not on disk: its keys must not be shown.
+#[tokio::test]
+async fn keys_of_a_delivery_whose_fsync_failed_are_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = FaultyDisk::new();
+    let engine = engine_on(dir.path(), &disk).await;
+    engine.install_grant(grant_of(1, 1, 10, 100)).await.unwrap();
+    let created = engine.create_order(buy(1)).await.unwrap();
+
+    disk.fail_next_syncs(1);
+    let paid = engine.confirm_payment(fixtures::payment_for(&created.record, "txn-1")).await;
+    assert!(matches!(paid, Err(OrderError::Store(StoreError::Poisoned { .. }))), "{paid:?}");
+    let looked_up = engine.lookup(&created.record.id, &created.token).await;
+    assert!(
+        looked_up.as_ref().map_or(true, |order| order.secrets.is_empty()),
+        "keys of a delivery that is not on disk were shown: {:?}",
+        looked_up.map(|o| o.status)
+    );
 }

@@ -24,7 +24,7 @@ use crate::catalog::Catalog;
 use crate::config::{Currency, OrdersConfig, ProductConfig};
 use crate::limiter::{limit_key, LimitKey};
 use crate::metrics::OrderMetrics;
-use crate::store::{Store, StoreError, WriteBatch};
+use crate::store::{Health, Store, StoreError, WriteBatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrderError {
@@ -357,6 +357,15 @@ impl OrderEngine {
     }
 
     pub async fn create_order(&self, request: CreateOrder) -> Result<CreatedOrder, OrderError> {
+        // No new reservations while the store cannot make them durable (503 at once).
+        match self.store.health() {
+            Health::Ok => {}
+            Health::DiskFull => return Err(OrderError::Store(StoreError::DiskFull)),
+            Health::Poisoned => {
+                let reason = self.store.poison_reason().unwrap_or_default();
+                return Err(OrderError::Store(StoreError::Poisoned { reason }));
+            }
+        }
         let product = self.catalog.get(&request.sku).ok_or_else(|| OrderError::UnknownSku(request.sku.to_string()))?;
         if request.quantity == 0 || request.quantity > self.config.max_quantity {
             return Err(OrderError::BadQuantity { max: self.config.max_quantity });
@@ -573,9 +582,10 @@ impl OrderEngine {
             self.store.apply(batch)?;
             outcome
         };
-        let durable = self.store.durable().await;
+        // Only a durable delivery leaves the pending set: after a failed flush the record in
+        // memory is not on disk, and lookups must keep waiting (and fail) instead of revealing it.
+        self.store.durable().await?;
         self.pending_durable.lock().remove(&payment.order_id);
-        durable?;
         match outcome {
             PaymentOutcome::Delivered => {
                 self.metrics.delivered.inc();
@@ -904,13 +914,12 @@ impl OrderEngine {
                 GrantInstallError::Store(StoreError::Corrupt { key: "awaiting".into(), reason: other.to_string() })
             }
         })?;
-        let durable = self.store.durable().await;
+        self.store.durable().await?;
         let mut pending = self.pending_durable.lock();
         for id in &delivered {
             pending.remove(id);
         }
         drop(pending);
-        durable?;
         self.metrics.grants_installed.inc();
         self.metrics.delivered.add(delivered.len() as u64);
         tracing::info!(slice = %grant.slice_id, sku = %grant.sku, epoch = grant.epoch.0, keys = grant.keys.len(), filled, "grant installed");

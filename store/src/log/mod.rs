@@ -9,8 +9,8 @@
 //!
 //! Fault rules (DESIGN §7): a failed write or fsync poisons the log for good, because after a
 //! failed fsync the kernel may have dropped the data while the page cache still shows it. A full
-//! disk is the one error the log waits out: it refuses new batches, keeps what is queued and
-//! retries until space returns.
+//! disk is the one error the log waits out: it keeps what is queued (new batches too), fails
+//! durability waits with `DiskFull`, and retries until space returns.
 
 pub mod frame;
 pub mod recovery;
@@ -148,12 +148,25 @@ impl Log {
         Ok(Log { shared, writer: Mutex::new(Some(writer)) })
     }
 
+    /// Why a new waiter cannot be promised durability now.
     fn refusal(&self, queue: &Queue) -> Option<StoreError> {
         match self.shared.health.get() {
             Health::Poisoned => Some(self.poisoned()),
             Health::DiskFull => Some(StoreError::DiskFull),
             Health::Ok if queue.closed => Some(StoreError::Closed),
             Health::Ok => None,
+        }
+    }
+
+    /// Why a batch cannot be appended. A full disk is no reason: the batch queues behind the
+    /// stalled write, so that what callers hold in memory stays in step with the log (no lsn or
+    /// outbox seq is skipped); its commit fails with `DiskFull` until space returns. Callers
+    /// check `Store::health` before starting new work.
+    fn append_refusal(&self, queue: &Queue) -> Option<StoreError> {
+        match self.shared.health.get() {
+            Health::Poisoned => Some(self.poisoned()),
+            _ if queue.closed => Some(StoreError::Closed),
+            _ => None,
         }
     }
 
@@ -173,7 +186,7 @@ impl Log {
             });
         }
         let mut queue = self.shared.queue.lock();
-        if let Some(refused) = self.refusal(&queue) {
+        if let Some(refused) = self.append_refusal(&queue) {
             return Err(refused);
         }
         let lsn = queue.next_lsn;
