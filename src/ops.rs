@@ -380,10 +380,15 @@ pub async fn slices(args: &AdminArgs, command: SlicesCommand) -> Result<()> {
     let client = args.client()?;
     match command {
         SlicesCommand::Allocate { sku, node, count } => {
-            let slice = client.post_json("/v1/slices", &json!({ "sku": sku, "node": node, "count": count })).await?;
+            let made = client.post_json("/v1/slices", &json!({ "sku": sku, "node": node, "count": count })).await?;
+            let ids: Vec<String> = made["slices"]
+                .as_array()
+                .map(|slices| slices.iter().map(|s| text(&s["slice_id"])).collect())
+                .unwrap_or_default();
+            let noun = if ids.len() == 1 { "slice" } else { "slices" };
             println!(
-                "slice {} of {sku}: {count} keys granted to {node}; it reaches the node with its next sync",
-                text(&slice["slice_id"])
+                "{noun} {} of {sku}: {count} keys granted to {node}; they reach the node with its next sync",
+                ids.join(", ")
             );
         }
         SlicesCommand::List => {

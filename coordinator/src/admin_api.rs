@@ -231,8 +231,8 @@ impl AdminApi {
                 let new: NewSlice = read_json(request).await?;
                 let sku = parse_sku(&new.sku)?;
                 let node = NodeId::new(new.node).map_err(|e| bad_request(e.to_string()))?;
-                let slice = c.allocate(&sku, &node, new.count).await?;
-                Ok(ok(json!(slice)))
+                let slices = c.allocate(&sku, &node, new.count).await?;
+                Ok(ok(json!({ "slices": slices })))
             }
             (Method::GET, ["v1", "orders"]) => {
                 let filter = OrderFilter {

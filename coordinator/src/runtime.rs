@@ -128,6 +128,7 @@ impl CoordinatorConfig {
             lease: Duration::from_secs(lease_secs),
             max_clock_skew: Duration::from_secs(self.max_clock_skew_secs),
             take_window: self.take_window,
+            ..Settings::default()
         }
     }
 }

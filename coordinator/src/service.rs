@@ -109,6 +109,12 @@ pub struct Settings {
     pub max_clock_skew: Duration,
     /// Most takes a node may have from one slice that the coordinator has not acknowledged.
     pub take_window: u64,
+    /// Largest grant, by its keys' size: a larger allocation becomes several slices, so every
+    /// signed grant fits the sync envelope (`protocol::MAX_PAYLOAD`, 16 MiB) with room to spare.
+    pub max_grant_bytes: usize,
+    /// Largest sync ack, by its control messages' size: the rest waits for the next sync, so an
+    /// ack always fits the envelope however much is queued for a node that was away.
+    pub max_ack_bytes: usize,
 }
 
 impl Default for Settings {
@@ -117,8 +123,32 @@ impl Default for Settings {
             lease: Duration::from_secs(24 * 3600),
             max_clock_skew: Duration::from_secs(300),
             take_window: 10_000,
+            max_grant_bytes: 12 << 20,
+            max_ack_bytes: 12 << 20,
         }
     }
+}
+
+/// What one key adds to a signed grant beyond its secret: the key id, the archived string's
+/// header and alignment, rounded up.
+const GRANT_BYTES_PER_KEY: usize = 32;
+
+/// Cuts `records` into runs whose grants stay under `budget` bytes (and `MAX_GRANT_KEYS` keys).
+fn grant_chunks(records: &[(KeyId, KeyRecord)], budget: usize) -> Vec<&[(KeyId, KeyRecord)]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, record)) in records.iter().enumerate() {
+        let size = GRANT_BYTES_PER_KEY + record.secret.expose().len();
+        if i > start && (bytes + size > budget || i - start >= edgecard_protocol::MAX_GRANT_KEYS) {
+            chunks.push(&records[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < records.len() {
+        chunks.push(&records[start..]);
+    }
+    chunks
 }
 
 pub fn now_millis() -> UnixMillis {
@@ -413,11 +443,18 @@ impl Coordinator {
 
     /// Grants `count` pool keys of `sku` (lowest ids first) to `node` as a new signed slice,
     /// queued for delivery with the node's next sync.
-    pub async fn allocate(&self, sku: &Sku, node_id: &NodeId, count: u64) -> Result<SliceRecord, CoordinatorError> {
+    /// Grants `count` keys of the pool to a node: one slice, or several when one grant of them
+    /// would not fit the sync envelope (see `Settings::max_grant_bytes`).
+    pub async fn allocate(
+        &self,
+        sku: &Sku,
+        node_id: &NodeId,
+        count: u64,
+    ) -> Result<Vec<SliceRecord>, CoordinatorError> {
         if count == 0 {
             return Err(CoordinatorError::ZeroCount);
         }
-        let slice = {
+        let slices = {
             let _guard = self.lock.lock();
             let node = self.node(node_id)?;
             if node.revoked {
@@ -435,14 +472,16 @@ impl Coordinator {
                 });
             };
             let mut batch = WriteBatch::default();
-            let (slice, _node, _seq) = self.grant_slice_into(&mut batch, node, sku, &free, now_millis())?;
+            let (slices, _node) = self.grant_slices_into(&mut batch, node, sku, &free, now_millis())?;
             batch.put(rec::pool_key(sku), rec::encode(&pool)?);
             self.store.apply(batch)?;
-            slice
+            slices
         };
         self.store.durable().await?;
-        tracing::info!(slice = %slice.slice_id, sku = %sku, node = %node_id, keys = count, "slice allocated");
-        Ok(slice)
+        for slice in &slices {
+            tracing::info!(slice = %slice.slice_id, sku = %sku, node = %node_id, keys = slice.key_count(), "slice allocated");
+        }
+        Ok(slices)
     }
 
     pub fn slices(&self) -> Result<Vec<SliceRecord>, StoreError> {
@@ -549,30 +588,61 @@ impl Coordinator {
         // Read what goes out first, then wait: the wait covers every batch applied before it,
         // including an allocation or top-up applied by another task after this upload's batch.
         // Nothing in the ack leaves before it is durable.
-        let control = self.pending_control(node_id)?;
+        let control = self.pending_control_within(node_id, self.settings.max_ack_bytes)?;
         self.store.durable().await?;
         Ok(SyncAck { events_high_water, control })
     }
 
-    /// Puts into `batch` a new slice of `key_ids` (already taken out of the pool by the caller)
-    /// for `node`: the keys' states, the slice record, and the signed grant queued for the node.
-    /// Returns the slice, the node record with its new control seq, and that seq.
-    pub(crate) fn grant_slice_into(
+    /// Puts into `batch` new slices of `key_ids` (already taken out of the pool by the caller)
+    /// for `node`, as many as it takes for each grant to fit `Settings::max_grant_bytes`: the
+    /// keys' states, the slice records, and the signed grants queued for the node. Returns the
+    /// slices and the node record with its new control seqs (the last is its
+    /// `next_control_seq - 1`).
+    pub(crate) fn grant_slices_into(
+        &self,
+        batch: &mut WriteBatch,
+        mut node: NodeRecord,
+        sku: &Sku,
+        key_ids: &[KeyId],
+        now: UnixMillis,
+    ) -> Result<(Vec<SliceRecord>, NodeRecord), CoordinatorError> {
+        let mut records = Vec::with_capacity(key_ids.len());
+        for id in key_ids {
+            let record: KeyRecord = self.load("key", &rec::key_key(sku, *id))?.ok_or_else(|| StoreError::Corrupt {
+                key: format!("k/{sku}/{id}"),
+                reason: "free key missing".into(),
+            })?;
+            records.push((*id, record));
+        }
+        let chunks = grant_chunks(&records, self.settings.max_grant_bytes);
+        // One read of the counter for all of them: it is stored, not yet in `batch`.
+        let first_id = self.next_counter(batch, "next_slice_id", chunks.len() as u64)?;
+        let mut slices = Vec::new();
+        for (slice_id, chunk) in (first_id..).map(SliceId).zip(chunks) {
+            let (slice, updated) = self.grant_slice_into(batch, node, sku, slice_id, chunk, now)?;
+            node = updated;
+            slices.push(slice);
+        }
+        Ok((slices, node))
+    }
+
+    /// One slice of `records` for `node` (see [`Coordinator::grant_slices_into`]).
+    fn grant_slice_into(
         &self,
         batch: &mut WriteBatch,
         node: NodeRecord,
         sku: &Sku,
-        key_ids: &[KeyId],
+        slice_id: SliceId,
+        records: &[(KeyId, KeyRecord)],
         now: UnixMillis,
-    ) -> Result<(SliceRecord, NodeRecord, u64), CoordinatorError> {
-        let slice_id = SliceId(self.next_counter(batch, "next_slice_id", 1)?);
-        let mut keys = Vec::with_capacity(key_ids.len());
-        for id in key_ids {
-            let mut record: KeyRecord = self.load("key", &rec::key_key(sku, *id))?.ok_or_else(|| {
-                StoreError::Corrupt { key: format!("k/{sku}/{id}"), reason: "free key missing".into() }
-            })?;
+    ) -> Result<(SliceRecord, NodeRecord), CoordinatorError> {
+        let mut keys = Vec::with_capacity(records.len());
+        let mut key_ids = Vec::with_capacity(records.len());
+        for (id, record) in records {
+            let mut record = record.clone();
             record.state = KeyState::Granted { slice: slice_id, node_index: node.index };
             keys.push(GrantedKey { key_id: *id, secret: record.secret.clone() });
+            key_ids.push(*id);
             batch.put(rec::key_key(sku, *id), rec::encode(&record)?);
         }
         let grant = SliceGrant {
@@ -593,14 +663,13 @@ impl Coordinator {
             epoch: grant.epoch,
             issued_at: now,
             lease_deadline: grant.lease_deadline,
-            key_runs: rec::runs_of(key_ids),
+            key_runs: rec::runs_of(&key_ids),
             take_window: grant.take_window,
             state: SliceState::Active,
         };
         batch.put(rec::slice_key(slice_id), rec::encode(&slice)?);
         let node = self.queue_control(batch, node, CONTROL_GRANT, signed.to_bytes()?)?;
-        let seq = node.next_control_seq.saturating_sub(1);
-        Ok((slice, node, seq))
+        Ok((slice, node))
     }
 
     /// Renews, while the node is in contact, every lease of its active or closing slices (keys
@@ -780,9 +849,21 @@ impl Coordinator {
 
     /// Control messages queued for `node` and not yet reported applied, in order.
     pub fn pending_control(&self, node_id: &NodeId) -> Result<Vec<ControlMessage>, StoreError> {
+        self.pending_control_within(node_id, usize::MAX)
+    }
+
+    /// The first of `pending_control` whose stored size adds up to at most `budget` bytes (and
+    /// always the first): what one sync ack carries. The node reports them applied and gets the
+    /// rest with its next sync.
+    pub fn pending_control_within(&self, node_id: &NodeId, budget: usize) -> Result<Vec<ControlMessage>, StoreError> {
         let mut messages = Vec::new();
+        let mut bytes = 0usize;
         for item in self.store.scan_prefix(&rec::control_prefix(node_id)) {
             let (key, value) = item?;
+            bytes = bytes.saturating_add(value.len());
+            if !messages.is_empty() && bytes > budget {
+                break;
+            }
             let Some(seq) = rec::trailing_u64(&key) else { continue };
             let body = match value.split_first() {
                 Some((&CONTROL_GRANT, payload)) => ControlBody::Grant { signed_grant: payload.to_vec() },

@@ -179,13 +179,16 @@ impl Coordinator {
                     .flat_map(|(a, b)| (*a..=*b).map(KeyId))
                     .filter(|id| rec::remove_id(&mut pool, id.0))
                     .collect();
+                // Bounded batches: a move of a million keys is not one log frame.
                 for chunk in ids.chunks(edgecard_protocol::MAX_GRANT_KEYS / 10) {
                     let recipient = self.node(&recipient.node_id)?;
-                    let (slice, _, _) =
-                        self.grant_slice_into(&mut batch, recipient, &record.order.sku, chunk, now_millis())?;
-                    record.regranted.push(slice.slice_id);
-                    tracing::info!(ticket = record.order.ticket, slice = %slice.slice_id, to = %slice.node,
-                        keys = chunk.len(), "moved keys granted to the recipient");
+                    let (slices, _) =
+                        self.grant_slices_into(&mut batch, recipient, &record.order.sku, chunk, now_millis())?;
+                    for slice in slices {
+                        record.regranted.push(slice.slice_id);
+                        tracing::info!(ticket = record.order.ticket, slice = %slice.slice_id, to = %slice.node,
+                            keys = slice.key_count(), "moved keys granted to the recipient");
+                    }
                     batch.put(rec::pool_key(&record.order.sku), rec::encode(&pool)?);
                     batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
                     self.store.apply(std::mem::take(&mut batch))?;
@@ -266,15 +269,19 @@ impl Coordinator {
             let Some(free) = rec::take_lowest(&mut pool, want).filter(|f| !f.is_empty()) else { continue };
             let mut batch = WriteBatch::default();
             let now = now_millis();
-            let (slice, updated, seq) = self.grant_slice_into(&mut batch, node, &product.sku, &free, now)?;
+            let (slices, updated) = self.grant_slices_into(&mut batch, node, &product.sku, &free, now)?;
             node = updated;
-            node.topups.push(TopUpRecord {
-                sku: product.sku.clone(),
-                slice_id: slice.slice_id,
-                keys: free.len() as u64,
-                at: now,
-                control_seq: seq,
-            });
+            // Another top-up waits until the node has applied the last of these grants.
+            let seq = node.next_control_seq.saturating_sub(1);
+            for slice in &slices {
+                node.topups.push(TopUpRecord {
+                    sku: product.sku.clone(),
+                    slice_id: slice.slice_id,
+                    keys: slice.key_count(),
+                    at: now,
+                    control_seq: seq,
+                });
+            }
             let excess = node.topups.len().saturating_sub(TOPUPS_KEPT);
             node.topups.drain(..excess);
             batch.put(rec::node_key(node_id), rec::encode(&node)?);

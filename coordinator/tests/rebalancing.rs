@@ -20,6 +20,12 @@ use edgecard_store::{Store, StoreMetrics};
 
 const SKU: &str = "gold";
 
+/// The one slice an allocation made.
+fn only(mut slices: Vec<edgecard_coordinator::records::SliceRecord>) -> edgecard_coordinator::records::SliceRecord {
+    assert_eq!(slices.len(), 1, "one allocation, one slice");
+    slices.remove(0)
+}
+
 fn sku() -> Sku {
     Sku::new(SKU).unwrap()
 }
@@ -112,7 +118,7 @@ async fn a_move_reaches_the_recipient_only_after_the_donor_released() {
     let dir = tempfile::tempdir().unwrap();
     let c = setup(dir.path(), 100, Settings::default()).await;
     let (mut eu, mut ap) = (FakeNode::new("eu-1"), FakeNode::new("ap-1"));
-    let slice = c.allocate(&sku(), &eu.id, 50).await.unwrap();
+    let slice = only(c.allocate(&sku(), &eu.id, 50).await.unwrap());
     eu.sync(&c, vec![], 50).await;
     ap.sync(&c, vec![], 0).await;
 
@@ -172,10 +178,15 @@ async fn a_move_reaches_the_recipient_only_after_the_donor_released() {
 #[tokio::test]
 async fn a_dark_node_loses_only_provably_unsold_keys_and_reconciles_when_back() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings { lease: Duration::from_secs(60), max_clock_skew: Duration::from_secs(5), take_window: 10 };
+    let settings = Settings {
+        lease: Duration::from_secs(60),
+        max_clock_skew: Duration::from_secs(5),
+        take_window: 10,
+        ..Settings::default()
+    };
     let c = setup(dir.path(), 100, settings).await;
     let mut eu = FakeNode::new("eu-1");
-    let slice = c.allocate(&sku(), &eu.id, 100).await.unwrap();
+    let slice = only(c.allocate(&sku(), &eu.id, 100).await.unwrap());
     // The ledger knows keys 1-3 reserved (order 1), key 1-3 then delivered, keys 4-5 reserved (order 2).
     let reserve = |n: &mut FakeNode, order: u8, keys: Vec<KeyId>| {
         n.event(
@@ -208,7 +219,7 @@ async fn a_dark_node_loses_only_provably_unsold_keys_and_reconciles_when_back() 
     assert!(matches!(summary.slice.state, SliceState::Reclaimed { reconcile_ticket: Some(_), .. }));
     // The reclaimed keys can be granted elsewhere at once.
     let ap = node("ap-1");
-    let elsewhere = c.allocate(&sku(), &ap, 85).await.unwrap();
+    let elsewhere = only(c.allocate(&sku(), &ap, 85).await.unwrap());
     assert_eq!(elsewhere.key_runs, vec![(16, 100)]);
 
     // The node comes back: it had sold key 6 (in its window) without the coordinator knowing, and
@@ -247,10 +258,15 @@ async fn a_dark_node_loses_only_provably_unsold_keys_and_reconciles_when_back() 
 #[tokio::test]
 async fn quarantined_keys_can_be_written_off_and_a_late_sale_is_still_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings { lease: Duration::from_secs(60), max_clock_skew: Duration::from_secs(1), take_window: 5 };
+    let settings = Settings {
+        lease: Duration::from_secs(60),
+        max_clock_skew: Duration::from_secs(1),
+        take_window: 5,
+        ..Settings::default()
+    };
     let c = setup(dir.path(), 20, settings).await;
     let mut eu = FakeNode::new("eu-1");
-    let slice = c.allocate(&sku(), &eu.id, 20).await.unwrap();
+    let slice = only(c.allocate(&sku(), &eu.id, 20).await.unwrap());
     assert!(matches!(c.write_off(slice.slice_id).await, Err(CoordinatorError::NotReclaimed(_))));
     c.reclaim_expired(slice.lease_deadline.saturating_add_ms(2_000)).await.unwrap();
     assert_eq!(c.write_off(slice.slice_id).await.unwrap(), 5);
@@ -283,7 +299,7 @@ async fn a_drain_closes_every_slice_and_top_up_refills_below_the_watermark() {
     let c = setup(dir.path(), 100, Settings::default()).await;
     let mut eu = FakeNode::new("eu-1");
     let mut ap = FakeNode::new("ap-1");
-    let slice = c.allocate(&sku(), &eu.id, 30).await.unwrap();
+    let slice = only(c.allocate(&sku(), &eu.id, 30).await.unwrap());
     c.stage_change(StagedChange::Drain { node: eu.id.clone() }).await.unwrap();
     assert_eq!(c.revert_layout().await.unwrap().changes.len(), 0, "revert discards the staged change");
     let preview = c.stage_change(StagedChange::Drain { node: eu.id.clone() }).await.unwrap();
@@ -330,7 +346,7 @@ async fn a_closing_slice_keeps_its_lease_while_the_node_is_in_contact() {
     let settings = Settings { lease: Duration::from_secs(2), ..Settings::default() };
     let c = setup(dir.path(), 10, settings).await;
     let mut eu = FakeNode::new("eu-1");
-    let slice = c.allocate(&sku(), &eu.id, 10).await.unwrap();
+    let slice = only(c.allocate(&sku(), &eu.id, 10).await.unwrap());
     eu.sync(&c, vec![], 10).await;
     let preview = c.stage_change(StagedChange::Drain { node: eu.id.clone() }).await.unwrap();
     c.apply_layout(preview.version).await.unwrap();

@@ -16,6 +16,12 @@ use edgecard_protocol::{
 };
 use edgecard_store::{Store, StoreMetrics};
 
+/// The one slice an allocation made.
+fn only(mut slices: Vec<edgecard_coordinator::records::SliceRecord>) -> edgecard_coordinator::records::SliceRecord {
+    assert_eq!(slices.len(), 1, "one allocation, one slice");
+    slices.remove(0)
+}
+
 fn sku(s: &str) -> Sku {
     Sku::new(s).unwrap()
 }
@@ -137,10 +143,10 @@ async fn allocation_grants_lowest_pool_keys_as_a_signed_slice() {
     c.add_node(&eu, "eu").await.unwrap();
     assert!(matches!(c.add_node(&eu, "eu").await, Err(CoordinatorError::NodeExists(_))));
 
-    let slice = c.allocate(&sku("game"), &eu, 4).await.unwrap();
+    let slice = only(c.allocate(&sku("game"), &eu, 4).await.unwrap());
     assert_eq!(slice.key_runs, vec![(1, 4)]);
     assert_eq!(c.pool_size(&sku("game")), 6);
-    let second = c.allocate(&sku("game"), &eu, 3).await.unwrap();
+    let second = only(c.allocate(&sku("game"), &eu, 3).await.unwrap());
     assert_eq!(second.key_runs, vec![(5, 7)]);
     assert!(matches!(
         c.allocate(&sku("game"), &eu, 4).await,
@@ -268,7 +274,7 @@ async fn leases_are_renewed_while_the_node_is_in_contact() {
     with_keys(&c, "game", 3).await;
     let eu = node("eu-1");
     c.add_node(&eu, "eu").await.unwrap();
-    let slice = c.allocate(&sku("game"), &eu, 3).await.unwrap();
+    let slice = only(c.allocate(&sku("game"), &eu, 3).await.unwrap());
     // Early in the lease: contact renews nothing.
     let ack = c.ingest(&eu, upload(&eu, vec![], 2)).await.unwrap();
     assert!(ack.control.is_empty(), "{:?}", ack.control.iter().map(|m| m.seq).collect::<Vec<_>>());

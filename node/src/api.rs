@@ -37,6 +37,14 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const CATALOG_CACHE_CONTROL: &str = "public, max-age=2, stale-while-revalidate=30";
 const NO_STORE: &str = "no-store";
 
+/// Whether an `If-None-Match` value names `etag`. RFC 9110 §13.1.2 compares weakly: `W/"x"`
+/// matches `"x"` (CDNs weaken the tags of responses they compress).
+fn if_none_match_hits(header: &str, etag: &str) -> bool {
+    let opaque = |tag: &str| tag.trim().trim_start_matches("W/").to_string();
+    let wanted = opaque(etag);
+    header.split(',').any(|tag| tag.trim() == "*" || opaque(tag) == wanted)
+}
+
 /// `/healthz` for the CDN and the orchestrator: 503 while the store refuses writes, so that
 /// traffic moves to another origin (disk full) or the process is replaced (poisoned).
 pub fn healthz_response(engine: &OrderEngine) -> HttpResponse {
@@ -270,7 +278,7 @@ impl NodeApi {
         let not_modified = headers
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
+            .is_some_and(|v| if_none_match_hits(v, &etag));
         let mut response = if not_modified {
             let mut r = Response::new(Full::new(Bytes::new()));
             *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -621,6 +629,18 @@ mod tests {
         assert_eq!(preferred_language(&h), "en");
         h.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("zh;q=0, en"));
         assert_eq!(preferred_language(&h), "en");
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let etag = "\"abc\"";
+        assert!(if_none_match_hits("\"abc\"", etag));
+        assert!(if_none_match_hits("W/\"abc\"", etag), "a weakened tag from a CDN still matches");
+        assert!(if_none_match_hits("\"x\", W/\"abc\"", etag));
+        assert!(if_none_match_hits("*", etag));
+        assert!(!if_none_match_hits("\"abd\"", etag));
+        assert!(!if_none_match_hits("W/\"ab\"", etag));
+        assert!(!if_none_match_hits("", etag));
     }
 
     #[test]
