@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 
 use edgecard_store::{workload, Store, StoreMetrics};
 
+/// The writer, killed however the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn scan_all(store: &Store) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
     let mut all = std::collections::BTreeMap::new();
     for prefix in [&b"k/"[..], &b"n/"[..]] {
@@ -29,13 +39,15 @@ fn state_equals_the_log_after_kill_9_during_checkpoints() {
     let mut checkpoints_seen = 0u64;
     let started = Instant::now();
     for cycle in 0..20u64 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgecard-store-torture"))
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut child = Killed(
+            Command::new(env!("CARGO_BIN_EXE_edgecard-store-torture"))
+                .arg(dir.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        );
+        let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
         // Let it run past a few checkpoints, a different number each cycle.
         let wanted = 3 + cycle % 5;
         let mut first_checkpoints = None;
@@ -53,8 +65,8 @@ fn state_equals_the_log_after_kill_9_during_checkpoints() {
                 break;
             }
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
 
         let store = Store::open(dir.path(), 4 << 20, Arc::new(StoreMetrics::default())).unwrap();
         let at = store.last_lsn();

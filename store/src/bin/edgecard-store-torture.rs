@@ -2,7 +2,7 @@
 //! back to back, and prints `durable N` each time batches up to lsn N are durable. A crash test
 //! kills it with SIGKILL at any point and checks the reopened store against the workload.
 //!
-//! Usage: `edgecard-store-torture DIR`
+//! Usage: `edgecard-store-torture DIR`. It stops by itself after two minutes.
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -31,7 +31,8 @@ fn main() {
     };
     let mut stdout = std::io::stdout();
     let mut next = store.last_lsn() + 1;
-    loop {
+    let stop_at = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < stop_at {
         for _ in 0..8 {
             match store.apply(workload::batch(next)) {
                 Ok(lsn) if lsn == next => next += 1,
