@@ -49,7 +49,7 @@ pub struct LogOptions {
 impl Default for LogOptions {
     fn default() -> Self {
         LogOptions {
-            segment_bytes: 64 << 20,
+            segment_bytes: 16 << 20,
             group_wait: Duration::ZERO,
             disk_full_retry: Duration::from_millis(100),
             max_spares: 2,
