@@ -67,6 +67,8 @@ async fn a_grant_reaches_a_node_only_once_it_is_durable() {
     // The sync's group becomes durable; the allocation's group never does.
     disk.allow_syncs(Some(1));
     disk.stall_syncs(false);
+    // Reading the ack's messages before waiting (the fix) means this ack was read before the
+    // allocation applied and carries no grant; reading after the wait (the bug) sent the grant.
     let answered = tokio::time::timeout(Duration::from_millis(500), ingest).await;
     disk.crash();
     let sent = match answered {
