@@ -108,6 +108,30 @@ async fn expiry_returns_keys_and_late_payment_takes_new_stock_or_waits() {
     assert_eq!(engine.stock(&sku()), 1);
 }
 
+/// Keys that come back (an unpaid reservation ends) go to orders already paid while out of
+/// stock, before any new buyer.
+#[tokio::test]
+async fn returned_keys_fill_orders_paid_while_out_of_stock_before_new_buyers() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), OrdersConfig { reservation_ttl_secs: 1, ..config() }).await;
+    engine.install_grant(grant(1, 1, 1)).await.unwrap();
+    let first = engine.create_order(buy(1)).await.unwrap();
+    engine.expire_due(first.record.expires_at).await.unwrap();
+    let second = engine.create_order(buy(2)).await.unwrap();
+    assert_eq!(
+        engine.confirm_payment(payment_for(&first.record, "late")).await.unwrap(),
+        PaymentOutcome::AwaitingStock
+    );
+
+    // The second buyer never pays: the key comes back and goes to the first, who paid.
+    engine.expire_due(second.record.expires_at).await.unwrap();
+    let filled = engine.lookup(&first.record.id, &first.token).await.unwrap();
+    assert_eq!(filled.status, OrderStatus::Delivered);
+    assert_eq!(filled.key_ids, vec![KeyId(1)]);
+    assert!(engine.awaiting_stock().is_empty());
+    assert!(matches!(engine.create_order(buy(3)).await, Err(OrderError::SoldOut { .. })));
+}
+
 #[tokio::test]
 async fn late_payment_with_stock_left_is_delivered() {
     let dir = tempfile::tempdir().unwrap();

@@ -208,6 +208,14 @@ impl State {
     }
 }
 
+/// A fill's failure where only store errors are expected.
+fn store_error(e: OrderError) -> StoreError {
+    match e {
+        OrderError::Store(e) => e,
+        other => StoreError::Corrupt { key: "awaiting".into(), reason: other.to_string() },
+    }
+}
+
 /// Keys of one slice being dropped, and the ticket and epoch they answer to.
 struct Released {
     sku: Sku,
@@ -646,6 +654,7 @@ impl OrderEngine {
     /// on sale and it leaves the compensation index. Returns whether it was open.
     pub async fn cancel_unpaid(&self, id: &OrderId) -> Result<bool, StoreError> {
         let now = now_millis();
+        let mut filled = Vec::new();
         {
             let mut state = self.state.lock();
             let mut batch = WriteBatch::default();
@@ -659,13 +668,18 @@ impl OrderEngine {
                 state.open.insert(*id, held);
                 return Err(e);
             }
+            let returned = !back.is_empty();
             for (key, slice) in back {
                 state.holdings.put(&held.sku, key, slice);
+            }
+            if returned {
+                self.fill_awaiting_in(&mut state, &held.sku, &mut filled).map_err(store_error)?;
             }
         }
         self.metrics.expired.inc();
         self.metrics.open_reservations.add(-1);
         self.store.durable().await?;
+        self.settle_filled(&filled);
         Ok(true)
     }
 
@@ -785,6 +799,7 @@ impl OrderEngine {
 
     /// Expires reservations whose TTL has passed; their keys go back on sale. Returns how many.
     pub async fn expire_due(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        let mut filled = Vec::new();
         let expired = {
             let mut state = self.state.lock();
             let due: Vec<OrderId> = state.expiry.iter().take_while(|(at, _)| *at <= now).map(|(_, id)| *id).collect();
@@ -804,12 +819,18 @@ impl OrderEngine {
                     state.holdings.put(sku, *key, *slice);
                 }
             }
+            let skus: BTreeSet<&Sku> =
+                returned.iter().filter(|(_, back)| !back.is_empty()).map(|(sku, _)| sku).collect();
+            for sku in skus {
+                self.fill_awaiting_in(&mut state, sku, &mut filled).map_err(store_error)?;
+            }
             returned.len()
         };
         self.metrics.expired.add(expired as u64);
         self.metrics.open_reservations.add(-(expired as i64));
         tracing::info!(count = expired, "reservations expired");
         self.store.durable().await?;
+        self.settle_filled(&filled);
         Ok(expired)
     }
 
@@ -940,6 +961,7 @@ impl OrderEngine {
     /// under its open reservations stay deliverable while the node is in contact.
     pub async fn apply_renewal(&self, renewal: &LeaseRenewal) -> Result<bool, StoreError> {
         let now = now_millis();
+        let mut filled = Vec::new();
         {
             let mut state = self.state.lock();
             let slice_key = record::slice_key(renewal.slice_id);
@@ -956,8 +978,11 @@ impl OrderEngine {
             let mut batch = WriteBatch::default();
             batch.put(slice_key, edgecard_store::record::encode("slice", &renewed)?);
             self.store.apply(batch)?;
+            // A slice that sells again: orders paid while it was out first.
+            self.fill_awaiting_in(&mut state, &renewed.sku, &mut filled).map_err(store_error)?;
         }
         self.store.durable().await?;
+        self.settle_filled(&filled);
         tracing::info!(slice = %renewal.slice_id, epoch = renewal.epoch.0, "lease renewed");
         Ok(true)
     }
@@ -1024,9 +1049,34 @@ impl OrderEngine {
         Ok(released)
     }
 
+    /// Orders filled from returned keys are durable now: their keys may be shown.
+    fn settle_filled(&self, filled: &[OrderId]) {
+        if filled.is_empty() {
+            return;
+        }
+        let mut pending = self.pending_durable.lock();
+        for id in filled {
+            pending.remove(id);
+        }
+        drop(pending);
+        self.metrics.delivered.add(filled.len() as u64);
+        tracing::info!(count = filled.len(), "orders paid while out of stock delivered from returned keys");
+    }
+
     /// Delivers PaidAwaitingStock orders of `sku` while stock lasts, oldest payment first.
     fn fill_awaiting(&self, sku: &Sku, delivered: &mut Vec<OrderId>) -> Result<usize, OrderError> {
         let mut state = self.state.lock();
+        self.fill_awaiting_in(&mut state, sku, delivered)
+    }
+
+    /// [`OrderEngine::fill_awaiting`] under a lock the caller holds, so that keys it just put back
+    /// reach paid orders before any new buyer can take them.
+    fn fill_awaiting_in(
+        &self,
+        state: &mut State,
+        sku: &Sku,
+        delivered: &mut Vec<OrderId>,
+    ) -> Result<usize, OrderError> {
         let mut batch = WriteBatch::default();
         let now = now_millis();
         while let Some(&(seq, id)) = state.awaiting.get(sku).and_then(|q| q.front()) {
@@ -1037,7 +1087,7 @@ impl OrderEngine {
             }
             batch.delete(record::awaiting_key(seq));
             let keys = taken.iter().map(|(k, _)| *k).collect();
-            let event_seq = self.deliver(&mut state, &mut batch, &mut order, keys, now)?;
+            let event_seq = self.deliver(state, &mut batch, &mut order, keys, now)?;
             state.holdings.record_takes(event_seq, &taken);
             record::ORDERS.put(&mut batch, id.as_bytes(), &order)?;
             delivered.push(id);
