@@ -288,6 +288,16 @@ fn check_config(args: ConfigArg) -> Result<()> {
     if config.admin.token.is_some() {
         config.admin.token = Some("<set>".into());
     }
+    if let (Some(cert), Some(key)) = (&config.http.tls_cert, &config.http.tls_key) {
+        // The server loads them the same way at start: both parse and the key is the cert's.
+        let not_after = edgecard_node::tls::check_server_files(cert, key).context("http.tls_cert and http.tls_key")?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let until = edgecard_node::time_fmt::rfc3339(edgecard_protocol::UnixMillis(not_after.max(0) as u64 * 1000));
+        println!("certificate {}: matches its key, valid until {until}", cert.display());
+        if let Some(warning) = edgecard_node::runtime::certificate_warning(not_after, now) {
+            eprintln!("warning: {warning}");
+        }
+    }
     println!("{} is valid. Effective configuration:\n", args.config.display());
     println!("{}", toml::to_string_pretty(&config).context("rendering the configuration")?);
     Ok(())

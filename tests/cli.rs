@@ -96,3 +96,56 @@ fn keygen_and_sign_make_a_grant_file() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("line 2"), "{}", text(&out.stderr));
 }
+
+/// `node check-config` loads the TLS files as the server will: a key that is not the
+/// certificate's, or a key given as the certificate, is an error; an expired certificate warns.
+#[test]
+fn check_config_checks_the_certificate_and_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let names = vec!["shop.example".to_string()];
+    let good = rcgen::generate_simple_self_signed(names.clone()).unwrap();
+    let other = rcgen::generate_simple_self_signed(names.clone()).unwrap();
+    let mut past = rcgen::CertificateParams::new(names).unwrap();
+    past.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    past.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let past_key = rcgen::KeyPair::generate().unwrap();
+    let expired = past.self_signed(&past_key).unwrap();
+
+    let cert = write("cert.pem", &good.cert.pem());
+    let key = write("key.pem", &good.key_pair.serialize_pem());
+    let wrong_key = write("other-key.pem", &other.key_pair.serialize_pem());
+    let old_cert = write("old-cert.pem", &expired.pem());
+    let old_key = write("old-key.pem", &past_key.serialize_pem());
+    let coordinator_key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    let check = |cert: &Path, key: &Path| {
+        let config = format!(
+            "node_id = \"eu-1\"\ndata_dir = \"d\"\n[http]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n[trust]\ncoordinator_key = \"{coordinator_key}\"\n",
+            cert.display(),
+            key.display()
+        );
+        let path = write("node.toml", &config);
+        edgecard(&["node", "check-config", "--config", path.to_str().unwrap()])
+    };
+
+    let ok = check(&cert, &key);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("matches its key, valid until"), "{}", text(&ok.stdout));
+    assert!(!text(&ok.stderr).contains("warning"), "{}", text(&ok.stderr));
+
+    let mismatched = check(&cert, &wrong_key);
+    assert!(!mismatched.status.success(), "a key of another certificate was accepted");
+    assert!(text(&mismatched.stderr).contains("http.tls_cert and http.tls_key"), "{}", text(&mismatched.stderr));
+
+    let swapped = check(&key, &key);
+    assert!(!swapped.status.success(), "a key file was accepted as the certificate");
+    assert!(text(&swapped.stderr).contains("no CERTIFICATE block"), "{}", text(&swapped.stderr));
+
+    let old = check(&old_cert, &old_key);
+    assert!(old.status.success(), "{}", text(&old.stderr));
+    assert!(text(&old.stderr).contains("warning: the TLS certificate expired on 2021-01-01"), "{}", text(&old.stderr));
+}

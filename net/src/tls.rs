@@ -40,6 +40,8 @@ pub enum TlsError {
     },
     #[error("generating a self-signed certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("{source_name}: the certificate does not parse: {reason}")]
+    Certificate { source_name: String, reason: String },
 }
 
 /// The crypto provider of the whole binary.
@@ -66,6 +68,23 @@ pub fn load_server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<rustl
     let cert_pem = read_file(cert_path)?;
     let key_pem = read_file(key_path)?;
     build_server_config(&cert_pem, &cert_path.display().to_string(), &key_pem, &key_path.display().to_string())
+}
+
+/// Checks a configured certificate chain and key the way the server will use them (both parse,
+/// the key belongs to the leaf certificate) and returns when the leaf expires, in unix seconds.
+pub fn check_server_files(cert_path: &Path, key_path: &Path) -> Result<i64, TlsError> {
+    load_server_config(cert_path, key_path)?;
+    leaf_not_after(&read_file(cert_path)?, &cert_path.display().to_string())
+}
+
+/// When the first certificate of a PEM chain stops being valid, in unix seconds.
+pub fn leaf_not_after(pem: &[u8], source_name: &str) -> Result<i64, TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let certs = parse_certificates(pem, source_name)?;
+    let leaf = certs.first().ok_or_else(|| TlsError::NoCertificate { source_name: source_name.to_owned() })?;
+    let (_, parsed) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| TlsError::Certificate { source_name: source_name.to_owned(), reason: e.to_string() })?;
+    Ok(parsed.validity().not_after.timestamp())
 }
 
 /// A self-signed certificate and its private key, both PEM.

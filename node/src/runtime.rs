@@ -60,6 +60,23 @@ impl RunningNode {
     }
 }
 
+/// Days before expiry from which the node warns about its certificate.
+pub const CERTIFICATE_WARNING_DAYS: i64 = 21;
+
+/// A warning when a certificate valid until `not_after` (unix seconds) has expired or expires
+/// within [`CERTIFICATE_WARNING_DAYS`] at `now`.
+pub fn certificate_warning(not_after: i64, now: i64) -> Option<String> {
+    let left = not_after - now;
+    let until = crate::time_fmt::rfc3339(edgecard_protocol::UnixMillis(not_after.max(0) as u64 * 1000));
+    if left <= 0 {
+        Some(format!("the TLS certificate expired on {until}: browsers and CDNs refuse it"))
+    } else if left < CERTIFICATE_WARNING_DAYS * 86_400 {
+        Some(format!("the TLS certificate expires on {until}, in {} days: renew it", left / 86_400))
+    } else {
+        None
+    }
+}
+
 pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     tls::install_crypto_provider();
     let coordinator_key = edgecard_protocol::decode_verifying_key(&config.trust.coordinator_key)
@@ -92,7 +109,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     }
 
     let (tls_config, self_signed_cert) = match (&config.http.tls_cert, &config.http.tls_key) {
-        (Some(cert), Some(key)) => (tls::load_server_config(cert, key)?, None),
+        (Some(cert), Some(key)) => {
+            let not_after = tls::check_server_files(cert, key)?;
+            if let Some(warning) = certificate_warning(not_after, now_millis().0 as i64 / 1000) {
+                tracing::warn!(cert = %cert.display(), "{warning}");
+            }
+            (tls::load_server_config(cert, key)?, None)
+        }
         _ => {
             let generated = tls::self_signed(&["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])?;
             let tls_dir = config.data_dir.join("tls");
