@@ -15,7 +15,21 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn the_shipped_example_config_is_valid() {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/node.example.toml");
+    // check-config loads the TLS files it names, so they must exist: the example's paths under
+    // /etc/edgecard are pointed at a real certificate and key here, the rest is the example as is.
+    let dir = tempfile::tempdir().unwrap();
+    let pair = rcgen::generate_simple_self_signed(vec!["shop.example".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("fullchain.pem"), dir.path().join("privkey.pem"));
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/node.example.toml")).unwrap();
+    assert!(shipped.contains("/etc/edgecard/tls/fullchain.pem") && shipped.contains("/etc/edgecard/tls/privkey.pem"));
+    let localised = shipped
+        .replace("/etc/edgecard/tls/fullchain.pem", cert.to_str().unwrap())
+        .replace("/etc/edgecard/tls/privkey.pem", key.to_str().unwrap());
+    let example = dir.path().join("node.toml");
+    std::fs::write(&example, localised).unwrap();
     let out = edgecard(&["node", "check-config", "--config", example.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
