@@ -6,14 +6,6 @@ pub enum Op {
     Delete(Vec<u8>),
 }
 
-impl Op {
-    pub fn key(&self) -> &[u8] {
-        match self {
-            Op::Put(key, _) | Op::Delete(key) => key,
-        }
-    }
-}
-
 /// Writes that land together or not at all: one log frame, one memtable update.
 #[derive(Default, Debug, Clone)]
 pub struct WriteBatch {

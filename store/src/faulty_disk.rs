@@ -59,7 +59,6 @@ struct State {
     failing_syncs: u32,
     /// Orders writes across files, to find the last one.
     write_clock: u64,
-    syncs: u64,
     /// While set, file fsyncs wait (a slow disk), so a test can crash between write and sync.
     stall_syncs: bool,
     /// While set, file fsyncs return at once and persist nothing (a write cache that lies).
@@ -181,11 +180,6 @@ impl FaultyDisk {
         self.inner.lock().used()
     }
 
-    /// Successful fsyncs (file or directory) so far.
-    pub fn syncs(&self) -> u64 {
-        self.inner.lock().syncs
-    }
-
     /// Flips one stored byte of `path`, in the page cache and on stable storage alike.
     pub fn flip_byte(&self, path: &Path, offset: u64) -> bool {
         let mut state = self.inner.lock();
@@ -287,7 +281,6 @@ impl Disk for FaultyDisk {
             state.names.iter().filter(|(p, _)| under(p)).map(|(p, id)| (p.clone(), *id)).collect();
         state.durable_names.retain(|p, _| !under(p));
         state.durable_names.extend(current);
-        state.syncs += 1;
         Ok(())
     }
 
@@ -369,8 +362,6 @@ impl DiskFile for FaultyFile {
             let failing = state.failing_syncs > 0;
             if failing {
                 state.failing_syncs -= 1;
-            } else {
-                state.syncs += 1;
             }
             let file = state.files.get_mut(&self.id).ok_or_else(dead_handle)?;
             let pending = std::mem::take(&mut file.pending);

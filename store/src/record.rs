@@ -7,8 +7,6 @@
 //! Records written as JSON by releases before this format (they start with `{` or `[`) are still
 //! read, and are rewritten in this format the next time their owner writes them.
 
-use std::sync::Arc;
-
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor;
@@ -109,7 +107,6 @@ pub fn decode_with<T: Storable>(what: &str, bytes: &[u8], sealer: Option<&dyn Se
 pub struct Table<T> {
     prefix: &'static [u8],
     what: &'static str,
-    sealer: Option<Arc<dyn Sealer>>,
     _records: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -122,13 +119,7 @@ impl<T> std::fmt::Debug for Table<T> {
 impl<T: Storable> Table<T> {
     /// `prefix` must not be a prefix of another table's.
     pub const fn new(prefix: &'static [u8], what: &'static str) -> Self {
-        Table { prefix, what, sealer: None, _records: std::marker::PhantomData }
-    }
-
-    /// This table with its records sealed by `sealer`.
-    pub fn sealed(mut self, sealer: Arc<dyn Sealer>) -> Self {
-        self.sealer = Some(sealer);
-        self
+        Table { prefix, what, _records: std::marker::PhantomData }
     }
 
     pub fn key(&self, id: &[u8]) -> Vec<u8> {
@@ -143,34 +134,12 @@ impl<T: Storable> Table<T> {
     }
 
     pub fn put(&self, batch: &mut WriteBatch, id: &[u8], value: &T) -> Result<(), StoreError> {
-        batch.put(self.key(id), encode_with(self.what, value, self.sealer.as_deref())?);
+        batch.put(self.key(id), encode(self.what, value)?);
         Ok(())
     }
 
-    pub fn delete(&self, batch: &mut WriteBatch, id: &[u8]) {
-        batch.delete(self.key(id));
-    }
-
-    /// Every record, as (id, record), in id order.
-    pub fn scan<'s>(&'s self, store: &'s Store) -> impl Iterator<Item = Result<(Vec<u8>, T), StoreError>> + 's {
-        self.scan_from(store, &[])
-    }
-
-    /// The records whose ids are `from` or later, in id order.
-    pub fn scan_from<'s>(
-        &'s self,
-        store: &'s Store,
-        from: &[u8],
-    ) -> impl Iterator<Item = Result<(Vec<u8>, T), StoreError>> + 's {
-        let start = self.key(from);
-        store.scan_prefix_from(self.prefix, &start).map(move |item| {
-            let (key, raw) = item?;
-            Ok((key[self.prefix.len()..].to_vec(), self.decode(&raw)?))
-        })
-    }
-
     pub fn decode(&self, raw: &[u8]) -> Result<T, StoreError> {
-        decode_with(self.what, raw, self.sealer.as_deref())
+        decode(self.what, raw)
     }
 }
 

@@ -43,10 +43,11 @@ pub fn payload_len(batch: &WriteBatch) -> usize {
         .sum::<usize>()
 }
 
-/// Appends the frame of `batch` at `lsn`, written in `life`, to `out`.
-pub fn encode(lsn: u64, life: u64, batch: &WriteBatch, out: &mut Vec<u8>) {
+/// Appends the frame of `batch` at `lsn`, written in `life`, to `out`; `payload_len` is
+/// [`payload_len`] of `batch`, which the caller has checked against [`MAX_PAYLOAD`].
+pub fn encode(lsn: u64, life: u64, batch: &WriteBatch, payload_len: usize, out: &mut Vec<u8>) {
     let start = out.len();
-    let len = payload_len(batch) as u32;
+    let len = payload_len as u32;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&lsn.to_le_bytes());
@@ -152,7 +153,7 @@ mod tests {
     #[test]
     fn a_frame_round_trips() {
         let mut out = Vec::new();
-        encode(7, 3, &sample(), &mut out);
+        encode(7, 3, &sample(), payload_len(&sample()), &mut out);
         assert_eq!(out.len(), frame_len(&sample()));
         let (header, payload) = split(&out);
         assert_eq!((header.lsn, header.life), (7, 3));
@@ -163,7 +164,7 @@ mod tests {
     #[test]
     fn any_flipped_byte_fails_the_check() {
         let mut out = Vec::new();
-        encode(7, 3, &sample(), &mut out);
+        encode(7, 3, &sample(), payload_len(&sample()), &mut out);
         for at in 0..out.len() {
             let mut bad = out.clone();
             bad[at] ^= 1;
@@ -175,7 +176,7 @@ mod tests {
     #[test]
     fn truncated_payloads_do_not_decode() {
         let mut out = Vec::new();
-        encode(1, 1, &sample(), &mut out);
+        encode(1, 1, &sample(), payload_len(&sample()), &mut out);
         let payload = &out[FRAME_HEADER..];
         for cut in 0..payload.len() {
             assert!(decode_payload(&payload[..cut]).is_none(), "cut at {cut} decoded");

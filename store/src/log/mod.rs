@@ -192,7 +192,7 @@ impl Log {
         let lsn = queue.next_lsn;
         let before = queue.pending.len();
         let life = queue.life;
-        frame::encode(lsn, life, &batch, &mut queue.pending);
+        frame::encode(lsn, life, &batch, size, &mut queue.pending);
         queue.bytes_since_checkpoint += (queue.pending.len() - before) as u64;
         queue.next_lsn += 1;
         queue.pending_last = lsn;
