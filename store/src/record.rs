@@ -58,6 +58,21 @@ pub fn encode<T: Storable>(what: &str, value: &T) -> Result<Vec<u8>, StoreError>
 }
 
 pub fn encode_with<T: Storable>(what: &str, value: &T, sealer: Option<&dyn Sealer>) -> Result<Vec<u8>, StoreError> {
+    encode_layout(what, value, VERSION, sealer)
+}
+
+/// Encodes a record of a type whose layout changed since format 1: `version` names the layout,
+/// so that [`decode_evolved`] knows which type to read it as.
+pub fn encode_versioned<T: Storable>(what: &str, value: &T, version: u8) -> Result<Vec<u8>, StoreError> {
+    encode_layout(what, value, version, None)
+}
+
+fn encode_layout<T: Storable>(
+    what: &str,
+    value: &T,
+    version: u8,
+    sealer: Option<&dyn Sealer>,
+) -> Result<Vec<u8>, StoreError> {
     let body = rkyv::to_bytes::<rancor::Error>(value)
         .map_err(|e| StoreError::Encode { what: what.to_string(), reason: e.to_string() })?;
     let (flags, body) = match sealer {
@@ -65,7 +80,7 @@ pub fn encode_with<T: Storable>(what: &str, value: &T, sealer: Option<&dyn Seale
         None => (0, body.to_vec()),
     };
     let mut out = Vec::with_capacity(HEADER + body.len());
-    out.extend_from_slice(&[MAGIC, VERSION, flags]);
+    out.extend_from_slice(&[MAGIC, version, flags]);
     out.extend_from_slice(&body);
     Ok(out)
 }
@@ -76,6 +91,28 @@ pub fn decode<T: Storable>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
 }
 
 pub fn decode_with<T: Storable>(what: &str, bytes: &[u8], sealer: Option<&dyn Sealer>) -> Result<T, StoreError> {
+    decode_layout(what, bytes, VERSION, sealer)
+}
+
+/// Decodes a record written by [`encode_versioned`] with `version` as `T`, or one in an earlier
+/// layout (format 1, or legacy JSON) as `Old`, converted.
+pub fn decode_evolved<T: Storable, Old: Storable + Into<T>>(
+    what: &str,
+    bytes: &[u8],
+    version: u8,
+) -> Result<T, StoreError> {
+    match bytes {
+        [MAGIC, v, ..] if *v == version => decode_layout(what, bytes, version, None),
+        _ => decode_layout::<Old>(what, bytes, VERSION, None).map(Into::into),
+    }
+}
+
+fn decode_layout<T: Storable>(
+    what: &str,
+    bytes: &[u8],
+    expected: u8,
+    sealer: Option<&dyn Sealer>,
+) -> Result<T, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt { key: what.to_string(), reason };
     match bytes.first() {
         Some(b'{' | b'[' | b'"') => {
@@ -86,8 +123,8 @@ pub fn decode_with<T: Storable>(what: &str, bytes: &[u8], sealer: Option<&dyn Se
         None => return Err(corrupt("empty record".into())),
     }
     let (&version, rest) = bytes[1..].split_first().ok_or_else(|| corrupt("record header is cut short".into()))?;
-    if version != VERSION {
-        return Err(corrupt(format!("record format {version} is not {VERSION}: written by another version")));
+    if version != expected {
+        return Err(corrupt(format!("record format {version} is not {expected}: written by another version")));
     }
     let (&flags, body) = rest.split_first().ok_or_else(|| corrupt("record header is cut short".into()))?;
     let opened;
@@ -205,5 +242,35 @@ mod tests {
         assert!(!bytes.windows(13).any(|w| w == b"a@example.com"), "plaintext reached the record");
         assert_eq!(decode_with::<Order>("order", &bytes, Some(&Reverse)).unwrap(), order());
         assert!(decode::<Order>("order", &bytes).unwrap_err().to_string().contains("sealed"));
+    }
+
+    /// The same order with a field added, as a changed layout would be.
+    #[derive(Debug, Clone, PartialEq, serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+    struct OrderV2 {
+        id: u64,
+        email: Option<String>,
+        keys: Vec<String>,
+        note: String,
+    }
+
+    impl From<Order> for OrderV2 {
+        fn from(o: Order) -> Self {
+            OrderV2 { id: o.id, email: o.email, keys: o.keys, note: "migrated".into() }
+        }
+    }
+
+    #[test]
+    fn evolved_records_read_every_layout() {
+        let current = OrderV2 { note: "new".into(), ..order().into() };
+        let bytes = encode_versioned("order", &current, 2).unwrap();
+        assert_eq!(bytes[1], 2);
+        assert_eq!(decode_evolved::<OrderV2, Order>("order", &bytes, 2).unwrap(), current);
+        let old = encode("order", &order()).unwrap();
+        assert_eq!(decode_evolved::<OrderV2, Order>("order", &old, 2).unwrap().note, "migrated");
+        let json = br#"{"id":7,"email":"a@example.com","keys":["K1","K2"]}"#;
+        assert_eq!(decode_evolved::<OrderV2, Order>("order", json, 2).unwrap().note, "migrated");
+        let mut unknown = bytes.clone();
+        unknown[1] = 3;
+        assert!(decode_evolved::<OrderV2, Order>("order", &unknown, 2).is_err());
     }
 }
