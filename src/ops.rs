@@ -182,6 +182,19 @@ fn print(args: &AdminArgs, value: &Value, table: impl FnOnce(&Value)) -> Result<
 }
 
 /// Time since a node's last contact (unix ms), e.g. "0.4s"; "never" before the first.
+/// What an operator must know first about a node: revoked, or its data dir fenced.
+fn node_state(node: &Value) -> &'static str {
+    if node["revoked"].as_bool() == Some(true) {
+        "revoked"
+    } else if node["fence"]["diverged"].as_bool() == Some(true) {
+        "DIVERGED"
+    } else if node["rolled_back"].as_bool() == Some(true) {
+        "ROLLED BACK"
+    } else {
+        "ok"
+    }
+}
+
 fn lag(last_contact: &Value) -> String {
     let Some(at) = last_contact.as_u64() else { return "never".into() };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -648,15 +661,15 @@ pub async fn status(args: &AdminArgs) -> Result<()> {
             );
         }
         println!(
-            "\n{:<12} {:<8} {:<8} {:>10} {:>8} {:>9}  stock per sku",
-            "node", "region", "revoked", "acked seq", "pending", "lag"
+            "\n{:<12} {:<8} {:<13} {:>10} {:>8} {:>9}  stock per sku",
+            "node", "region", "state", "acked seq", "pending", "lag"
         );
         for n in s["nodes"].as_array().into_iter().flatten() {
             println!(
-                "{:<12} {:<8} {:<8} {:>10} {:>8} {:>9}  {}",
+                "{:<12} {:<8} {:<13} {:>10} {:>8} {:>9}  {}",
                 text(&n["node"]),
                 text(&n["region"]),
-                text(&n["revoked"]),
+                node_state(n),
                 text(&n["events_high_water"]),
                 text(&n["pending_control"]),
                 lag(&n["last_contact"]),

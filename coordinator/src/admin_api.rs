@@ -54,6 +54,7 @@ impl From<CoordinatorError> for ApiError {
             CoordinatorError::ProductExists(_) | CoordinatorError::NodeExists(_) => (StatusCode::CONFLICT, "exists"),
             CoordinatorError::NotEnoughKeys { .. } => (StatusCode::CONFLICT, "not_enough_keys"),
             CoordinatorError::NodeRevoked(_) => (StatusCode::CONFLICT, "node_revoked"),
+            CoordinatorError::ForeignIncarnation { .. } => (StatusCode::CONFLICT, "foreign_incarnation"),
             CoordinatorError::InvalidProduct(_) | CoordinatorError::ZeroCount => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
@@ -285,6 +286,19 @@ impl AdminApi {
             "node",
             &contact,
         );
+        let mut fenced = Vec::with_capacity(nodes.len());
+        for n in &nodes {
+            let lineage = c.lineage(&n.node_id).map_err(CoordinatorError::from)?;
+            fenced.push((n.node_id.to_string(), i64::from(lineage.fence.is_some())));
+        }
+        render_labelled(
+            &mut out,
+            "edgecard_node_rolled_back",
+            "gauge",
+            "1 while a node's data dir is fenced: restored from an older copy (catching up) or diverged from the ledger.",
+            "node",
+            &fenced,
+        );
         render_gauge(
             &mut out,
             "edgecard_ledger_alarms",
@@ -331,16 +345,20 @@ impl AdminApi {
         let nodes: Vec<Value> = nodes
             .iter()
             .map(|n| {
-                json!({
+                let lineage = c.lineage(&n.node_id).map_err(CoordinatorError::from)?;
+                Ok(json!({
                     "node": n.node_id.as_str(), "region": n.region, "revoked": n.revoked,
+                    "incarnation": format!("{:#x}", lineage.incarnation),
+                    "rolled_back": lineage.fence.is_some(),
+                    "fence": lineage.fence,
                     "last_contact": n.last_contact.map(|t| t.0),
                     "events_high_water": n.events_high_water,
                     "pending_control": n.next_control_seq.saturating_sub(1).saturating_sub(n.control_applied),
                     "stock": n.stock,
                     "topups": n.topups,
-                })
+                }))
             })
-            .collect();
+            .collect::<Result<_, ApiError>>()?;
         let leases: Vec<Value> = slices
             .iter()
             .filter(|s| s.slice.state != SliceState::Closed)

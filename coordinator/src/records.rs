@@ -11,7 +11,8 @@
 //! | `s/` | slice id (8 bytes BE) | [`SliceRecord`] |
 //! | `n/` | node id | [`NodeRecord`] |
 //! | `q/` | node id, 0, control seq (8 bytes BE) | a queued control message for the node |
-//! | `l/` | node id, 0, event seq (8 bytes BE) | the ledger: an `OrderEvent` |
+//! | `l/` | node id, 0, event seq (8 bytes BE) | the ledger: an `OrderEvent` (record format 2) |
+//! | `i/` | node id | [`NodeLineage`]: the node's data-dir incarnation and fence |
 //! | `o/` | order id (16 bytes) | [`LedgerOrder`]: the order as the ledger sees it |
 //! | `a/` | alarm seq (8 bytes BE) | [`Alarm`] |
 //! | `t/` | ticket (8 bytes BE) | [`MoveRecord`]: a shrink or close sent to a node, and its outcome |
@@ -19,7 +20,9 @@
 //! | `m/…` | counter name | next id (8 bytes BE) |
 
 use edgecard_protocol::rebalance::{Destination, StagedChange};
-use edgecard_protocol::{Epoch, KeyId, NodeId, OrderId, Secret, Sku, SliceId, UnixMillis};
+use edgecard_protocol::{
+    Epoch, KeyId, NodeId, OrderEvent, OrderEventV1, OrderId, Secret, Sku, SliceId, UnixMillis, EVENT_RECORD_VERSION,
+};
 use edgecard_store::{Storable, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -361,6 +364,39 @@ pub struct Alarm {
     pub detail: String,
 }
 
+/// Which data dir of a node the coordinator syncs with, and whether it is fenced off. Kept apart
+/// from [`NodeRecord`] so that records written before incarnations keep their layout.
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct NodeLineage {
+    /// 0 until the node's first upload that carries one.
+    pub incarnation: u64,
+    /// Incarnations this node had before (wiped or replaced data dirs), oldest first.
+    pub previous: Vec<u64>,
+    /// The ledger's high-water mark when this incarnation was adopted: its own events come after
+    /// it, and the ones before belong to earlier data dirs (never restored into this one).
+    #[serde(default)]
+    pub since: u64,
+    /// Set while the node's data dir is behind the ledger (restored from an older copy) or has
+    /// diverged from it; the node sells nothing until it is cleared.
+    pub fence: Option<Fence>,
+    /// A foreign incarnation with history already refused (so its alarm is raised once).
+    pub refused: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Fence {
+    pub detected_at: UnixMillis,
+    /// The node's newest event when the rollback was detected.
+    pub node_newest: u64,
+    /// The ledger's high-water mark for the node then.
+    pub ledger_high_water: u64,
+    /// The node sent an event that differs from the ledger's at the same seq: it is not a plain
+    /// older copy, and stays fenced until an operator acts.
+    pub diverged: bool,
+}
+
 pub fn cat(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
 }
@@ -461,6 +497,24 @@ pub fn control_key(node: &NodeId, seq: u64) -> Vec<u8> {
 
 pub fn ledger_key(node: &NodeId, seq: u64) -> Vec<u8> {
     cat(&[b"l/", node.as_str().as_bytes(), &[0], &seq.to_be_bytes()])
+}
+
+pub fn ledger_prefix(node: &NodeId) -> Vec<u8> {
+    cat(&[b"l/", node.as_str().as_bytes(), &[0]])
+}
+
+pub fn lineage_key(node: &NodeId) -> Vec<u8> {
+    cat(&[b"i/", node.as_str().as_bytes()])
+}
+
+/// Ledger events are stored in their own record format, which changed when reservations began to
+/// carry their token's digest.
+pub fn encode_event(event: &OrderEvent) -> Result<Vec<u8>, StoreError> {
+    edgecard_store::record::encode_versioned("ledger event", event, EVENT_RECORD_VERSION)
+}
+
+pub fn decode_event(raw: &[u8]) -> Result<OrderEvent, StoreError> {
+    edgecard_store::record::decode_evolved::<OrderEvent, OrderEventV1>("ledger event", raw, EVENT_RECORD_VERSION)
 }
 
 pub fn order_key(id: &OrderId) -> Vec<u8> {

@@ -54,6 +54,8 @@ pub enum CoordinatorError {
     ImportRefused(String),
     #[error("signing the grant failed: {0}")]
     Grant(#[from] edgecard_protocol::GrantError),
+    #[error("node {node} synced from data dir {incarnation:#x}, which is not the one the ledger follows and has history of its own; see `edgecard status`")]
+    ForeignIncarnation { node: String, incarnation: u64 },
     #[error("storage failure: {0}")]
     Store(#[from] StoreError),
 }
@@ -493,11 +495,17 @@ impl Coordinator {
     /// Ingests a node's upload: new events in seq order, exactly once, in one durable commit;
     /// events about keys not granted to the node, or delivering a key twice, are refused and
     /// raised as alarms. Returns the ack with the node's pending control messages.
+    ///
+    /// First the upload's incarnation is checked against the node's lineage: a data dir behind the
+    /// ledger (restored from an older copy) is fenced and gets back the events it lost; a new,
+    /// empty one is adopted and the old one's slices reclaimed; one with history of its own is
+    /// refused. A node is confirmed (may sell) only once it holds everything the ledger holds.
     pub async fn ingest(&self, node_id: &NodeId, upload: SyncUpload) -> Result<SyncAck, CoordinatorError> {
         // A node that lost its own record of an ack re-sends from further back; acking past what
         // it sent would look like a protocol error to it, so the ack stops at its last event.
-        let sent_through = upload.events.last().map(|e| e.seq);
-        let high_water = {
+        let sent_through = upload.events.last().map_or(upload.newest_seq, |e| e.seq);
+        let newest_seq = upload.newest_seq;
+        let (high_water, restore, confirmed) = {
             let _guard = self.lock.lock();
             let mut node = self.node(node_id)?;
             if node.revoked {
@@ -506,12 +514,32 @@ impl Coordinator {
             let mut batch = WriteBatch::default();
             let mut next_alarm =
                 self.store.get(&rec::counter_key("next_alarm"))?.and_then(|raw| rec::trailing_u64(&raw)).unwrap_or(1);
+            let now = now_millis();
+            let mut lineage = self.lineage(node_id)?;
+            match self.admit_incarnation(&mut batch, &mut next_alarm, node, &mut lineage, &upload, now)? {
+                Ok(admitted) => node = admitted,
+                Err(refusal) => {
+                    batch.put(rec::lineage_key(node_id), rec::encode(&lineage)?);
+                    self.store.apply(batch)?;
+                    drop(_guard);
+                    self.store.durable().await?;
+                    return Err(refusal);
+                }
+            }
             let mut keys: HashMap<(Sku, KeyId), KeyRecord> = HashMap::new();
             let mut orders: HashMap<edgecard_protocol::OrderId, LedgerOrder> = HashMap::new();
             let mut releases = ReleaseOverlay::default();
-            let now = now_millis();
+            let mut diverged_at = None;
             for event in upload.events {
                 if event.seq <= node.events_high_water {
+                    // Already in the ledger: it must be the same event, or this data dir is not
+                    // the one whose events the ledger holds.
+                    let stored = self.store.get(&rec::ledger_key(node_id, event.seq))?;
+                    if let Some(stored) = stored {
+                        if rec::decode_event(&stored)? != event && diverged_at.is_none() {
+                            diverged_at = Some(event.seq);
+                        }
+                    }
                     continue;
                 }
                 if event.seq != node.events_high_water + 1 {
@@ -527,7 +555,7 @@ impl Coordinator {
                 if let OrderEventKind::Released { slice_id, ticket, key_ids, .. } = &event.kind {
                     let release = Release { sku: &event.sku, slice_id: *slice_id, ticket: *ticket, key_ids };
                     self.ingest_release(&node, release, &mut keys, &mut releases)?;
-                    batch.put(rec::ledger_key(node_id, event.seq), rec::encode(&event)?);
+                    batch.put(rec::ledger_key(node_id, event.seq), rec::encode_event(&event)?);
                     continue;
                 }
                 // An order's later events stand or fall with its reservation: if that was refused,
@@ -547,11 +575,19 @@ impl Coordinator {
                 match self.check_event(&node, &event, &mut keys)? {
                     Ok(()) => {
                         self.apply_to_order(&event, &mut orders)?;
-                        batch.put(rec::ledger_key(node_id, event.seq), rec::encode(&event)?);
+                        batch.put(rec::ledger_key(node_id, event.seq), rec::encode_event(&event)?);
                     }
                     Err((kind, detail)) => self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail)?,
                 }
             }
+            let restore = self.fence_if_behind(
+                &mut batch,
+                &mut next_alarm,
+                &node,
+                &mut lineage,
+                FenceCheck { newest_seq, diverged_at, now },
+            )?;
+            let confirmed = lineage.fence.is_none();
             for ((sku, id), record) in keys {
                 batch.put(rec::key_key(&sku, id), rec::encode(&record)?);
             }
@@ -575,22 +611,156 @@ impl Coordinator {
                 .map(|s| NodeStock { slice_id: s.slice_id, sku: s.sku, available: s.available, selling: s.selling })
                 .collect();
             batch.put(rec::node_key(node_id), rec::encode(&node)?);
+            batch.put(rec::lineage_key(node_id), rec::encode(&lineage)?);
             self.store.apply(batch)?;
             // Keys released for a recipient go out only now that the release is in the ledger.
             // (A crash between the two batches is repaired by the housekeeping task.)
             if regrants {
                 self.complete_regrants()?;
             }
-            self.top_up(node_id)?;
-            node.events_high_water
+            if confirmed {
+                self.top_up(node_id)?;
+            }
+            (node.events_high_water, restore, confirmed)
         };
-        let events_high_water = sent_through.map_or(high_water, |last| high_water.min(last));
+        let events_high_water = high_water.min(sent_through);
         // Read what goes out first, then wait: the wait covers every batch applied before it,
         // including an allocation or top-up applied by another task after this upload's batch.
-        // Nothing in the ack leaves before it is durable.
-        let control = self.pending_control_within(node_id, self.settings.max_ack_bytes)?;
+        // Nothing in the ack leaves before it is durable. A node not yet confirmed gets no control:
+        // it must catch up with the ledger before it installs or changes anything.
+        let control =
+            if confirmed { self.pending_control_within(node_id, self.settings.max_ack_bytes)? } else { Vec::new() };
         self.store.durable().await?;
-        Ok(SyncAck { events_high_water, control })
+        Ok(SyncAck { events_high_water, control, ledger_high_water: high_water, restore, confirmed })
+    }
+
+    /// What the coordinator knows of `node`'s data dirs.
+    pub fn lineage(&self, node: &NodeId) -> Result<NodeLineage, StoreError> {
+        Ok(self.load::<NodeLineage>("node lineage", &rec::lineage_key(node))?.unwrap_or_default())
+    }
+
+    /// Checks the upload's incarnation. The first one seen is adopted. Another one on an empty
+    /// data dir (wiped, or a new machine) replaces the old: its slices are reclaimed (their take
+    /// window quarantined, since the old dir may have sold from it unreported) and numbering
+    /// continues after the ledger's. Another one with events of its own is refused: the ledger
+    /// cannot tell its sales from the followed dir's.
+    fn admit_incarnation(
+        &self,
+        batch: &mut WriteBatch,
+        next_alarm: &mut u64,
+        node: NodeRecord,
+        lineage: &mut NodeLineage,
+        upload: &SyncUpload,
+        now: UnixMillis,
+    ) -> Result<Result<NodeRecord, CoordinatorError>, CoordinatorError> {
+        if lineage.incarnation == 0 {
+            lineage.incarnation = upload.incarnation;
+            return Ok(Ok(node));
+        }
+        if upload.incarnation == lineage.incarnation {
+            return Ok(Ok(node));
+        }
+        let node_id = node.node_id.clone();
+        if upload.newest_seq > 0 || !upload.events.is_empty() {
+            if lineage.refused != Some(upload.incarnation) {
+                lineage.refused = Some(upload.incarnation);
+                let detail = format!(
+                    "data dir {:#x} with events through {} is not the followed one ({:#x}); its uploads are refused",
+                    upload.incarnation, upload.newest_seq, lineage.incarnation
+                );
+                self.alarm(batch, next_alarm, &node_id, "foreign_incarnation", detail)?;
+            }
+            return Ok(Err(CoordinatorError::ForeignIncarnation {
+                node: node_id.to_string(),
+                incarnation: upload.incarnation,
+            }));
+        }
+        let reclaimed = self.reclaim_for_replaced_dir(&node, now)?;
+        let detail = format!(
+            "new data dir {:#x} replaces {:#x}; ledger events through {} kept, {} slice(s) reclaimed",
+            upload.incarnation, lineage.incarnation, node.events_high_water, reclaimed
+        );
+        self.alarm(batch, next_alarm, &node_id, "node_replaced", detail)?;
+        lineage.previous.push(lineage.incarnation);
+        lineage.incarnation = upload.incarnation;
+        lineage.since = node.events_high_water;
+        lineage.fence = None;
+        lineage.refused = None;
+        // The new dir has no catalog: send the current one.
+        let products = self.products()?;
+        let node = self.queue_control(batch, node, CONTROL_CATALOG, rec::encode(&products.to_vec())?)?;
+        Ok(Ok(node))
+    }
+
+    /// Fences a node whose data dir is behind the ledger or diverged from it, and returns the
+    /// ledger events past its newest that it should restore (a bounded run). Lifts the fence once
+    /// the node has everything (and has not diverged).
+    fn fence_if_behind(
+        &self,
+        batch: &mut WriteBatch,
+        next_alarm: &mut u64,
+        node: &NodeRecord,
+        lineage: &mut NodeLineage,
+        check: FenceCheck,
+    ) -> Result<Vec<OrderEvent>, CoordinatorError> {
+        let node_id = &node.node_id;
+        // Events before this incarnation was adopted belong to earlier data dirs.
+        let newest = check.newest_seq.max(lineage.since);
+        let restore = if newest < node.events_high_water {
+            self.ledger_after(node_id, newest, node.events_high_water, RESTORE_EVENTS_PER_ACK)?
+        } else {
+            Vec::new()
+        };
+        let behind = !restore.is_empty();
+        if (behind || check.diverged_at.is_some()) && lineage.fence.is_none() {
+            let fence = Fence {
+                detected_at: check.now,
+                node_newest: check.newest_seq,
+                ledger_high_water: node.events_high_water,
+                diverged: check.diverged_at.is_some(),
+            };
+            let detail = match check.diverged_at {
+                Some(seq) => format!("event {seq} differs from the ledger's: this data dir is not the one the ledger followed; the node stays fenced"),
+                None => format!(
+                    "data dir restored from an older copy: it has events through {}, the ledger through {}; the node is fenced until it has restored them",
+                    check.newest_seq, node.events_high_water
+                ),
+            };
+            tracing::warn!(node = %node_id, newest = check.newest_seq, ledger = node.events_high_water, "node rolled back");
+            self.alarm(batch, next_alarm, node_id, "node_rolled_back", detail)?;
+            lineage.fence = Some(fence);
+        } else if let Some(fence) = &mut lineage.fence {
+            if check.diverged_at.is_some() {
+                fence.diverged = true;
+            }
+            if !behind && !fence.diverged {
+                tracing::info!(node = %node_id, "rolled-back node has restored what it lost; fence lifted");
+                lineage.fence = None;
+            }
+        }
+        Ok(restore)
+    }
+
+    /// Up to `limit` ledger events of `node` with seq in `(after, through]`, ascending. Seqs the
+    /// ledger refused have no event, so the run may have gaps.
+    pub fn ledger_after(
+        &self,
+        node: &NodeId,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<OrderEvent>, StoreError> {
+        let prefix = rec::ledger_prefix(node);
+        let start = rec::ledger_key(node, after.saturating_add(1));
+        let mut events = Vec::new();
+        for item in self.store.scan_prefix_from(&prefix, &start) {
+            let (key, value) = item?;
+            if rec::trailing_u64(&key).is_none_or(|seq| seq > through) || events.len() >= limit {
+                break;
+            }
+            events.push(rec::decode_event(&value)?);
+        }
+        Ok(events)
     }
 
     /// Puts into `batch` new slices of `key_ids` (already taken out of the pool by the caller)
@@ -906,6 +1076,17 @@ impl Coordinator {
         orders.sort_by_key(|o| (o.created_at, o.order_id.to_string()));
         Ok(orders)
     }
+}
+
+/// Ledger events returned to a rolled-back node per ack (a few hundred KB at most).
+const RESTORE_EVENTS_PER_ACK: usize = 2048;
+
+/// What an upload says about the node's data dir, for [`Coordinator::fence_if_behind`].
+struct FenceCheck {
+    newest_seq: u64,
+    /// The first already-ingested seq the node sent differently.
+    diverged_at: Option<u64>,
+    now: UnixMillis,
 }
 
 fn catalog_product(product: &ProductRecord) -> CatalogProduct {

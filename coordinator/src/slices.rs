@@ -314,43 +314,9 @@ impl Coordinator {
                 if !held_by_node.contains_key(&slice.node) {
                     held_by_node.insert(slice.node.clone(), self.open_reservation_keys(&slice.node)?);
                 }
-                let held: BTreeSet<KeyId> = held_by_node
-                    .get(&slice.node)
-                    .map(|all| all.iter().filter(|(sku, _)| sku == &slice.sku).map(|(_, id)| *id).collect())
-                    .unwrap_or_default();
+                let held = held_by_node.get(&slice.node).cloned().unwrap_or_default();
                 let mut batch = WriteBatch::default();
-                let mut unsold = Vec::new();
-                let mut records = HashMap::new();
-                for id in slice.key_ids() {
-                    let Some(record) = self.load::<KeyRecord>("key", &rec::key_key(&slice.sku, id))? else { continue };
-                    if record.state == (KeyState::Granted { slice: slice.slice_id, node_index: node.index }) {
-                        unsold.push(id);
-                        records.insert(id, record);
-                    }
-                }
-                let split = lease::split_for_reclaim(&unsold, &held, slice.take_window);
-                for (id, state) in split
-                    .quarantined
-                    .iter()
-                    .map(|id| (id, KeyState::Quarantined { slice: slice.slice_id, node_index: node.index }))
-                    .chain(split.reclaimed.iter().map(|id| (id, KeyState::Pool)))
-                {
-                    if let Some(mut record) = records.remove(id) {
-                        record.state = state;
-                        batch.put(rec::key_key(&slice.sku, *id), rec::encode(&record)?);
-                    }
-                }
-                let mut pool = self.pool_runs(&slice.sku)?;
-                for (start, end) in rec::runs_of(&split.reclaimed) {
-                    rec::add_run(&mut pool, start, end);
-                }
-                batch.put(rec::pool_key(&slice.sku), rec::encode(&pool)?);
-                for mut record in
-                    self.moves()?.into_iter().filter(|m| m.order.slice_id == slice.slice_id && m.in_flight())
-                {
-                    record.state = MoveState::DonorReclaimed;
-                    batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
-                }
+                let split = self.reclaim_slice_into(&mut batch, &node, &slice, &held)?;
                 self.queue_reconcile(&mut batch, node, &mut slice, now)?;
                 batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice)?);
                 self.store.apply(batch)?;
@@ -370,6 +336,80 @@ impl Coordinator {
             self.store.durable().await?;
         }
         Ok(reports)
+    }
+
+    /// Puts into `batch` the reclaim of `slice`'s unsold keys: those under reservations in `held`
+    /// and the lowest `take_window` of the rest quarantined, the others back to the pool; moves
+    /// of the slice in flight marked as reclaimed. The caller sets the slice's new state.
+    fn reclaim_slice_into(
+        &self,
+        batch: &mut WriteBatch,
+        node: &NodeRecord,
+        slice: &SliceRecord,
+        held: &BTreeSet<(Sku, KeyId)>,
+    ) -> Result<lease::ReclaimSplit, CoordinatorError> {
+        let held: BTreeSet<KeyId> = held.iter().filter(|(sku, _)| sku == &slice.sku).map(|(_, id)| *id).collect();
+        let mut unsold = Vec::new();
+        let mut records = HashMap::new();
+        for id in slice.key_ids() {
+            let Some(record) = self.load::<KeyRecord>("key", &rec::key_key(&slice.sku, id))? else { continue };
+            if record.state == (KeyState::Granted { slice: slice.slice_id, node_index: node.index }) {
+                unsold.push(id);
+                records.insert(id, record);
+            }
+        }
+        let split = lease::split_for_reclaim(&unsold, &held, slice.take_window);
+        for (id, state) in split
+            .quarantined
+            .iter()
+            .map(|id| (id, KeyState::Quarantined { slice: slice.slice_id, node_index: node.index }))
+            .chain(split.reclaimed.iter().map(|id| (id, KeyState::Pool)))
+        {
+            if let Some(mut record) = records.remove(id) {
+                record.state = state;
+                batch.put(rec::key_key(&slice.sku, *id), rec::encode(&record)?);
+            }
+        }
+        let mut pool = self.pool_runs(&slice.sku)?;
+        for (start, end) in rec::runs_of(&split.reclaimed) {
+            rec::add_run(&mut pool, start, end);
+        }
+        batch.put(rec::pool_key(&slice.sku), rec::encode(&pool)?);
+        for mut record in self.moves()?.into_iter().filter(|m| m.order.slice_id == slice.slice_id && m.in_flight()) {
+            record.state = MoveState::DonorReclaimed;
+            batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
+        }
+        Ok(split)
+    }
+
+    /// Reclaims every live slice of `node` when a new data dir replaces its old one: the new dir
+    /// never held them, so nothing will be released; the take window stays quarantined (the old
+    /// dir may have sold from it without reporting) until an operator writes it off. One batch
+    /// per slice, like [`Self::reclaim_expired`]; repeating it after a crash finds nothing left.
+    pub(crate) fn reclaim_for_replaced_dir(
+        &self,
+        node: &NodeRecord,
+        now: UnixMillis,
+    ) -> Result<usize, CoordinatorError> {
+        let live: Vec<SliceRecord> = self
+            .slices()?
+            .into_iter()
+            .filter(|s| s.node == node.node_id && matches!(s.state, SliceState::Active | SliceState::Closing { .. }))
+            .collect();
+        if live.is_empty() {
+            return Ok(0);
+        }
+        let held = self.open_reservation_keys(&node.node_id)?;
+        for mut slice in live.iter().cloned() {
+            let mut batch = WriteBatch::default();
+            let split = self.reclaim_slice_into(&mut batch, node, &slice, &held)?;
+            slice.state = SliceState::Reclaimed { at: now, reconcile_ticket: None };
+            batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice)?);
+            self.store.apply(batch)?;
+            tracing::warn!(slice = %slice.slice_id, node = %slice.node, returned = split.reclaimed.len(),
+                quarantined = split.quarantined.len(), "slice reclaimed from a replaced data dir");
+        }
+        Ok(live.len())
     }
 
     /// Keys of `node`'s orders that the ledger knows as reserved or paid but not delivered.

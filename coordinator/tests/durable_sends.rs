@@ -46,7 +46,14 @@ async fn a_grant_reaches_a_node_only_once_it_is_durable() {
 
     // The node's sync writes its batch; the fsync of that group is held back.
     disk.stall_syncs(true);
-    let upload = SyncUpload { node_id: eu.clone(), events: vec![], control_applied: 1, stock: vec![] };
+    let upload = SyncUpload {
+        node_id: eu.clone(),
+        incarnation: 1,
+        newest_seq: 0,
+        events: vec![],
+        control_applied: 1,
+        stock: vec![],
+    };
     let ingest = tokio::spawn({
         let (c, eu) = (c.clone(), eu.clone());
         async move { c.ingest(&eu, upload).await }

@@ -85,7 +85,14 @@ async fn acks_stay_within_their_budget_and_deliver_everything_queued() {
     let mut seqs = Vec::new();
     let mut granted = BTreeSet::new();
     for _ in 0..100 {
-        let upload = SyncUpload { node_id: node.clone(), events: vec![], control_applied: applied, stock: vec![] };
+        let upload = SyncUpload {
+            node_id: node.clone(),
+            incarnation: 1,
+            newest_seq: 0,
+            events: vec![],
+            control_applied: applied,
+            stock: vec![],
+        };
         let ack = c.ingest(&node, upload).await.unwrap();
         let Some(last) = ack.control.last() else { break };
         let sizes: usize = grants(&ack.control).iter().map(|g| g.len() + 1).sum();

@@ -78,7 +78,14 @@ impl FakeNode {
     /// Uploads `events`, marks every control message received as applied, returns them.
     async fn sync(&mut self, c: &Coordinator, events: Vec<OrderEvent>, stock: u64) -> Vec<ControlMessage> {
         let stock = vec![SliceStock { slice_id: SliceId(0), sku: sku(), available: stock, selling: true }];
-        let upload = SyncUpload { node_id: self.id.clone(), events, control_applied: self.applied, stock };
+        let upload = SyncUpload {
+            node_id: self.id.clone(),
+            incarnation: 1,
+            newest_seq: self.seq,
+            events,
+            control_applied: self.applied,
+            stock,
+        };
         let ack = c.ingest(&self.id, upload).await.unwrap();
         if let Some(last) = ack.control.last() {
             self.applied = last.seq;
@@ -149,6 +156,7 @@ async fn a_move_reaches_the_recipient_only_after_the_donor_released() {
             amount_minor: 200,
             currency: "USD".into(),
             expires_at: UnixMillis(u64::MAX),
+            token_sha256: String::new(),
         },
     );
     let released = eu.event(
@@ -197,6 +205,7 @@ async fn a_dark_node_loses_only_provably_unsold_keys_and_reconciles_when_back() 
                 amount_minor: 100,
                 currency: "USD".into(),
                 expires_at: UnixMillis(u64::MAX),
+                token_sha256: String::new(),
             },
         )
     };
@@ -283,6 +292,7 @@ async fn quarantined_keys_can_be_written_off_and_a_late_sale_is_still_recorded()
                 amount_minor: 100,
                 currency: "USD".into(),
                 expires_at: UnixMillis(u64::MAX),
+                token_sha256: String::new(),
             },
         ),
         eu.event(1, OrderEventKind::Delivered { key_ids: ids(1..=1) }),

@@ -67,7 +67,8 @@ fn event(n: &NodeId, seq: u64, order: u8, s: &str, kind: OrderEventKind) -> Orde
 }
 
 fn upload(n: &NodeId, events: Vec<OrderEvent>, control_applied: u64) -> SyncUpload {
-    SyncUpload { node_id: n.clone(), events, control_applied, stock: vec![] }
+    let newest_seq = events.last().map_or(0, |e| e.seq);
+    SyncUpload { node_id: n.clone(), incarnation: 1, newest_seq, events, control_applied, stock: vec![] }
 }
 
 #[tokio::test]
@@ -181,6 +182,7 @@ fn reserved(keys: &[u64]) -> OrderEventKind {
         amount_minor: 1000 * keys.len() as u64,
         currency: "USD".into(),
         expires_at: UnixMillis(10_000),
+        token_sha256: String::new(),
     }
 }
 
@@ -223,8 +225,10 @@ async fn ingest_is_exactly_once_and_refuses_keys_not_granted() {
         let ack = c.ingest(&eu, upload(&eu, again, 0)).await.unwrap();
         assert_eq!(ack.events_high_water, 4);
         // A node that lost its ack record re-sends only the first two: the ack stops there.
-        let ack = c.ingest(&eu, upload(&eu, events[..2].to_vec(), 0)).await.unwrap();
+        let resent = SyncUpload { newest_seq: 4, ..upload(&eu, events[..2].to_vec(), 0) };
+        let ack = c.ingest(&eu, resent).await.unwrap();
         assert_eq!(ack.events_high_water, 2);
+        assert!(ack.confirmed && ack.restore.is_empty(), "a node with all its events is not behind");
         let orders = c.orders(&OrderFilter::default()).unwrap();
         assert_eq!(orders.len(), 2, "no duplicates from the re-sent batches");
         assert_eq!(orders[0].status, LedgerStatus::Delivered);
@@ -293,4 +297,145 @@ async fn leases_are_renewed_while_the_node_is_in_contact() {
     // The next contact does not queue another renewal.
     let ack = c.ingest(&eu, upload(&eu, vec![], ack.control[0].seq)).await.unwrap();
     assert!(ack.control.is_empty());
+}
+
+/// Two orders of `n`, each reserved (with a token digest), paid and delivered: seqs 1..=6, keys 1
+/// and 2.
+fn two_sales(n: &NodeId) -> Vec<OrderEvent> {
+    let mut events = Vec::new();
+    for (i, key) in [1u64, 2].into_iter().enumerate() {
+        let seq = 3 * i as u64;
+        let order = key as u8;
+        let reserve = OrderEventKind::Reserved {
+            key_ids: vec![KeyId(key)],
+            quantity: 1,
+            amount_minor: 1000,
+            currency: "USD".into(),
+            expires_at: UnixMillis(10_000),
+            token_sha256: format!("{:064x}", key),
+        };
+        events.push(event(n, seq + 1, order, "game", reserve));
+        events.push(event(n, seq + 2, order, "game", paid_with(&format!("t{key}"))));
+        events.push(event(n, seq + 3, order, "game", delivered(&[key])));
+    }
+    events
+}
+
+fn paid_with(txn: &str) -> OrderEventKind {
+    OrderEventKind::Paid {
+        channel: "sandbox".into(),
+        provider_txn: txn.into(),
+        amount_minor: 1000,
+        currency: "USD".into(),
+    }
+}
+
+fn alarm_kinds(c: &Coordinator) -> Vec<String> {
+    c.alarms().unwrap().into_iter().map(|a| a.kind).collect()
+}
+
+#[tokio::test]
+async fn a_data_dir_behind_the_ledger_is_fenced_and_gets_back_what_it_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let eu = node("eu-1");
+    with_keys(&c, "game", 10).await;
+    c.add_node(&eu, "eu").await.unwrap();
+    c.allocate(&sku("game"), &eu, 5).await.unwrap();
+    let events = two_sales(&eu);
+    let ack = c.ingest(&eu, upload(&eu, events.clone(), 2)).await.unwrap();
+    assert!(ack.confirmed);
+    assert_eq!(ack.events_high_water, 6);
+    // Another grant waits for the node; a fenced node must not get it.
+    c.allocate(&sku("game"), &eu, 2).await.unwrap();
+
+    // An older copy of the data dir: it has the first order only, and uploads it again.
+    let copy = SyncUpload { newest_seq: 3, ..upload(&eu, events[..3].to_vec(), 2) };
+    let ack = c.ingest(&eu, copy.clone()).await.unwrap();
+    assert!(!ack.confirmed, "a data dir behind the ledger is not confirmed");
+    assert_eq!(ack.events_high_water, 3);
+    assert_eq!(ack.ledger_high_water, 6);
+    assert_eq!(ack.restore, events[3..].to_vec(), "the lost events come back as they were, token digest included");
+    assert!(ack.control.is_empty(), "no control for a fenced node: {:?}", ack.control);
+    assert_eq!(alarm_kinds(&c), vec!["node_rolled_back"]);
+    assert!(c.lineage(&eu).unwrap().fence.is_some());
+    // Asking again (the ack was lost) raises no second alarm.
+    let again = c.ingest(&eu, copy).await.unwrap();
+    assert_eq!(again.restore, events[3..].to_vec());
+    assert_eq!(alarm_kinds(&c).len(), 1);
+
+    // Restored: the node has everything; confirmed, fence lifted, control flows again.
+    let caught_up = SyncUpload { newest_seq: 6, ..upload(&eu, vec![], 2) };
+    let ack = c.ingest(&eu, caught_up).await.unwrap();
+    assert!(ack.confirmed);
+    assert!(ack.restore.is_empty());
+    assert_eq!(ack.events_high_water, 6);
+    assert!(!ack.control.is_empty(), "the waiting grant goes out once confirmed");
+    assert!(c.lineage(&eu).unwrap().fence.is_none());
+    assert_eq!(c.orders(&OrderFilter::default()).unwrap().len(), 2, "nothing ingested twice");
+}
+
+#[tokio::test]
+async fn a_data_dir_that_rewrites_the_ledger_stays_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let eu = node("eu-1");
+    with_keys(&c, "game", 10).await;
+    c.add_node(&eu, "eu").await.unwrap();
+    c.allocate(&sku("game"), &eu, 5).await.unwrap();
+    let events = two_sales(&eu);
+    c.ingest(&eu, upload(&eu, events.clone(), 2)).await.unwrap();
+
+    // Seq 6 again, but delivering another key: not the history the ledger holds.
+    let mut forged = events.clone();
+    forged[5] = event(&eu, 6, 2, "game", delivered(&[3]));
+    let ack = c.ingest(&eu, upload(&eu, forged, 2)).await.unwrap();
+    assert!(!ack.confirmed);
+    let fence = c.lineage(&eu).unwrap().fence.unwrap();
+    assert!(fence.diverged);
+    assert_eq!(alarm_kinds(&c), vec!["node_rolled_back"]);
+    let detail = &c.alarms().unwrap()[0].detail;
+    assert!(detail.contains("event 6 differs"), "{detail}");
+    // Even with every seq the ledger has, it is not confirmed.
+    let ack = c.ingest(&eu, SyncUpload { newest_seq: 6, ..upload(&eu, vec![], 2) }).await.unwrap();
+    assert!(!ack.confirmed, "a diverged data dir stays fenced");
+    let orders = c.orders(&OrderFilter::default()).unwrap();
+    assert_eq!(orders[1].key_ids, vec![KeyId(2)], "the ledger keeps its own history");
+}
+
+#[tokio::test]
+async fn an_empty_new_data_dir_replaces_the_old_and_one_with_history_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let eu = node("eu-1");
+    with_keys(&c, "game", 30).await;
+    c.add_node(&eu, "eu").await.unwrap();
+    c.allocate(&sku("game"), &eu, 20).await.unwrap();
+    c.ingest(&eu, upload(&eu, two_sales(&eu), 2)).await.unwrap();
+    let pool_before = c.pool_size(&sku("game"));
+
+    // The data dir was wiped: a new incarnation with nothing in it.
+    let wiped = SyncUpload { incarnation: 2, newest_seq: 0, ..upload(&eu, vec![], 0) };
+    let ack = c.ingest(&eu, wiped).await.unwrap();
+    assert!(ack.confirmed, "an empty new data dir is adopted at once");
+    assert_eq!(ack.ledger_high_water, 6, "numbering continues after the ledger's");
+    assert_eq!(ack.events_high_water, 0);
+    assert!(ack.control.iter().any(|m| matches!(m.body, ControlBody::Catalog { .. })), "the new dir gets the catalog");
+    assert_eq!(c.lineage(&eu).unwrap().incarnation, 2);
+    assert_eq!(c.lineage(&eu).unwrap().previous, vec![1]);
+    assert_eq!(alarm_kinds(&c), vec!["node_replaced"]);
+    let slices = c.slice_summaries().unwrap();
+    assert!(slices.iter().all(|s| s.slice.state.as_str() == "reclaimed"), "{slices:?}");
+    // 18 unsold keys: the lowest take-window's worth quarantined, the rest back in the pool.
+    let quarantined: u64 = slices.iter().map(|s| s.quarantined).sum();
+    let returned = c.pool_size(&sku("game")) - pool_before;
+    assert_eq!(quarantined + returned, 18, "quarantined {quarantined}, returned {returned}");
+
+    // The old dir comes back with history of its own: refused, one alarm however often it tries.
+    let old = SyncUpload { incarnation: 1, newest_seq: 6, ..upload(&eu, vec![], 0) };
+    for _ in 0..2 {
+        let refused = c.ingest(&eu, old.clone()).await;
+        assert!(matches!(refused, Err(CoordinatorError::ForeignIncarnation { .. })), "{refused:?}");
+    }
+    assert_eq!(alarm_kinds(&c), vec!["node_replaced", "foreign_incarnation"]);
 }

@@ -49,11 +49,20 @@ fn if_none_match_hits(header: &str, etag: &str) -> bool {
 /// traffic moves to another origin (disk full) or the process is replaced (poisoned).
 pub fn healthz_response(engine: &OrderEngine) -> HttpResponse {
     let store = engine.store().health();
-    let healthy = store == edgecard_store::Health::Ok;
+    // A node waiting for the coordinator to confirm its data dir sells nothing: a load balancer
+    // should send buyers elsewhere meanwhile.
+    let confirmed = engine.is_confirmed();
+    let healthy = store == edgecard_store::Health::Ok && confirmed;
+    let status = match (store == edgecard_store::Health::Ok, confirmed) {
+        (true, true) => "ok",
+        (true, false) => "starting",
+        (false, _) => "unavailable",
+    };
     let body = json!({
-        "status": if healthy { "ok" } else { "unavailable" },
+        "status": status,
         "node": engine.node_id().as_str(),
         "store": store.as_str(),
+        "selling": confirmed,
     });
     let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json_response(status, &body, NO_STORE)
@@ -119,6 +128,9 @@ impl From<OrderError> for ApiError {
             OrderError::SoldOut { .. } => ApiError::new(StatusCode::CONFLICT, "sold_out", message),
             OrderError::StockSyncing { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stock_syncing", message).retry_after(1)
+            }
+            OrderError::AwaitingCoordinator => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node_starting", message).retry_after(2)
             }
             OrderError::TooManyOpen { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_open_orders", message).retry_after(60)

@@ -18,7 +18,7 @@ use crate::http_server::{self, Handler, ServerOptions};
 use crate::limiter::{spawn_eviction, Limiters};
 use crate::metrics::{HttpMetrics, OrderMetrics, StoreMetrics};
 use crate::orders::engine::now_millis;
-use crate::orders::OrderEngine;
+use crate::orders::{OrderEngine, Startup};
 use crate::store::{Store, StoreError};
 use crate::tls;
 
@@ -94,8 +94,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     };
     let catalog = Arc::new(Catalog::new(products));
     let order_metrics = Arc::new(OrderMetrics::default());
+    // With a coordinator, a restarted node sells nothing until the coordinator has confirmed its
+    // data dir (a restored older copy must not resell keys the ledger knows as taken).
+    let startup = if config.coordinator.is_some() { Startup::AwaitCoordinator } else { Startup::Standalone };
     let engine = Arc::new(
-        OrderEngine::open(config.node_id.clone(), store, catalog, config.orders.clone(), order_metrics).await?,
+        OrderEngine::open_with(config.node_id.clone(), store, catalog, config.orders.clone(), order_metrics, startup)
+            .await?,
     );
 
     for path in &config.trust.grant_files {

@@ -95,6 +95,10 @@ pub struct SyncLinkMetrics {
     pub lag: Gauge,
     /// Control messages applied (grants refused by verification count here too).
     pub control_applied: Counter,
+    /// 1 once the coordinator has confirmed this data dir since the process started.
+    pub confirmed: Gauge,
+    /// Events this data dir had lost, restored from the ledger.
+    pub restored_events: Counter,
 }
 
 impl SyncLinkMetrics {
@@ -115,6 +119,18 @@ impl SyncLinkMetrics {
             "edgecard_sync_control_applied_total",
             "Control messages applied.",
             self.control_applied.get(),
+        );
+        render_gauge(
+            out,
+            "edgecard_sync_confirmed",
+            "1 once the coordinator has confirmed this data dir since start; until then the node sells nothing.",
+            self.confirmed.get(),
+        );
+        render_counter(
+            out,
+            "edgecard_sync_restored_events_total",
+            "Events this data dir had lost (restored from an older copy), given back by the coordinator.",
+            self.restored_events.get(),
         );
     }
 }
@@ -364,8 +380,14 @@ impl Link {
                 selling: slice.selling,
             })
             .collect();
-        let upload =
-            SyncUpload { node_id: self.engine.node_id().clone(), events, control_applied: plan.control_applied, stock };
+        let upload = SyncUpload {
+            node_id: self.engine.node_id().clone(),
+            incarnation: self.engine.incarnation(),
+            newest_seq: newest,
+            events,
+            control_applied: plan.control_applied,
+            stock,
+        };
         let event_count = upload.events.len() as u64;
         let bytes = upload.to_bytes().map_err(|e| ExchangeError::Local(format!("encoding the upload: {e}")))?;
         let connection = self.connection().await?;
@@ -377,6 +399,37 @@ impl Link {
         self.metrics.uploads.inc();
         self.metrics.uploaded_events.add(event_count);
         self.metrics.acked_seq.set(gauge(outcome.prune_through));
+
+        // Pruned first: restoring moves the ack mark further.
+        if let Err(e) = self.engine.record_sync_ack(outcome.prune_through) {
+            tracing::error!(error = %e, through = outcome.prune_through, "pruning the outbox failed");
+        }
+        if !outcome.restore.is_empty() {
+            let through = self
+                .engine
+                .restore_lost(&outcome.restore)
+                .await
+                .map_err(|e| ExchangeError::Local(format!("restoring lost events: {e}")))?;
+            self.client.restored_through(through, self.now_ms());
+            self.metrics.restored_events.add(outcome.restore.len() as u64);
+        }
+        if !outcome.confirmed {
+            // Behind the ledger or diverged from it: no sales, and no control, until confirmed.
+            self.engine.fence();
+            self.metrics.confirmed.set(0);
+            return Ok(());
+        }
+        if !self.engine.is_confirmed() {
+            let jumped = self
+                .engine
+                .confirm(outcome.ledger_high_water)
+                .await
+                .map_err(|e| ExchangeError::Local(format!("confirming the data dir: {e}")))?;
+            if let Some(through) = jumped {
+                self.client.restored_through(through, self.now_ms());
+            }
+        }
+        self.metrics.confirmed.set(1);
 
         let mut control_result = Ok(());
         for message in outcome.control {
@@ -392,10 +445,7 @@ impl Link {
             self.client.mark_control_applied(seq);
             self.metrics.control_applied.inc();
         }
-        if let Err(e) = self.engine.record_sync_ack(outcome.prune_through) {
-            tracing::error!(error = %e, through = outcome.prune_through, "pruning the outbox failed");
-        }
-        self.metrics.lag.set(gauge(newest.saturating_sub(outcome.prune_through)));
+        self.metrics.lag.set(gauge(newest.saturating_sub(self.client.acked())));
         control_result
     }
 

@@ -8,7 +8,10 @@
 //! any other secret. They are stored in the node's outbox and the ledger,
 //! exported, and may be logged; keys are referred to by `KeyId` only. The
 //! types below make this structural (no field can hold a `Secret`); keep it
-//! that way when adding variants.
+//! that way when adding variants. A reservation carries the SHA-256 of its
+//! order's token, which the node stores anyway: a 128-bit random token cannot
+//! be recovered from it, and it lets the coordinator give a restored node back
+//! the orders it lost, so their buyers' links still work.
 
 use crate::envelope::{self, EnvelopeError, MessageKind};
 use crate::ids::{Epoch, KeyId, NodeId, OrderId, Sku, SliceId, UnixMillis};
@@ -38,6 +41,8 @@ pub enum OrderEventKind {
         amount_minor: u64,
         currency: String,
         expires_at: UnixMillis,
+        /// Hex SHA-256 of the order's token (empty in events from before it was carried).
+        token_sha256: String,
     },
     Paid {
         channel: String,
@@ -119,8 +124,13 @@ fn check_key_ids(key_ids: &[KeyId]) -> Result<(), String> {
 impl OrderEventKind {
     fn validate(&self) -> Result<(), String> {
         match self {
-            OrderEventKind::Reserved { key_ids, quantity, currency, .. } => {
+            OrderEventKind::Reserved { key_ids, quantity, currency, token_sha256, .. } => {
                 check_key_ids(key_ids)?;
+                let hex_digest = token_sha256.len() == 64
+                    && token_sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                if !token_sha256.is_empty() && !hex_digest {
+                    return Err("token digest is not 64 lower-case hex digits".into());
+                }
                 if *quantity == 0 {
                     return Err("reserved quantity is 0".into());
                 }
@@ -235,6 +245,7 @@ mod tests {
                         amount_minor: 1998,
                         currency: "USD".into(),
                         expires_at: UnixMillis(1_700_000_900_000),
+                        token_sha256: String::new(),
                     },
                 ),
                 ev(
@@ -294,6 +305,7 @@ mod tests {
                 amount_minor: 1,
                 currency: "USD".into(),
                 expires_at: UnixMillis(0),
+                token_sha256: String::new(),
             },
             OrderEventKind::Reserved {
                 key_ids: vec![KeyId(1), KeyId(2)],
@@ -301,6 +313,7 @@ mod tests {
                 amount_minor: 1,
                 currency: "USD".into(),
                 expires_at: UnixMillis(0),
+                token_sha256: String::new(),
             },
             OrderEventKind::Reserved {
                 key_ids: vec![],
@@ -308,6 +321,7 @@ mod tests {
                 amount_minor: 1,
                 currency: "USD".into(),
                 expires_at: UnixMillis(0),
+                token_sha256: String::new(),
             },
             OrderEventKind::Paid {
                 channel: "sandbox".into(),

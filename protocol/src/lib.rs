@@ -11,6 +11,7 @@
 
 pub mod envelope;
 pub mod event;
+pub mod event_v1;
 pub mod grant;
 pub mod holdings;
 pub mod ids;
@@ -22,6 +23,7 @@ pub mod sync;
 
 pub use envelope::{decode, encode, peek_kind, Decodable, Encodable, EnvelopeError, MessageKind, MAX_PAYLOAD};
 pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind};
+pub use event_v1::{OrderEventV1, EVENT_RECORD_VERSION};
 pub use grant::{GrantError, GrantedKey, SignedGrant, SliceGrant, GRANT_SIGNATURE_DOMAIN, MAX_GRANT_KEYS};
 pub use holdings::{Holdings, SliceHolding};
 pub use ids::{Epoch, IdError, IdKind, KeyId, NodeId, OrderId, OrderToken, Secret, Sku, SliceId, UnixMillis};

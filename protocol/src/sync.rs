@@ -7,6 +7,13 @@
 //! ride on the ack, numbered; the node says in each upload which it has applied, so a lost ack
 //! only delays them.
 //!
+//! Each node data dir has an *incarnation* id, made when the dir is created. A data dir restored
+//! from an older copy keeps its id but has fewer events than the ledger; a wiped one has a new id.
+//! The coordinator answers either with what the node lost (`restore`: the node's own events the
+//! ledger holds past its newest) and confirms the incarnation once the node has caught up; after
+//! a restart a node sells nothing until it is confirmed, so a restored copy never resells a key
+//! the ledger knows as taken.
+//!
 //! [`SyncClient`] decides when to upload, what to send and how to react to acks and failures. It
 //! does no I/O and reads no clock: callers pass `now` in milliseconds of a monotonic clock.
 
@@ -17,6 +24,10 @@ use crate::ids::{Epoch, NodeId, Sku, SliceId};
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SyncUpload {
     pub node_id: NodeId,
+    /// The id of the node's data dir, made when it was created.
+    pub incarnation: u64,
+    /// The newest event seq in the node's outbox (durable), whether or not it is in this upload.
+    pub newest_seq: u64,
     /// Outbox events after the last acknowledged one, ascending by seq. May be empty (a poll).
     pub events: Vec<OrderEvent>,
     /// Highest control message seq the node has applied.
@@ -40,6 +51,15 @@ pub struct SyncAck {
     pub events_high_water: u64,
     /// Control messages after the upload's `control_applied`, ascending by seq.
     pub control: Vec<ControlMessage>,
+    /// The highest seq of this node in the ledger, which may be past what the node has: a data
+    /// dir restored from an older copy, or a new one.
+    pub ledger_high_water: u64,
+    /// The node's own events past its `newest_seq` that the ledger holds (a restored data dir
+    /// lost them), ascending and contiguous, at most a bounded number per ack.
+    pub restore: Vec<OrderEvent>,
+    /// The coordinator knows the node's incarnation and the node has everything the ledger
+    /// holds: it may sell. Until then it must not write events.
+    pub confirmed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -122,6 +142,14 @@ impl SyncAck {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, SyncError> {
         let ack: SyncAck = envelope::decode(MessageKind::SyncAck, bytes)?;
+        let mut previous: Option<u64> = None;
+        for event in &ack.restore {
+            event.validate().map_err(|e| SyncError::Invalid(e.to_string()))?;
+            if previous.is_some_and(|p| event.seq != p + 1) || event.seq > ack.ledger_high_water {
+                return Err(SyncError::Invalid("restored events must be contiguous and in the ledger".into()));
+            }
+            previous = Some(event.seq);
+        }
         let mut last = 0;
         for message in &ack.control {
             if message.seq <= last {
@@ -172,6 +200,12 @@ pub struct UploadPlan {
 pub struct AckOutcome {
     /// Outbox entries up to here may be deleted.
     pub prune_through: u64,
+    /// Events the node lost, to restore (then report with [`SyncClient::restored_through`])
+    /// before anything else.
+    pub restore: Vec<OrderEvent>,
+    /// See [`SyncAck::ledger_high_water`].
+    pub ledger_high_water: u64,
+    pub confirmed: bool,
     /// Control messages to apply, in order; report each with [`SyncClient::control_applied`].
     pub control: Vec<ControlMessage>,
 }
@@ -241,7 +275,22 @@ impl SyncClient {
         self.failures = 0;
         self.next_upload_at = now_ms.saturating_add(self.timing.idle_poll_ms);
         let control = ack.control.iter().filter(|m| m.seq > self.control_applied).cloned().collect();
-        Ok(AckOutcome { prune_through: self.acked, control })
+        Ok(AckOutcome {
+            prune_through: self.acked,
+            restore: ack.restore.clone(),
+            ledger_high_water: ack.ledger_high_water,
+            confirmed: ack.confirmed,
+            control,
+        })
+    }
+
+    /// The node has durably restored (or skipped, as a new data dir) its events through `seq`:
+    /// the ledger holds them, so they count as acknowledged.
+    /// Uploads again at once: what comes next (more to restore, or the confirmation) should not
+    /// wait for the idle poll.
+    pub fn restored_through(&mut self, seq: u64, now_ms: u64) {
+        self.acked = self.acked.max(seq);
+        self.next_upload_at = now_ms;
     }
 
     /// Records that control message `seq` was applied durably.
@@ -375,6 +424,9 @@ mod tests {
                 .iter()
                 .map(|seq| ControlMessage { seq: *seq, body: ControlBody::Grant { signed_grant: vec![1, 2, 3] } })
                 .collect(),
+            ledger_high_water: hw,
+            restore: vec![],
+            confirmed: true,
         }
     }
 
@@ -462,6 +514,8 @@ mod tests {
         let node = NodeId::new("eu-1").unwrap();
         let upload = SyncUpload {
             node_id: node.clone(),
+            incarnation: 7,
+            newest_seq: 2,
             events: vec![event(&node, 1), event(&node, 2)],
             control_applied: 3,
             stock: vec![SliceStock {

@@ -19,6 +19,7 @@ fn event_kind() -> impl Strategy<Value = OrderEventKind> {
                 amount_minor,
                 currency,
                 expires_at: UnixMillis(exp),
+                token_sha256: String::new(),
             }
         }),
         ("[a-z]{1,12}", "[ -~]{1,40}", any::<u64>(), "[A-Z]{3}").prop_map(

@@ -126,7 +126,13 @@ impl SyncHandler for MemoryLedger {
                 .get(node)
                 .map(|all| all.iter().filter(|m| m.seq > upload.control_applied).cloned().collect())
                 .unwrap_or_default();
-            Ok(SyncAck { events_high_water: high_water, control })
+            Ok(SyncAck {
+                events_high_water: high_water,
+                control,
+                ledger_high_water: high_water,
+                restore: vec![],
+                confirmed: true,
+            })
         })();
         std::future::ready(result)
     }
@@ -272,6 +278,8 @@ pub fn event(node_id: &NodeId, seq: u64) -> OrderEvent {
 pub fn upload_bytes(node_id: &NodeId, seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
     SyncUpload {
         node_id: node_id.clone(),
+        incarnation: 1,
+        newest_seq: *seqs.end(),
         events: seqs.map(|seq| event(node_id, seq)).collect(),
         control_applied: 0,
         stock: vec![],

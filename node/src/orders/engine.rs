@@ -50,6 +50,11 @@ pub enum OrderError {
     NotFound,
     #[error("payment does not match the order: {0}")]
     PaymentMismatch(&'static str),
+    /// The node restarted and the coordinator has not yet confirmed its data dir: it writes no
+    /// events (no sales, payments or expiries) until then, so that a data dir restored from an
+    /// older copy cannot resell keys. Retry shortly.
+    #[error("the node is starting and waiting for the coordinator to confirm its data; retry shortly")]
+    AwaitingCoordinator,
     #[error("storage failure: {0}")]
     Store(#[from] StoreError),
 }
@@ -131,6 +136,9 @@ struct State {
     /// PaidAwaitingStock orders per sku, oldest first: (queue seq, order).
     awaiting: HashMap<Sku, VecDeque<(u64, OrderId)>>,
     next_seq: u64,
+    /// Whether events may be written: always for a standalone node; for a node with a coordinator,
+    /// once it has confirmed this data dir since the process started.
+    confirmed: bool,
     /// Signalled whenever an outbox event is appended (the sync link waits on it).
     outbox_notify: Arc<tokio::sync::Notify>,
 }
@@ -179,10 +187,11 @@ impl State {
         at: UnixMillis,
         kind: OrderEventKind,
     ) -> Result<u64, StoreError> {
+        debug_assert!(self.confirmed, "an event written before the coordinator confirmed the data dir");
         let seq = self.next_seq;
         let event = OrderEvent { node_id: node.clone(), seq, at, order_id, sku: sku.clone(), kind };
         // Encoded before the seq is taken, so a failure leaves no gap.
-        let encoded = edgecard_store::record::encode("outbox event", &event)?;
+        let encoded = record::encode_event(&event)?;
         self.next_seq += 1;
         batch.put(record::outbox_key(seq), encoded);
         batch.put(record::NEXT_SEQ.to_vec(), self.next_seq.to_be_bytes().to_vec());
@@ -252,6 +261,16 @@ pub struct OrderEngine {
     metrics: Arc<OrderMetrics>,
     /// Origin of the node's monotonic milliseconds, which leases are measured on.
     clock_base: Instant,
+    /// The data dir's id, made when it was created (see `edgecard_protocol::sync`).
+    incarnation: u64,
+}
+
+/// How the engine starts: selling at once (a standalone node, stocked from grant files), or
+/// waiting for the coordinator to confirm its data dir first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Startup {
+    Standalone,
+    AwaitCoordinator,
 }
 
 /// A slice as the node holds it, for status pages, metrics and the sync link's stock report.
@@ -280,8 +299,22 @@ impl OrderEngine {
         config: OrdersConfig,
         metrics: Arc<OrderMetrics>,
     ) -> Result<Self, StoreError> {
+        Self::open_with(node_id, store, catalog, config, metrics, Startup::Standalone).await
+    }
+
+    /// [`OrderEngine::open`], choosing how to start. Awaiting the coordinator, expiries wait too.
+    pub async fn open_with(
+        node_id: NodeId,
+        store: Arc<Store>,
+        catalog: Arc<Catalog>,
+        config: OrdersConfig,
+        metrics: Arc<OrderMetrics>,
+        startup: Startup,
+    ) -> Result<Self, StoreError> {
         let clock_base = Instant::now();
-        let state = load_state(&store, &config, 0)?;
+        let incarnation = load_or_make_incarnation(&store).await?;
+        let mut state = load_state(&store, &config, 0)?;
+        state.confirmed = startup == Startup::Standalone;
         metrics.open_reservations.set(state.open.len() as i64);
         let engine = OrderEngine {
             node_id,
@@ -292,9 +325,27 @@ impl OrderEngine {
             pending_durable: Mutex::new(HashSet::new()),
             metrics,
             clock_base,
+            incarnation,
         };
         engine.expire_due(now_millis()).await?;
         Ok(engine)
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Whether the engine may write events (sell, take payments, expire).
+    pub fn is_confirmed(&self) -> bool {
+        self.state.lock().confirmed
+    }
+
+    fn ensure_confirmed(&self) -> Result<(), OrderError> {
+        if self.is_confirmed() {
+            Ok(())
+        } else {
+            Err(OrderError::AwaitingCoordinator)
+        }
     }
 
     pub fn node_id(&self) -> &NodeId {
@@ -365,6 +416,7 @@ impl OrderEngine {
     }
 
     pub async fn create_order(&self, request: CreateOrder) -> Result<CreatedOrder, OrderError> {
+        self.ensure_confirmed()?;
         // No new reservations while the store cannot make them durable (503 at once).
         match self.store.health() {
             Health::Ok => {}
@@ -446,6 +498,7 @@ impl OrderEngine {
                 amount_minor,
                 currency: record.currency.clone(),
                 expires_at,
+                token_sha256: record.token_sha256.clone(),
             };
             let seq = state.push_event(&mut batch, &self.node_id, &record, now, event)?;
             if let Err(e) = self.store.apply(batch) {
@@ -493,6 +546,9 @@ impl OrderEngine {
     /// provider sees success only for payments the node cannot lose.
     pub async fn confirm_payment(&self, payment: PaymentConfirmation) -> Result<PaymentOutcome, OrderError> {
         let callback_key = record::callback_key(&payment.channel, &payment.provider_txn);
+        // The provider retries; by then the data dir is confirmed, or caught up. (A data dir is
+        // fenced again only if the coordinator finds it behind, which a running node never is.)
+        self.ensure_confirmed()?;
         let outcome = {
             let mut state = self.state.lock();
             if self.store.get(&callback_key)?.is_some() {
@@ -657,6 +713,10 @@ impl OrderEngine {
         let mut filled = Vec::new();
         {
             let mut state = self.state.lock();
+            if !state.confirmed {
+                // Compensation retries it once the data dir is confirmed.
+                return Ok(false);
+            }
             let mut batch = WriteBatch::default();
             let Some(held) = self.end_reservation(&mut state, &mut batch, id, now)? else { return Ok(false) };
             batch.delete(record::confirm_key(id));
@@ -802,6 +862,9 @@ impl OrderEngine {
         let mut filled = Vec::new();
         let expired = {
             let mut state = self.state.lock();
+            if !state.confirmed {
+                return Ok(0);
+            }
             let due: Vec<OrderId> = state.expiry.iter().take_while(|(at, _)| *at <= now).map(|(_, id)| *id).collect();
             if due.is_empty() {
                 return Ok(0);
@@ -1077,6 +1140,10 @@ impl OrderEngine {
         sku: &Sku,
         delivered: &mut Vec<OrderId>,
     ) -> Result<usize, OrderError> {
+        if !state.confirmed {
+            // Filled when the data dir is confirmed (see `confirm`).
+            return Ok(0);
+        }
         let mut batch = WriteBatch::default();
         let now = now_millis();
         while let Some(&(seq, id)) = state.awaiting.get(sku).and_then(|q| q.front()) {
@@ -1116,7 +1183,7 @@ impl OrderEngine {
         let mut events = Vec::new();
         for item in self.store.scan_prefix_from(record::OUTBOX, &start) {
             let (_, value) = item?;
-            let event: OrderEvent = edgecard_store::record::decode("outbox event", &value)?;
+            let event = record::decode_event(&value)?;
             events.push(event);
             if events.len() >= max {
                 break;
@@ -1153,6 +1220,102 @@ impl OrderEngine {
         Ok(())
     }
 
+    /// Restores events this data dir lost (a restored older copy), sent back by the coordinator:
+    /// one durable batch with the outbox moved past them, then the in-memory state rebuilt from
+    /// the store. Returns the seq restored through.
+    pub async fn restore_lost(&self, events: &[OrderEvent]) -> Result<u64, StoreError> {
+        let Some(last) = events.last().map(|e| e.seq) else { return Ok(self.outbox_newest()) };
+        let restored = {
+            let mut state = self.state.lock();
+            if events.first().is_some_and(|e| e.seq < state.next_seq) {
+                return Err(StoreError::Corrupt {
+                    key: "restore".into(),
+                    reason: format!("restored events overlap this node's outbox (next seq {})", state.next_seq),
+                });
+            }
+            let restored = super::restore::restore_events(&self.store, events)?;
+            let mut batch = restored.batch;
+            // What the outbox holds is older than what came back, so it is in the ledger.
+            for item in self.store.scan_prefix(record::OUTBOX) {
+                batch.delete(item?.0.to_vec());
+            }
+            batch.put(record::NEXT_SEQ.to_vec(), (last + 1).to_be_bytes().to_vec());
+            batch.put(record::SYNC_ACKED.to_vec(), last.to_be_bytes().to_vec());
+            self.store.apply(batch)?;
+            self.reload_state(&mut state)?;
+            (restored.orders, restored.missing_secrets)
+        };
+        self.store.durable().await?;
+        let (orders, missing_secrets) = restored;
+        tracing::warn!(
+            through = last,
+            events = events.len(),
+            orders,
+            missing_secrets,
+            "restored events this data dir had lost"
+        );
+        Ok(last)
+    }
+
+    /// Rebuilds the in-memory state from the store, keeping what is not stored.
+    fn reload_state(&self, state: &mut State) -> Result<(), StoreError> {
+        let mut rebuilt = load_state(&self.store, &self.config, self.mono_ms())?;
+        rebuilt.confirmed = state.confirmed;
+        rebuilt.outbox_notify = state.outbox_notify.clone();
+        *state = rebuilt;
+        self.metrics.open_reservations.set(state.open.len() as i64);
+        Ok(())
+    }
+
+    /// The coordinator confirmed this data dir: events may be written again. `ledger_high_water`
+    /// is the ledger's last seq for this node; numbering continues after it (a new data dir, or
+    /// one whose last events the ledger refused). Then what waited runs: expiries that fell due,
+    /// and paid orders waiting for stock.
+    /// Returns the seq numbering jumped to, if it did.
+    pub async fn confirm(&self, ledger_high_water: u64) -> Result<Option<u64>, StoreError> {
+        let jumped = {
+            let mut state = self.state.lock();
+            if state.confirmed {
+                return Ok(None);
+            }
+            let jump = ledger_high_water >= state.next_seq;
+            if jump {
+                let mut batch = WriteBatch::default();
+                for item in self.store.scan_prefix(record::OUTBOX) {
+                    batch.delete(item?.0.to_vec());
+                }
+                batch.put(record::NEXT_SEQ.to_vec(), (ledger_high_water + 1).to_be_bytes().to_vec());
+                batch.put(record::SYNC_ACKED.to_vec(), ledger_high_water.to_be_bytes().to_vec());
+                self.store.apply(batch)?;
+                state.next_seq = ledger_high_water + 1;
+                state.holdings.acknowledge(ledger_high_water);
+            }
+            state.confirmed = true;
+            jump.then_some(ledger_high_water)
+        };
+        self.store.durable().await?;
+        tracing::info!(incarnation = %format!("{:#x}", self.incarnation), "coordinator confirmed this data dir; selling");
+        self.expire_due(now_millis()).await?;
+        let skus: Vec<Sku> = self.state.lock().awaiting.keys().cloned().collect();
+        let mut delivered = Vec::new();
+        for sku in skus {
+            self.fill_awaiting(&sku, &mut delivered).map_err(store_error)?;
+        }
+        self.store.durable().await?;
+        self.settle_filled(&delivered);
+        Ok(jumped)
+    }
+
+    /// The coordinator did not confirm this data dir (it is behind the ledger, or diverged): stop
+    /// writing events until it does.
+    pub fn fence(&self) {
+        let mut state = self.state.lock();
+        if state.confirmed {
+            state.confirmed = false;
+            tracing::warn!("the coordinator fenced this data dir; sales stop until it confirms it");
+        }
+    }
+
     /// Records that control message `seq` was applied; durable before returning, so a restart
     /// does not apply it twice (applying a grant twice is harmless, but a catalog may be older).
     pub async fn record_control_applied(&self, seq: u64) -> Result<(), StoreError> {
@@ -1169,6 +1332,25 @@ impl OrderEngine {
         all.sort_by_key(|(seq, _, _)| *seq);
         all.into_iter().map(|(_, sku, id)| (sku, id)).collect()
     }
+}
+
+/// This data dir's incarnation id, made (durably) on first open.
+async fn load_or_make_incarnation(store: &Store) -> Result<u64, StoreError> {
+    if let Some(raw) = store.get(record::INCARNATION)? {
+        return record::be_u64(&raw)
+            .filter(|id| *id != 0)
+            .ok_or_else(|| StoreError::Corrupt { key: "m/incarnation".into(), reason: "bad value".into() });
+    }
+    let id = loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            break id;
+        }
+    };
+    let mut batch = WriteBatch::default();
+    batch.put(record::INCARNATION.to_vec(), id.to_be_bytes().to_vec());
+    store.commit(batch).await?;
+    Ok(id)
 }
 
 /// The catalog last received from the coordinator, if any: it supersedes `node.toml`'s products.
@@ -1267,7 +1449,7 @@ fn rebuild_take_windows(store: &Store, state: &mut State) -> Result<(), StoreErr
     let slices_of: Vec<(SliceId, Sku)> = state.holdings.slices().map(|(id, h)| (*id, h.sku.clone())).collect();
     for item in store.scan_prefix(record::OUTBOX) {
         let (_, value) = item?;
-        let event: OrderEvent = edgecard_store::record::decode("outbox event", &value)?;
+        let event = record::decode_event(&value)?;
         let key_ids = match &event.kind {
             OrderEventKind::Reserved { key_ids, .. } | OrderEventKind::Delivered { key_ids } => key_ids,
             _ => continue,

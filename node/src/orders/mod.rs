@@ -3,9 +3,10 @@
 
 pub mod engine;
 pub mod record;
+mod restore;
 
 pub use engine::{
     CreateOrder, CreatedOrder, GrantInstallError, GrantOutcome, OrderEngine, OrderError, PaymentConfirmation,
-    PaymentOutcome, SliceStatus,
+    PaymentOutcome, SliceStatus, Startup,
 };
 pub use record::{OrderRecord, OrderStatus, PaymentAttempt};

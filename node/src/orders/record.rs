@@ -15,6 +15,7 @@
 //! | `e/` | event seq (8 bytes BE) | outbox: an `OrderEvent` for the coordinator (a store record) |
 //! | `m/next_seq` | | next outbox sequence number |
 //! | `m/sync_acked`, `m/control_applied` | | sync progress with the coordinator |
+//! | `m/incarnation` | | this data dir's id (8 bytes BE), made when it was created |
 //! | `m/catalog` | | the catalog last received from the coordinator (a store record) |
 
 use std::net::IpAddr;
@@ -176,6 +177,21 @@ pub const NEXT_SEQ: &[u8] = b"m/next_seq";
 /// message applied (both 8 bytes BE).
 pub const SYNC_ACKED: &[u8] = b"m/sync_acked";
 pub const CONTROL_APPLIED: &[u8] = b"m/control_applied";
+pub const INCARNATION: &[u8] = b"m/incarnation";
+
+/// Outbox events are stored in their own record format, which changed when reservations began to
+/// carry their token's digest; events written before are read and converted.
+pub fn encode_event(event: &edgecard_protocol::OrderEvent) -> Result<Vec<u8>, edgecard_store::StoreError> {
+    edgecard_store::record::encode_versioned("outbox event", event, edgecard_protocol::EVENT_RECORD_VERSION)
+}
+
+pub fn decode_event(raw: &[u8]) -> Result<edgecard_protocol::OrderEvent, edgecard_store::StoreError> {
+    edgecard_store::record::decode_evolved::<edgecard_protocol::OrderEvent, edgecard_protocol::OrderEventV1>(
+        "outbox event",
+        raw,
+        edgecard_protocol::EVENT_RECORD_VERSION,
+    )
+}
 
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()

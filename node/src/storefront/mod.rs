@@ -555,7 +555,7 @@ fn engine_error(ctx: &Ctx, e: OrderError, sku: Option<&Sku>) -> HttpResponse {
             let body = lang.f(Msg::ErrorTooManyOpenBody, &[("secs", &secs.to_string())]);
             (StatusCode::TOO_MANY_REQUESTS, error_page_for(Msg::ErrorTooManyOpenTitle, body), Some(secs))
         }
-        OrderError::StockSyncing { .. } => {
+        OrderError::StockSyncing { .. } | OrderError::AwaitingCoordinator => {
             let secs = 1;
             let body = lang.f(Msg::ErrorUnavailableBody, &[("secs", &secs.to_string())]);
             (StatusCode::SERVICE_UNAVAILABLE, error_page_for(Msg::ErrorUnavailableTitle, body), Some(secs))

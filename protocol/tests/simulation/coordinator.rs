@@ -444,7 +444,10 @@ impl Coordinator {
         let queued = &self.nodes[node].control;
         let control = queued.iter().map(|(seq, c)| ControlMessage { seq: *seq, body: c.wire_body() }).collect();
         let terms = queued.iter().filter(|(_, c)| !matches!(c, Control::Shrink(_))).cloned().collect();
-        (SyncAck { events_high_water, control }, terms)
+        (
+            SyncAck { events_high_water, control, ledger_high_water: high_water, restore: Vec::new(), confirmed: true },
+            terms,
+        )
     }
 
     /// Renews every Active slice of `node` past half its lease; the new deadline is recorded at

@@ -300,6 +300,7 @@ impl Node {
             amount_minor: 100 * u64::from(quantity),
             currency: "USD".into(),
             expires_at,
+            token_sha256: String::new(),
         };
         let seq = self.push_event(now, order_id, sku, kind);
         self.holdings.record_takes(seq, &taken);
@@ -466,8 +467,15 @@ impl Node {
         let stream = self.next_stream;
         self.next_stream += 1;
         self.in_flight = Some((stream, mono));
-        let upload =
-            SyncUpload { node_id: self.id.clone(), events, control_applied: plan.control_applied, stock: Vec::new() };
+        let newest_seq = self.durable.outbox.keys().next_back().copied().unwrap_or(plan.after_seq);
+        let upload = SyncUpload {
+            node_id: self.id.clone(),
+            incarnation: 1,
+            newest_seq,
+            events,
+            control_applied: plan.control_applied,
+            stock: Vec::new(),
+        };
         Some(Message::Upload { node: self.index, stream, upload })
     }
 
