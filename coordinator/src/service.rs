@@ -580,6 +580,18 @@ impl Coordinator {
                     Err((kind, detail)) => self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail)?,
                 }
             }
+            // Before the acknowledged control messages are deleted below: their bodies name slices.
+            let refusals = self.settle_refused_control(
+                &mut batch,
+                &node,
+                &upload.refused_control,
+                &upload.stock,
+                &mut keys,
+                &mut releases,
+            )?;
+            for (kind, detail) in refusals {
+                self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail)?;
+            }
             let restore = self.fence_if_behind(
                 &mut batch,
                 &mut next_alarm,

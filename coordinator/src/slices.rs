@@ -10,12 +10,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use edgecard_protocol::lease;
 use edgecard_protocol::rebalance::Destination;
-use edgecard_protocol::{Epoch, KeyId, NodeId, Sku, SliceId, UnixMillis};
+use edgecard_protocol::{Epoch, KeyId, NodeId, RefusedControl, SignedGrant, Sku, SliceId, SliceStock, UnixMillis};
 use edgecard_store::{StoreError, WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::records::{self as rec, *};
-use crate::service::{now_millis, Coordinator, CoordinatorError, CONTROL_SHRINK};
+use crate::service::{now_millis, Coordinator, CoordinatorError, CONTROL_GRANT, CONTROL_SHRINK};
 
 /// A node's `Released` event, as ingest hands it over.
 pub(crate) struct Release<'a> {
@@ -36,6 +36,19 @@ impl ReleaseOverlay {
     /// Whether some release in this batch is waiting to be granted to a recipient.
     pub(crate) fn has_regrants(&self) -> bool {
         self.moves.values().any(|m| !m.pending_regrant.is_empty())
+    }
+
+    /// Puts `ids` of `sku` back into the pool as part of this batch.
+    pub(crate) fn return_to_pool(&mut self, c: &Coordinator, sku: &Sku, ids: &[KeyId]) -> Result<(), StoreError> {
+        if !self.pools.contains_key(sku) {
+            self.pools.insert(sku.clone(), c.pool_runs(sku)?);
+        }
+        if let Some(pool) = self.pools.get_mut(sku) {
+            for (start, end) in rec::runs_of(ids) {
+                rec::add_run(pool, start, end);
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn write(self, batch: &mut WriteBatch) -> Result<(), StoreError> {
@@ -159,6 +172,73 @@ impl Coordinator {
                 released = freed.len(), ignored, "release under an unknown ticket: keys back to the pool"),
         }
         Ok(())
+    }
+
+    /// Records control messages a node refused for good: each raises an alarm. A refused grant
+    /// whose slice the node holds nothing of (it says so, and its stock report agrees) never
+    /// reached the shelf: its keys still granted there go back to the pool and the slice is
+    /// closed, so the coordinator stops counting them at the node. Runs inside ingest, before the
+    /// node's acknowledged control messages are deleted (their bodies name the slices).
+    pub(crate) fn settle_refused_control(
+        &self,
+        batch: &mut WriteBatch,
+        node: &NodeRecord,
+        refused: &[RefusedControl],
+        stock: &[SliceStock],
+        keys: &mut HashMap<(Sku, KeyId), KeyRecord>,
+        overlay: &mut ReleaseOverlay,
+    ) -> Result<Vec<(&'static str, String)>, CoordinatorError> {
+        let mut alarms = Vec::new();
+        for refusal in refused {
+            let stored = self.store.get(&rec::control_key(&node.node_id, refusal.seq))?;
+            let Some((&tag, payload)) = stored.as_deref().and_then(<[u8]>::split_first) else {
+                // Reported before, and its message is gone: recorded already.
+                continue;
+            };
+            let slice = (tag == CONTROL_GRANT)
+                .then(|| {
+                    SignedGrant::from_bytes(payload)
+                        .and_then(|g| g.verify(&self.signing_key.verifying_key(), &node.node_id))
+                })
+                .and_then(Result::ok);
+            let Some(grant) = slice else {
+                alarms.push(("control_refused", format!("control {} refused: {}", refusal.seq, refusal.reason)));
+                continue;
+            };
+            let held = stock.iter().any(|s| s.slice_id == grant.slice_id);
+            let record = self.load::<SliceRecord>("slice", &rec::slice_key(grant.slice_id))?;
+            let returned = match record {
+                Some(mut slice) if refusal.holds_nothing && !held && slice.state == SliceState::Active => {
+                    let mut freed = Vec::new();
+                    for id in slice.key_ids() {
+                        let slot = (slice.sku.clone(), id);
+                        let record = match keys.get(&slot) {
+                            Some(record) => Some(record.clone()),
+                            None => self.load::<KeyRecord>("key", &rec::key_key(&slice.sku, id))?,
+                        };
+                        let Some(mut record) = record else { continue };
+                        if record.state == (KeyState::Granted { slice: slice.slice_id, node_index: node.index }) {
+                            record.state = KeyState::Pool;
+                            keys.insert(slot, record);
+                            freed.push(id);
+                        }
+                    }
+                    overlay.return_to_pool(self, &slice.sku, &freed)?;
+                    slice.state = SliceState::Closed;
+                    batch.put(rec::slice_key(slice.slice_id), rec::encode(&slice)?);
+                    freed.len()
+                }
+                _ => 0,
+            };
+            alarms.push((
+                "grant_refused",
+                format!(
+                    "control {} (slice {}) refused: {}; {returned} keys back in the pool",
+                    refusal.seq, grant.slice_id, refusal.reason
+                ),
+            ));
+        }
+        Ok(alarms)
     }
 
     /// Grants keys that donors released for a recipient, as new slices. Runs under the lock

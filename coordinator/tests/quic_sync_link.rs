@@ -268,6 +268,16 @@ async fn control_messages_install_grants_and_catalogs_in_order() {
     // The coordinator hears that everything was applied, and sends nothing again.
     eventually("coordinator sees control applied", || server.ledger.with(&eu, |l| l.last_control_applied) == 3).await;
     assert_eq!(link.metrics.control_applied.get(), 3);
+    // The forged grant is reported refused, once: after the ack the node forgets it.
+    eventually("refusal reported", || !server.ledger.with(&eu, |l| l.refused.is_empty())).await;
+    eventually("refusal cleared", || engine.refused_control(10).unwrap().is_empty()).await;
+    let uploads = server.ledger.with(&eu, |l| l.uploads);
+    eventually("another upload", || server.ledger.with(&eu, |l| l.uploads) > uploads + 1).await;
+    let refused = server.ledger.with(&eu, |l| l.refused.clone());
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].seq, 1);
+    assert!(refused[0].holds_nothing);
+    assert!(refused[0].reason.contains("signature"), "{}", refused[0].reason);
     link.stop().await;
     server.stop().await;
 }

@@ -85,6 +85,7 @@ impl FakeNode {
             events,
             control_applied: self.applied,
             stock,
+            refused_control: vec![],
         };
         let ack = c.ingest(&self.id, upload).await.unwrap();
         if let Some(last) = ack.control.last() {

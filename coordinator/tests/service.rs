@@ -68,7 +68,15 @@ fn event(n: &NodeId, seq: u64, order: u8, s: &str, kind: OrderEventKind) -> Orde
 
 fn upload(n: &NodeId, events: Vec<OrderEvent>, control_applied: u64) -> SyncUpload {
     let newest_seq = events.last().map_or(0, |e| e.seq);
-    SyncUpload { node_id: n.clone(), incarnation: 1, newest_seq, events, control_applied, stock: vec![] }
+    SyncUpload {
+        node_id: n.clone(),
+        incarnation: 1,
+        newest_seq,
+        events,
+        control_applied,
+        stock: vec![],
+        refused_control: vec![],
+    }
 }
 
 #[tokio::test]
@@ -438,4 +446,47 @@ async fn an_empty_new_data_dir_replaces_the_old_and_one_with_history_is_refused(
         assert!(matches!(refused, Err(CoordinatorError::ForeignIncarnation { .. })), "{refused:?}");
     }
     assert_eq!(alarm_kinds(&c), vec!["node_replaced", "foreign_incarnation"]);
+}
+
+#[tokio::test]
+async fn a_grant_the_node_refused_comes_back_to_the_pool_with_an_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let eu = node("eu-1");
+    with_keys(&c, "game", 10).await;
+    c.add_node(&eu, "eu").await.unwrap();
+    let refused_slice = only(c.allocate(&sku("game"), &eu, 4).await.unwrap());
+    let kept_slice = only(c.allocate(&sku("game"), &eu, 3).await.unwrap());
+    assert_eq!(c.pool_size(&sku("game")), 3);
+    let ack = c.ingest(&eu, upload(&eu, vec![], 1)).await.unwrap();
+    let seqs: Vec<u64> = ack.control.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![2, 3], "the two grants");
+
+    // The node refused both; it holds nothing of the first, and the second's slice it holds (a
+    // refused renewal of an installed slice, say): only the first's keys may come back.
+    let refusals = vec![
+        edgecard_protocol::RefusedControl { seq: 2, reason: "bad signature".into(), holds_nothing: true },
+        edgecard_protocol::RefusedControl { seq: 3, reason: "changes its key set".into(), holds_nothing: false },
+    ];
+    let stock = vec![edgecard_protocol::SliceStock {
+        slice_id: kept_slice.slice_id,
+        sku: sku("game"),
+        available: 3,
+        selling: true,
+    }];
+    let report = SyncUpload { refused_control: refusals.clone(), stock, ..upload(&eu, vec![], 3) };
+    c.ingest(&eu, report.clone()).await.unwrap();
+    assert_eq!(c.pool_size(&sku("game")), 7, "the refused slice's 4 keys are back");
+    let alarms = c.alarms().unwrap();
+    assert_eq!(alarms.iter().map(|a| a.kind.as_str()).collect::<Vec<_>>(), vec!["grant_refused", "grant_refused"]);
+    assert!(alarms[0].detail.contains("bad signature") && alarms[0].detail.contains("4 keys back"), "{alarms:?}");
+    assert!(alarms[1].detail.contains("0 keys back"), "{alarms:?}");
+    let slices = c.slice_summaries().unwrap();
+    let state = |id| slices.iter().find(|s| s.slice.slice_id == id).unwrap().slice.state.as_str();
+    assert_eq!(state(refused_slice.slice_id), "closed");
+    assert_eq!(state(kept_slice.slice_id), "active");
+    // Reported again (the ack was lost): nothing changes twice.
+    c.ingest(&eu, report).await.unwrap();
+    assert_eq!(c.pool_size(&sku("game")), 7);
+    assert_eq!(c.alarms().unwrap().len(), 2);
 }

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
 use edgecard_protocol::{
-    CatalogProduct, ControlBody, ControlMessage, SignedRenewal, SliceStock, SyncAck, SyncClient, SyncErrorCode,
-    SyncTiming, SyncUpload, UploadPlan, MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,
+    CatalogProduct, ControlBody, ControlMessage, RefusedControl, SignedRenewal, SliceStock, SyncAck, SyncClient,
+    SyncErrorCode, SyncTiming, SyncUpload, UploadPlan, MAX_REFUSAL_TEXT, MAX_REFUSED_CONTROL, MAX_SYNC_MESSAGE_BYTES,
+    SYNC_ALPN,
 };
 use edgecard_store::metrics::{render_counter, render_gauge, Counter, Gauge};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -380,6 +381,8 @@ impl Link {
                 selling: slice.selling,
             })
             .collect();
+        let refused_control =
+            self.engine.refused_control(MAX_REFUSED_CONTROL).map_err(|e| ExchangeError::Local(e.to_string()))?;
         let upload = SyncUpload {
             node_id: self.engine.node_id().clone(),
             incarnation: self.engine.incarnation(),
@@ -387,6 +390,7 @@ impl Link {
             events,
             control_applied: plan.control_applied,
             stock,
+            refused_control,
         };
         let event_count = upload.events.len() as u64;
         let bytes = upload.to_bytes().map_err(|e| ExchangeError::Local(format!("encoding the upload: {e}")))?;
@@ -396,6 +400,10 @@ impl Link {
             .map_err(|_| ExchangeError::Transport("upload timed out".into()))??;
         let outcome =
             self.client.handle_ack(self.now_ms(), &ack).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
+        // The coordinator recorded the refusals durably before it answered.
+        if let Err(e) = self.engine.forget_refused_control(&upload.refused_control) {
+            tracing::error!(error = %e, "clearing reported refusals failed; they will be reported again");
+        }
         self.metrics.uploads.inc();
         self.metrics.uploaded_events.add(event_count);
         self.metrics.acked_seq.set(gauge(outcome.prune_through));
@@ -434,11 +442,14 @@ impl Link {
         let mut control_result = Ok(());
         for message in outcome.control {
             let seq = message.seq;
-            if let Err(e) = self.apply_control(message).await {
-                control_result = Err(e);
-                break;
-            }
-            if let Err(e) = self.engine.record_control_applied(seq).await {
+            let refused = match self.apply_control(message).await {
+                Ok(refused) => refused,
+                Err(e) => {
+                    control_result = Err(e);
+                    break;
+                }
+            };
+            if let Err(e) = self.engine.record_control_applied(seq, refused.as_ref()).await {
                 control_result = Err(ExchangeError::Local(format!("recording control {seq} applied: {e}")));
                 break;
             }
@@ -449,10 +460,16 @@ impl Link {
         control_result
     }
 
-    /// Applies one control message. `Ok` means done for good (applied, or refused for a reason
-    /// that a retry cannot fix); `Err` means try again later.
-    async fn apply_control(&self, message: ControlMessage) -> Result<(), ExchangeError> {
+    /// Applies one control message. `Ok` means done for good: applied (`None`), or refused for a
+    /// reason that a retry cannot fix (the refusal, to report to the coordinator); `Err` means try
+    /// again later.
+    async fn apply_control(&self, message: ControlMessage) -> Result<Option<RefusedControl>, ExchangeError> {
         let seq = message.seq;
+        let refused = |reason: String, holds_nothing: bool| {
+            let mut reason = reason.replace(char::is_control, " ");
+            truncate_at_char(&mut reason, MAX_REFUSAL_TEXT);
+            Some(RefusedControl { seq, reason, holds_nothing })
+        };
         match message.body {
             ControlBody::Grant { signed_grant } => {
                 match verify_and_install(&self.engine, &self.coordinator_key, &signed_grant, GrantSource::Coordinator)
@@ -463,7 +480,18 @@ impl Link {
                         return Err(ExchangeError::Local(format!("installing grant (control {seq}): {e}")));
                     }
                     // Logged by `verify_and_install`; a bad grant stays bad, so it is not retried.
-                    Err(e) => tracing::warn!(control = seq, reason = %e, "grant from the coordinator refused"),
+                    Err(e) => {
+                        tracing::warn!(control = seq, reason = %e, "grant from the coordinator refused");
+                        let holds_nothing = match &e {
+                            GrantRefusal::Install(
+                                GrantInstallError::KeyConflict { slice, .. }
+                                | GrantInstallError::ChangedSlice { slice }
+                                | GrantInstallError::StaleEpoch { slice, .. },
+                            ) => !self.engine.holds_slice(*slice),
+                            _ => true,
+                        };
+                        return Ok(refused(e.to_string(), holds_nothing));
+                    }
                 }
             }
             ControlBody::Catalog { products } => match catalog_from_wire(&products) {
@@ -475,7 +503,10 @@ impl Link {
                         .map_err(|e| ExchangeError::Local(format!("storing the catalog (control {seq}): {e}")))?;
                     tracing::info!(control = seq, products = count, "catalog from the coordinator applied");
                 }
-                Err(reason) => tracing::warn!(control = seq, %reason, "catalog from the coordinator refused"),
+                Err(reason) => {
+                    tracing::warn!(control = seq, %reason, "catalog from the coordinator refused");
+                    return Ok(refused(format!("catalog refused: {reason}"), false));
+                }
             },
             ControlBody::Renew { signed_renewal } => {
                 let verified = SignedRenewal::from_bytes(&signed_renewal)
@@ -494,6 +525,7 @@ impl Link {
                     Err(e) => {
                         self.engine.metrics().grants_refused.inc();
                         tracing::warn!(control = seq, reason = %e, "lease renewal from the coordinator refused");
+                        return Ok(refused(format!("lease renewal refused: {e}"), false));
                     }
                 }
             }
@@ -504,7 +536,18 @@ impl Link {
                     .map_err(|e| ExchangeError::Local(format!("shrinking slice {slice_id} (control {seq}): {e}")))?;
             }
         }
-        Ok(())
+        Ok(None)
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+fn truncate_at_char(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
     }
 }
 

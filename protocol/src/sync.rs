@@ -34,7 +34,26 @@ pub struct SyncUpload {
     pub control_applied: u64,
     /// What the node can sell now, per slice, for the coordinator's status view.
     pub stock: Vec<SliceStock>,
+    /// Control messages (at or below `control_applied`) the node refused for good: a grant that
+    /// failed verification or conflicts with what the node holds, a catalog it cannot read. At
+    /// most [`MAX_REFUSED_CONTROL`]; the rest follow in later uploads.
+    pub refused_control: Vec<RefusedControl>,
 }
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RefusedControl {
+    pub seq: u64,
+    /// Why, for the operator (at most [`MAX_REFUSAL_TEXT`] bytes).
+    pub reason: String,
+    /// The node holds nothing of the slice this grant was for: the coordinator may take its keys
+    /// back. False for everything but grants.
+    pub holds_nothing: bool,
+}
+
+/// Most refused control messages reported in one upload.
+pub const MAX_REFUSED_CONTROL: usize = 64;
+/// Longest refusal reason, in bytes.
+pub const MAX_REFUSAL_TEXT: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SliceStock {
@@ -130,6 +149,17 @@ impl SyncUpload {
         }
         for stock in &upload.stock {
             stock.sku.validate().map_err(|e| SyncError::Invalid(e.to_string()))?;
+        }
+        if upload.refused_control.len() > MAX_REFUSED_CONTROL {
+            return Err(SyncError::Invalid(format!("{} refused control messages", upload.refused_control.len())));
+        }
+        for refused in &upload.refused_control {
+            if refused.seq > upload.control_applied {
+                return Err(SyncError::Invalid("a refused control message not yet applied".into()));
+            }
+            if refused.reason.len() > MAX_REFUSAL_TEXT || refused.reason.chars().any(char::is_control) {
+                return Err(SyncError::Invalid("refusal reason too long or with control characters".into()));
+            }
         }
         Ok(upload)
     }
@@ -524,8 +554,19 @@ mod tests {
                 available: 5,
                 selling: true,
             }],
+            refused_control: vec![RefusedControl { seq: 2, reason: "bad signature".into(), holds_nothing: true }],
         };
         assert_eq!(SyncUpload::from_bytes(&upload.to_bytes().unwrap()).unwrap(), upload);
+
+        let mut unapplied = upload.clone();
+        unapplied.refused_control[0].seq = 4;
+        assert!(SyncUpload::from_bytes(&unapplied.to_bytes().unwrap()).is_err(), "refused before it was applied");
+        let mut noisy = upload.clone();
+        noisy.refused_control[0].reason = "line\nbreak".into();
+        assert!(SyncUpload::from_bytes(&noisy.to_bytes().unwrap()).is_err());
+        let mut long = upload.clone();
+        long.refused_control[0].reason = "x".repeat(MAX_REFUSAL_TEXT + 1);
+        assert!(SyncUpload::from_bytes(&long.to_bytes().unwrap()).is_err());
 
         let mut foreign = upload.clone();
         foreign.events[1] = event(&NodeId::new("us-1").unwrap(), 2);

@@ -55,6 +55,8 @@ pub struct NodeLedger {
     pub duplicates: u64,
     pub uploads: u64,
     pub last_control_applied: u64,
+    /// Refused control messages as reported, in arrival order.
+    pub refused: Vec<edgecard_protocol::RefusedControl>,
 }
 
 /// A ledger in memory with the coordinator's ingest rules: idempotent by (node, seq), acked by
@@ -100,6 +102,7 @@ impl SyncHandler for MemoryLedger {
             let ledger = nodes.entry(node.clone()).or_default();
             ledger.uploads += 1;
             ledger.last_control_applied = upload.control_applied;
+            ledger.refused.extend(upload.refused_control.iter().cloned());
             for event in &upload.events {
                 if event.seq <= ledger.high_water {
                     ledger.skipped += 1;
@@ -283,6 +286,7 @@ pub fn upload_bytes(node_id: &NodeId, seqs: std::ops::RangeInclusive<u64>) -> Ve
         events: seqs.map(|seq| event(node_id, seq)).collect(),
         control_applied: 0,
         stock: vec![],
+        refused_control: vec![],
     }
     .to_bytes()
     .unwrap()

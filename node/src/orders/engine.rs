@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgecard_protocol::{
-    lease, Epoch, Holdings, KeyId, LeaseRenewal, NodeId, OrderEvent, OrderEventKind, OrderId, OrderToken, Secret, Sku,
-    SliceGrant, SliceHolding, SliceId, UnixMillis,
+    lease, Epoch, Holdings, KeyId, LeaseRenewal, NodeId, OrderEvent, OrderEventKind, OrderId, OrderToken,
+    RefusedControl, Secret, Sku, SliceGrant, SliceHolding, SliceId, UnixMillis,
 };
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -1316,12 +1316,49 @@ impl OrderEngine {
         }
     }
 
-    /// Records that control message `seq` was applied; durable before returning, so a restart
-    /// does not apply it twice (applying a grant twice is harmless, but a catalog may be older).
-    pub async fn record_control_applied(&self, seq: u64) -> Result<(), StoreError> {
+    /// Records that control message `seq` was applied (or refused for good, with why, to be
+    /// reported to the coordinator); durable before returning, so a restart does not apply it
+    /// twice (applying a grant twice is harmless, but a catalog may be older).
+    pub async fn record_control_applied(&self, seq: u64, refused: Option<&RefusedControl>) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         batch.put(record::CONTROL_APPLIED.to_vec(), seq.to_be_bytes().to_vec());
+        if let Some(refused) = refused {
+            let mut value = vec![u8::from(refused.holds_nothing)];
+            value.extend_from_slice(refused.reason.as_bytes());
+            batch.put(record::refused_key(seq), value);
+        }
         self.store.commit(batch).await
+    }
+
+    /// Refused control messages not yet reported, oldest first, at most `limit`.
+    pub fn refused_control(&self, limit: usize) -> Result<Vec<RefusedControl>, StoreError> {
+        let mut refused = Vec::new();
+        for item in self.store.scan_prefix(record::REFUSED).take(limit) {
+            let (key, value) = item?;
+            let corrupt = || StoreError::Corrupt { key: "r/".into(), reason: "bad refusal record".into() };
+            let seq = record::be_u64(&key[record::REFUSED.len()..]).ok_or_else(corrupt)?;
+            let (&flag, reason) = value.split_first().ok_or_else(corrupt)?;
+            let reason = String::from_utf8_lossy(reason).into_owned();
+            refused.push(RefusedControl { seq, reason, holds_nothing: flag == 1 });
+        }
+        Ok(refused)
+    }
+
+    /// The coordinator has recorded these refusals.
+    pub fn forget_refused_control(&self, reported: &[RefusedControl]) -> Result<(), StoreError> {
+        if reported.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for refused in reported {
+            batch.delete(record::refused_key(refused.seq));
+        }
+        self.store.apply(batch).map(drop)
+    }
+
+    /// Whether this node holds slice `slice` (any state).
+    pub fn holds_slice(&self, slice: SliceId) -> bool {
+        self.state.lock().holdings.slice(slice).is_some()
     }
 
     /// Orders paid but waiting for stock, oldest first.

@@ -16,6 +16,7 @@
 //! | `m/next_seq` | | next outbox sequence number |
 //! | `m/sync_acked`, `m/control_applied` | | sync progress with the coordinator |
 //! | `m/incarnation` | | this data dir's id (8 bytes BE), made when it was created |
+//! | `r/` | control seq (8 bytes BE) | a control message refused for good, until reported: holds-nothing flag (1 byte), reason (UTF-8) |
 //! | `m/catalog` | | the catalog last received from the coordinator (a store record) |
 
 use std::net::IpAddr;
@@ -178,6 +179,11 @@ pub const NEXT_SEQ: &[u8] = b"m/next_seq";
 pub const SYNC_ACKED: &[u8] = b"m/sync_acked";
 pub const CONTROL_APPLIED: &[u8] = b"m/control_applied";
 pub const INCARNATION: &[u8] = b"m/incarnation";
+pub const REFUSED: &[u8] = b"r/";
+
+pub fn refused_key(seq: u64) -> Vec<u8> {
+    cat(&[REFUSED, &seq.to_be_bytes()])
+}
 
 /// Outbox events are stored in their own record format, which changed when reservations began to
 /// carry their token's digest; events written before are read and converted.

@@ -475,6 +475,7 @@ impl Node {
             events,
             control_applied: plan.control_applied,
             stock: Vec::new(),
+            refused_control: vec![],
         };
         Some(Message::Upload { node: self.index, stream, upload })
     }
