@@ -19,6 +19,7 @@ use crate::limiter::{spawn_eviction, Limiters};
 use crate::metrics::{HttpMetrics, OrderMetrics, StoreMetrics};
 use crate::orders::engine::now_millis;
 use crate::orders::OrderEngine;
+use crate::payments::LabPayments;
 use crate::store::{Store, StoreError};
 use crate::tls;
 
@@ -147,6 +148,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     if channels.is_empty() {
         tracing::warn!("no payment channel is enabled: orders cannot be created");
     }
+    if payments.lab == LabPayments::BesideRealChannels {
+        tracing::warn!(
+            "lab payments are on beside real channels (payments.sandbox.allow_beside_real_channels): \
+             the sandbox pays for free wherever payments.routes lists it"
+        );
+    }
+    for warning in crate::payments::route_table::unserved_currencies(&config) {
+        tracing::warn!("{warning}");
+    }
 
     let http_metrics = Arc::new(HttpMetrics::default());
     let api = Arc::new(NodeApi {
@@ -156,6 +166,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         channels,
         router: payments.router.clone(),
         sandbox,
+        lab: payments.lab,
         public_url: public_url.clone(),
         max_body_bytes: config.http.max_body_bytes,
         metrics: http_metrics.clone(),
@@ -169,6 +180,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         token: config.admin.token.clone(),
         region: config.region.clone(),
         payments: payments.router.clone(),
+        lab: payments.lab,
         sync: sync_metrics.clone(),
     });
 

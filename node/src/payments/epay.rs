@@ -224,6 +224,10 @@ impl PaymentChannel for EpayChannel {
         })
     }
 
+    fn takes_currency(&self, currency: &str) -> bool {
+        currency == self.settings.currency
+    }
+
     fn ack_style(&self) -> AckStyle {
         AckStyle::PlainSuccess
     }

@@ -39,11 +39,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 
 use crate::api::{HttpResponse, NodeApi};
-use crate::config::{Currency, ProductConfig};
+use crate::config::{Currency, PriceConfig, ProductConfig};
 use crate::limiter::LimitClass;
 use crate::orders::{CreateOrder, OrderError, OrderRecord, OrderStatus};
 use crate::payments::router::RouteError;
-use crate::payments::sandbox;
+use crate::payments::{sandbox, LabPayments};
 use crate::time_fmt::rfc3339;
 
 use self::i18n::{Lang, Msg};
@@ -73,19 +73,22 @@ struct Ctx {
     lang: Lang,
     chose_lang: bool,
     client: IpAddr,
+    /// Lab payments beside real ones: every page carries the notice.
+    lab_notice: bool,
 }
 
 impl Ctx {
-    fn new(parts: &Parts, query: &[(String, String)], client: IpAddr) -> Ctx {
+    fn new(api: &NodeApi, parts: &Parts, query: &[(String, String)], client: IpAddr) -> Ctx {
         let chosen = form::first(query, "lang").and_then(Lang::from_tag);
         let lang = chosen
             .or_else(|| form::cookie(&parts.headers, LANG_COOKIE).and_then(Lang::from_tag))
             .unwrap_or_else(|| i18n::negotiate(&parts.headers));
-        Ctx { lang, chose_lang: chosen.is_some(), client }
+        let lab_notice = api.lab == LabPayments::BesideRealChannels;
+        Ctx { lang, chose_lang: chosen.is_some(), client, lab_notice }
     }
 
     fn chrome(&self, switch_base: impl Into<String>) -> Chrome {
-        Chrome { lang: self.lang, switch_base: switch_base.into() }
+        Chrome { lang: self.lang, switch_base: switch_base.into(), lab_notice: self.lab_notice }
     }
 }
 
@@ -103,7 +106,7 @@ where
 {
     let (parts, body) = request.into_parts();
     let query = form::parse_urlencoded(parts.uri.query().unwrap_or(""));
-    let ctx = Ctx::new(&parts, &query, client);
+    let ctx = Ctx::new(api, &parts, &query, client);
     let path = parts.uri.path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let read = parts.method == Method::GET || parts.method == Method::HEAD;
@@ -134,7 +137,7 @@ where
 {
     let (parts, body) = request.into_parts();
     let query = form::parse_urlencoded(parts.uri.query().unwrap_or(""));
-    let ctx = Ctx::new(&parts, &query, client);
+    let ctx = Ctx::new(api, &parts, &query, client);
     let response = sandbox_pay(api, &ctx, &parts, body, id).await;
     finish(&ctx, response)
 }
@@ -161,7 +164,12 @@ where
         Ok(found) => found,
         Err(response) => return *response,
     };
-    if matches!(record.status, OrderStatus::Reserved | OrderStatus::Expired) && api.sandbox_pay(&id).await.is_err() {
+    let Ok(order_token) = token.parse::<OrderToken>() else {
+        return error(ctx, StatusCode::NOT_FOUND, Msg::ErrorUnknownOrderTitle, Msg::ErrorUnknownOrderBody);
+    };
+    if matches!(record.status, OrderStatus::Reserved | OrderStatus::Expired)
+        && api.sandbox_pay(&id, &order_token).await.is_err()
+    {
         let mut page = error_page_for(Msg::ErrorPaymentFailedTitle, ctx.lang.t(Msg::ErrorPaymentFailedBody));
         page.links.push((pay_path(&id, &token), ctx.lang.t(Msg::ErrorTryAgain)));
         return html(ctx, StatusCode::SERVICE_UNAVAILABLE, NO_STORE, pages::error_page(&ctx.chrome("/"), &page))
@@ -217,19 +225,25 @@ fn product_view(
     form: FormValues,
 ) -> pages::ProductPage {
     let card = card(api, lang, product, wanted);
-    let prices = product
-        .prices
+    let payable = payable_prices(api, product);
+    let prices = payable
         .iter()
         .map(|p| (p.currency.to_string(), money::format_price(p.amount_minor, p.currency.as_str(), lang)))
         .collect();
     let preferred_currency = wanted
-        .filter(|c| product.prices.iter().any(|p| p.currency == *c))
-        .or_else(|| product.prices.first().map(|p| p.currency))
+        .filter(|c| payable.iter().any(|p| p.currency == *c))
+        .or_else(|| payable.first().map(|p| p.currency))
         .map(|c| c.to_string())
         .unwrap_or_default();
     let stock = api.engine.stock(&product.sku);
     let max_quantity = FORM_MAX_QUANTITY.min(u32::try_from(stock).unwrap_or(u32::MAX)).max(1);
-    pages::ProductPage { card, prices, preferred_currency, channels: channels(api, lang), max_quantity, errors, form }
+    let channels = channels(api, lang, &payable);
+    pages::ProductPage { card, prices, preferred_currency, channels, max_quantity, errors, form }
+}
+
+/// The product's prices in currencies that some enabled channel serves: the ones a buyer can pay.
+fn payable_prices<'a>(api: &NodeApi, product: &'a ProductConfig) -> Vec<&'a PriceConfig> {
+    product.prices.iter().filter(|p| !api.router.offered(p.currency.as_str()).is_empty()).collect()
 }
 
 /// The buyer's currency: `?currency=` if given, else the usual one for the language.
@@ -264,13 +278,16 @@ fn card(api: &NodeApi, lang: Lang, product: &ProductConfig, wanted: Option<Curre
         title: title_of(product, lang),
         price,
         stock: StockState::of(api.engine.stock(&product.sku)),
+        purchasable: !payable_prices(api, product).is_empty(),
     }
 }
 
-/// The enabled payment channels, sorted by name, with their labels.
-fn channels(api: &NodeApi, lang: Lang) -> Vec<(String, String)> {
-    let mut names: Vec<&'static str> = api.channels.keys().copied().collect();
+/// The channels a buyer may pick for one of `prices`' currencies, sorted by name, with their
+/// labels. (Which of them takes which currency is checked again at checkout.)
+fn channels(api: &NodeApi, lang: Lang, prices: &[&PriceConfig]) -> Vec<(String, String)> {
+    let mut names: Vec<&'static str> = prices.iter().flat_map(|p| api.router.offered(p.currency.as_str())).collect();
     names.sort_unstable();
+    names.dedup();
     names.into_iter().map(|name| (name.to_string(), channel_label(name, lang))).collect()
 }
 
@@ -326,10 +343,18 @@ where
     if quantity.is_none() {
         errors.push(quantity_error(FORM_MAX_QUANTITY));
     }
+    let payable = payable_prices(api, &product);
     let currency = match values.currency.as_deref().filter(|c| !c.is_empty()) {
-        None => None,
+        None => {
+            let first = payable.first().map(|p| p.currency);
+            if first.is_none() {
+                // No channel serves any of the product's currencies (the page hides Buy).
+                errors.push(lang.t(Msg::CheckoutErrorCurrency).to_string());
+            }
+            first
+        }
         Some(c) => match c.parse::<Currency>() {
-            Ok(c) if product.prices.iter().any(|p| p.currency == c) => Some(c),
+            Ok(c) if payable.iter().any(|p| p.currency == c) => Some(c),
             _ => {
                 errors.push(lang.t(Msg::CheckoutErrorCurrency).to_string());
                 None
@@ -345,7 +370,7 @@ where
     let requested = values.channel.as_deref().filter(|c| !c.is_empty());
     let plan = match api.router.plan(order_currency.as_deref().unwrap_or(""), requested) {
         Ok(plan) => plan,
-        Err(RouteError::UnknownChannel(_)) => {
+        Err(RouteError::UnknownChannel(_) | RouteError::ChannelNotOffered { .. }) => {
             return retry(vec![lang.t(Msg::CheckoutErrorChannel).to_string()], values)
         }
         Err(RouteError::NoChannelForCurrency(_)) => {
