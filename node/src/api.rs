@@ -23,6 +23,7 @@ use crate::metrics::HttpMetrics;
 use crate::orders::{
     CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentConfirmation, PaymentOutcome,
 };
+use crate::payments::return_link::ReturnLinks;
 use crate::payments::router::{RouteError, Router};
 use crate::payments::sandbox::SandboxChannel;
 use crate::payments::{AckStyle, CallbackRequest, CallbackVerdict, LabPayments, PaymentChannel, ProviderStatus};
@@ -70,6 +71,8 @@ pub struct NodeApi {
     /// Routes, breakers and metrics over the same channels; order creation goes through it.
     pub router: Arc<Router>,
     pub sandbox: Option<Arc<SandboxChannel>>,
+    /// Links hosted providers send buyers back through (the storefront's return page checks them).
+    pub return_links: ReturnLinks,
     /// Whether lab payments are on (the storefront warns buyers when beside real channels).
     pub lab: LabPayments,
     pub public_url: String,

@@ -168,6 +168,10 @@ pub struct ClientIpConfig {
     pub header: ClientIpHeader,
 }
 
+/// Six hours: a buyer who reaches the provider within the reservation, or pays a little late,
+/// still comes back to the order; a return link seen in a provider's logs is dead the same day.
+pub const DEFAULT_RETURN_LINK_TTL_SECS: u64 = 6 * 3600;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PaymentsConfig {
@@ -176,6 +180,9 @@ pub struct PaymentsConfig {
     /// pick only among them. Default: for every currency, the enabled real channels in the order
     /// stripe, epay (its currency only); the sandbox only on a node without a real channel.
     pub routes: BTreeMap<String, Vec<String>>,
+    /// How long the link that brings a buyer back from a hosted provider (Stripe, EPay) shows the
+    /// order, counted from the order's creation. Default 21600 s (6 h); 300 to 86400.
+    pub return_link_ttl_secs: u64,
     /// Extra CA certificate (PEM) trusted for providers' HTTPS APIs, besides the webpki roots.
     /// Default: none.
     pub extra_ca_file: Option<PathBuf>,
@@ -201,6 +208,7 @@ impl Default for PaymentsConfig {
             create_attempts: 3,
             create_timeout_ms: 5_000,
             retry_backoff_ms: 100,
+            return_link_ttl_secs: DEFAULT_RETURN_LINK_TTL_SECS,
             breaker: BreakerSettings::default(),
             compensation: CompensationSettings::default(),
             sandbox: SandboxConfig::default(),
@@ -651,6 +659,9 @@ impl NodeConfig {
         if p.create_timeout_ms == 0 {
             return err("create_timeout_ms", "must be at least 1");
         }
+        if !(300..=86_400).contains(&p.return_link_ttl_secs) {
+            return err("return_link_ttl_secs", "must be between 300 and 86400");
+        }
         let real = self.real_channels();
         if p.sandbox.enabled && !real.is_empty() && !p.sandbox.allow_beside_real_channels {
             // Anyone can pay through the sandbox for free: beside real money it must be asked for.
@@ -883,6 +894,11 @@ mod tests {
         assert_eq!(crate::payments::LabPayments::of(&lab), crate::payments::LabPayments::LabNode);
         let real = check(&format!("{}{stripe}", minimal())).unwrap();
         assert_eq!(crate::payments::LabPayments::of(&real), crate::payments::LabPayments::Off);
+        assert_eq!(real.payments.return_link_ttl_secs, 6 * 3600);
+        for ttl in [0, 299, 86_401] {
+            let err = check(&format!("{}[payments]\nreturn_link_ttl_secs = {ttl}\n", minimal())).unwrap_err();
+            assert!(err.to_string().contains("payments.return_link_ttl_secs"), "{err}");
+        }
     }
 
     #[test]

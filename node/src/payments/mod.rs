@@ -9,12 +9,14 @@
 //! - [`route_table`] (which channels serve which currency; the sandbox is a lab channel) +
 //!   [`router`] + [`breaker`]: an ordered list of channels per currency, a circuit breaker per
 //!   channel, and creation that falls through to the next channel.
+//! - [`return_link`]: the short-lived links hosted providers send buyers back through.
 //! - [`compensation`]: queries providers for orders left unconfirmed, because callbacks get lost.
 
 pub mod breaker;
 pub mod compensation;
 pub mod epay;
 pub mod http_client;
+pub mod return_link;
 pub mod route_table;
 pub mod router;
 pub mod sandbox;
@@ -223,8 +225,9 @@ impl LabPayments {
     }
 }
 
-/// Builds the enabled channels, their routes and breakers. Errors name the config field.
-pub fn build(config: &crate::config::NodeConfig) -> Result<Payments, String> {
+/// Builds the enabled channels, their routes and breakers. Hosted channels send buyers back
+/// through `return_links`. Errors name the config field.
+pub fn build(config: &crate::config::NodeConfig, return_links: &return_link::ReturnLinks) -> Result<Payments, String> {
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -250,6 +253,7 @@ pub fn build(config: &crate::config::NodeConfig) -> Result<Payments, String> {
                     tolerance_secs: p.stripe.tolerance_secs,
                     request_timeout: timeout,
                     node_id: config.node_id.to_string(),
+                    return_links: return_links.clone(),
                 };
                 let channel = stripe::StripeChannel::new(settings, client.clone())
                     .map_err(|e| format!("payments.stripe.webhook_secret: {e}"))?;
@@ -263,6 +267,7 @@ pub fn build(config: &crate::config::NodeConfig) -> Result<Payments, String> {
                     pay_type: p.epay.pay_type.clone(),
                     currency: p.epay.currency.to_string(),
                     request_timeout: timeout,
+                    return_links: return_links.clone(),
                 };
                 channels.push(Arc::new(epay::EpayChannel::new(settings, client.clone())));
             }

@@ -12,6 +12,7 @@
 //! | `GET /pay/sandbox/{id}?token=` | the sandbox's pay page |
 //! | `POST /pay/sandbox/{id}` (form) | pays, 303 to the order page (routed here by `api.rs`) |
 //! | `GET /order/{id}?token=` | status, and the keys once delivered |
+//! | `GET /order/{id}/return/{return token}` | the same, where Stripe and EPay send the buyer back |
 //! | `GET /static/app.{hash}.css\|js` | assets, cached for a year |
 //!
 //! Pages that carry or show a token are `no-store`; every HTML page has a strict CSP, no
@@ -42,6 +43,7 @@ use crate::api::{HttpResponse, NodeApi};
 use crate::config::{Currency, PriceConfig, ProductConfig};
 use crate::limiter::LimitClass;
 use crate::orders::{CreateOrder, OrderError, OrderRecord, OrderStatus};
+use crate::payments::return_link::ReturnLinkError;
 use crate::payments::router::RouteError;
 use crate::payments::{sandbox, LabPayments};
 use crate::time_fmt::rfc3339;
@@ -116,8 +118,19 @@ where
         (_, &Method::POST, ["checkout"]) => checkout(api, &ctx, &parts, body).await,
         (true, _, ["pay", "sandbox", id]) => sandbox_pay_page(api, &ctx, &query, id).await,
         (true, _, ["order", id]) => order(api, &ctx, &query, id).await,
+        (true, _, ["order", id, "return", return_token]) => order_return(api, &ctx, id, return_token).await,
         (true, _, ["static", name]) => static_asset(name),
-        (_, _, [""] | ["p", _] | ["checkout"] | ["pay", "sandbox", _] | ["order", _] | ["static", _]) => {
+        (
+            _,
+            _,
+            [""]
+            | ["p", _]
+            | ["checkout"]
+            | ["pay", "sandbox", _]
+            | ["order", _]
+            | ["order", _, "return", _]
+            | ["static", _],
+        ) => {
             let mut response = error(&ctx, StatusCode::METHOD_NOT_ALLOWED, Msg::ErrorMethodTitle, Msg::ErrorMethodBody);
             let allow = if segments.as_slice() == ["checkout"] { "POST" } else { "GET, HEAD" };
             response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -458,19 +471,60 @@ async fn order(api: &NodeApi, ctx: &Ctx, query: &[(String, String)], id: &str) -
         Ok(found) => found,
         Err(response) => return *response,
     };
+    let page = order_page_of(api, ctx, &record, Some(&token), None);
+    let chrome = ctx.chrome(order_path(&id, &token));
+    html(ctx, StatusCode::OK, NO_STORE, pages::order_page(&chrome, &page))
+}
+
+/// `GET /order/{id}/return/{return token}`: where Stripe and EPay send the buyer back. The return
+/// token (never the order's token, which must not reach a provider's logs) shows this one order
+/// until it expires; the page says until when and to keep the order link. A wrong or foreign
+/// token looks like an unknown order.
+async fn order_return(api: &NodeApi, ctx: &Ctx, id: &str, return_token: &str) -> HttpResponse {
+    if let Some(response) = limit(api, ctx, LimitClass::OrderLookup) {
+        return response;
+    }
+    let not_found = || error(ctx, StatusCode::NOT_FOUND, Msg::ErrorUnknownOrderTitle, Msg::ErrorUnknownOrderBody);
+    let Ok(id) = id.parse::<OrderId>() else { return not_found() };
+    match api.return_links.verify(&id, return_token, crate::api::unix_secs()) {
+        Ok(()) => {}
+        Err(ReturnLinkError::Expired) => {
+            return error(ctx, StatusCode::GONE, Msg::ErrorReturnExpiredTitle, Msg::ErrorReturnExpiredBody)
+        }
+        Err(ReturnLinkError::Malformed | ReturnLinkError::BadMac) => return not_found(),
+    }
+    let record = match api.engine.lookup_authorized(&id).await {
+        Ok(record) => record,
+        Err(e) => return engine_error(ctx, e, None),
+    };
+    let until = minutes(edgecard_protocol::UnixMillis(api.return_links.expires_at(&record).saturating_mul(1000)));
+    let page = order_page_of(api, ctx, &record, None, Some(until));
+    let chrome = ctx.chrome(format!("/order/{id}/return/{return_token}"));
+    html(ctx, StatusCode::OK, NO_STORE, pages::order_page(&chrome, &page))
+}
+
+/// The order page's content. `token` is the order's token when the buyer presented it (the
+/// sandbox's pay page needs it); `return_link_until` is set when shown through a return link.
+fn order_page_of(
+    api: &NodeApi,
+    ctx: &Ctx,
+    record: &OrderRecord,
+    token: Option<&str>,
+    return_link_until: Option<String>,
+) -> OrderPage {
     let title =
         api.engine.catalog().get(&record.sku).map_or_else(|| record.sku.to_string(), |p| title_of(&p, ctx.lang));
     let state = match record.status {
         OrderStatus::Reserved => {
             let channel = record.payment_attempt.as_ref().map_or(record.channel.as_str(), |a| a.channel.as_str());
-            let pay_link = if channel == sandbox::NAME && api.sandbox.is_some() {
-                Some(pay_path(&id, &token))
+            let pay_link = if channel == sandbox::NAME {
+                token.filter(|_| api.sandbox.is_some()).map(|token| pay_path(&record.id, token))
             } else {
                 record
                     .payment_attempt
                     .as_ref()
                     .and_then(|a| a.pay_url.clone())
-                    .or_else(|| api.channels.get(channel).and_then(|c| c.local_pay_url(&record, &api.public_url)))
+                    .or_else(|| api.channels.get(channel).and_then(|c| c.local_pay_url(record, &api.public_url)))
             };
             OrderState::Reserved { expires: minutes(record.expires_at), pay_link }
         }
@@ -481,15 +535,14 @@ async fn order(api: &NodeApi, ctx: &Ctx, query: &[(String, String)], id: &str) -
         OrderStatus::Expired => OrderState::Expired { product_link: format!("/p/{}", record.sku) },
         OrderStatus::PaidAwaitingStock => OrderState::PaidAwaitingStock,
     };
-    let page = OrderPage {
-        order_id: id.to_string(),
+    OrderPage {
+        order_id: record.id.to_string(),
         item: title,
         quantity: record.quantity,
         total: money::format_price(record.amount_minor, &record.currency, ctx.lang),
         state,
-    };
-    let chrome = ctx.chrome(order_path(&id, &token));
-    html(ctx, StatusCode::OK, NO_STORE, pages::order_page(&chrome, &page))
+        return_link_until,
+    }
 }
 
 /// The order named by `id`, if `token` is its token; otherwise the one "order not found" page

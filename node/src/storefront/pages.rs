@@ -294,6 +294,8 @@ pub struct OrderPage {
     pub quantity: u32,
     pub total: String,
     pub state: OrderState,
+    /// Shown through a return link: until when (UTC) that link works.
+    pub return_link_until: Option<String>,
 }
 
 pub fn order_page(c: &Chrome, page: &OrderPage) -> Markup {
@@ -354,7 +356,11 @@ pub fn order_page(c: &Chrome, page: &OrderPage) -> Markup {
                 p.muted { (c.t(Msg::OrderAutoRefresh)) }
             }
         }
-        p.muted { (c.t(Msg::OrderBookmark)) }
+        @if let Some(until) = &page.return_link_until {
+            p.notice.warn #return-link { (c.lang.f(Msg::OrderReturnLinkUntil, &[("time", until)])) }
+        } @else {
+            p.muted { (c.t(Msg::OrderBookmark)) }
+        }
     };
     layout(c, c.t(Msg::OrderTitle), poll.as_ref(), body)
 }

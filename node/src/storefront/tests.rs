@@ -21,6 +21,7 @@ use crate::limiter::{LimiterConfig, Limiters, Quota};
 use crate::metrics::{HttpMetrics, OrderMetrics, PaymentMetrics, StoreMetrics};
 use crate::orders::engine::now_millis;
 use crate::orders::OrderEngine;
+use crate::payments::return_link::ReturnLinks;
 use crate::payments::router::{Router, RouterOptions, Routes};
 use crate::payments::sandbox::SandboxChannel;
 use crate::payments::PaymentChannel;
@@ -107,6 +108,7 @@ async fn world_routed(
         router: Arc::new(router),
         channels,
         sandbox: Some(sandbox),
+        return_links: ReturnLinks::new(b"return-link key for tests", 3600).unwrap(),
         lab,
         public_url: format!("https://{HOST}"),
         max_body_bytes: 16 * 1024,
@@ -519,6 +521,67 @@ async fn wrong_methods_and_hostile_input_get_pages_not_panics() {
         let page = send(&w, post_form("/checkout"), body).await;
         assert!(page.status.is_client_error() || page.status.is_redirection(), "{body}: {}", page.status);
     }
+}
+
+/// The path a hosted provider sends the buyer back to for order `id`.
+async fn return_path(w: &World, id: &str) -> String {
+    let record = w.api.engine.order_for_payment(&id.parse().unwrap()).unwrap();
+    format!("/order/{id}/return/{}", w.api.return_links.token(&record))
+}
+
+#[tokio::test]
+async fn a_return_link_shows_the_order_and_its_keys_without_the_order_token() {
+    let w = world(3).await;
+    let (id, token) = order_link(&checkout(&w, 1).await.location());
+    let back = return_path(&w, &id).await;
+    let reserved = open(&w, &back).await;
+    assert_eq!(reserved.status, StatusCode::OK, "{}", reserved.body);
+    assert!(reserved.body.contains("Awaiting payment"), "{}", reserved.body);
+    assert!(!reserved.body.contains("/pay/sandbox/"), "no pay link without the order token");
+
+    pay(&w, &id, &token).await.location();
+    // EPay gateways append their signed result to the return URL; it changes nothing.
+    for path in [back.clone(), format!("{back}?pid=1001&trade_status=TRADE_SUCCESS&sign=x")] {
+        let page = open(&w, &path).await;
+        assert_eq!(page.status, StatusCode::OK, "{path}: {}", page.body);
+        page.assert_html_security();
+        assert_eq!(page.header("cache-control"), "no-store");
+        assert!(page.body.contains("Delivered") && page.body.contains("SECRET-000001"), "{}", page.body);
+        assert!(page.body.contains("id=\"return-link\""), "says until when the link works: {}", page.body);
+        assert!(!page.body.contains(&token), "the order token is never on a return page");
+    }
+    let zh = send(&w, get(&back).header("accept-language", "zh-CN"), "").await;
+    assert!(zh.body.contains("您已从支付页面返回"), "{}", zh.body);
+}
+
+#[tokio::test]
+async fn forged_foreign_and_expired_return_links_show_nothing() {
+    let w = world(3).await;
+    let (id, token) = order_link(&checkout(&w, 1).await.location());
+    pay(&w, &id, &token).await.location();
+    let (other, _) = order_link(&checkout(&w, 1).await.location());
+    let back = return_path(&w, &id).await;
+    let rt = back.rsplit('/').next().unwrap().to_string();
+    let foreign = ReturnLinks::new(b"another node's return-link key", 3600).unwrap();
+    let record = w.api.engine.order_for_payment(&id.parse().unwrap()).unwrap();
+    for path in [
+        format!("/order/{other}/return/{rt}"),
+        format!("/order/{id}/return/{}", foreign.token(&record)),
+        format!("/order/{id}/return/{token}"),
+        format!("/order/{id}/return/1-00"),
+        format!("/order/{id}/return/"),
+        format!("/order/not-an-id/return/{rt}"),
+    ] {
+        let page = open(&w, &path).await;
+        assert!(page.status == StatusCode::NOT_FOUND, "{path}: {}", page.status);
+        assert!(!page.body.contains("SECRET-"), "{path}");
+    }
+    // A link of this order minted long ago (its creation time decides its expiry).
+    let mut old = record.clone();
+    old.created_at = UnixMillis(1_000_000);
+    let expired = open(&w, &format!("/order/{id}/return/{}", w.api.return_links.token(&old))).await;
+    assert_eq!(expired.status, StatusCode::GONE, "{}", expired.body);
+    assert!(expired.body.contains("Link expired") && !expired.body.contains("SECRET-"), "{}", expired.body);
 }
 
 #[tokio::test]
