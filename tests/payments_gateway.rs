@@ -226,6 +226,7 @@ async fn epay_notifies_are_verified_and_answered_success_only_once_recorded() {
         name: "x".into(),
         pay_type: "alipay".into(),
         notify_url: format!("{}/api/v1/payments/epay/callback", node.public_url),
+        return_url: String::new(),
         paid: true,
     };
     let notify_url = template.notify_url.clone();
@@ -558,4 +559,60 @@ async fn beside_stripe_the_sandbox_is_neither_pickable_nor_a_fallback_outside_it
     let paid = client.pay(&euros.pay_url).await;
     assert_eq!(paid.status, 200, "{}", paid.text());
     assert_eq!(view(&node, &euros).await["status"], "delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_paying_at_stripe_the_buyer_returns_to_a_page_with_the_keys() {
+    let env = TestEnv::new();
+    let (gateway, node) = gateway_and_node(&env, 3, "", Sandbox::Off).await;
+    let created = order(&node, json!({ "sku": SKU })).await;
+    let session = gateway.session(&gateway.session_of(&created.pay_url)).unwrap();
+    for url in [&session.success_url, &session.cancel_url] {
+        assert!(url.starts_with(&node.public_url), "back to this node: {url}");
+        assert!(!url.contains(&created.token), "the order token went to Stripe: {url}");
+    }
+    let mut browser = node.client().await;
+
+    // Cancelled at Checkout: back on the order, still payable at Stripe.
+    let cancelled = browser.browse(&gateway.stripe_redirect(&session.id, false)).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.text());
+    assert!(cancelled.text().contains("Awaiting payment"), "{}", cancelled.text());
+    assert!(cancelled.text().contains(&created.pay_url), "a way to pay again: {}", cancelled.text());
+
+    // Paid: the webhook, then the browser's redirect.
+    assert_eq!(gateway.pay_stripe(&session.id).await, vec![200]);
+    let keys = keys_of(&view(&node, &created).await);
+    assert_eq!(keys.len(), 1);
+    let back = browser.browse(&gateway.stripe_redirect(&session.id, true)).await;
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert_eq!(back.header("cache-control"), Some("no-store"));
+    assert!(back.text().contains(&keys[0]), "the return page shows the key: {}", back.text());
+    assert!(!back.text().contains(&created.token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_paying_at_epay_the_buyer_returns_to_a_page_with_the_keys() {
+    let env = TestEnv::new();
+    let gateway = FakeGateway::start().await;
+    let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
+    let payments = format!(
+        "\n[payments]\nextra_ca_file = {:?}\n[payments.epay]\nenabled = true\ngateway_url = \"{}\"\npid = \"{EPAY_PID}\"\nkey = \"{EPAY_KEY}\"\ncurrency = \"EUR\"\n",
+        ca.display().to_string(),
+        gateway.url
+    );
+    let node = start_node(&env, 3, &payments, Sandbox::Off);
+    gateway.set_node(node.api.clone());
+    let created = order(&node, json!({ "sku": SKU, "currency": "EUR" })).await;
+    assert_eq!(created.body["channel"], "epay");
+    assert!(!created.pay_url.contains(&created.token), "the order token went to the gateway: {}", created.pay_url);
+
+    assert_eq!(gateway.pay_epay(&created.pay_url, true).await, vec![(200, "success".to_string())]);
+    let keys = keys_of(&view(&node, &created).await);
+    assert_eq!(keys.len(), 1);
+    let redirect = gateway.epay_redirect(&created.order_id);
+    assert!(redirect.starts_with(&node.public_url), "back to this node: {redirect}");
+    let back = node.client().await.browse(&redirect).await;
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert!(back.text().contains(&keys[0]), "the return page shows the key: {}", back.text());
+    assert!(!back.text().contains(&created.token));
 }
