@@ -236,7 +236,7 @@ Buy a key (each node serves a self-signed certificate, so curl needs --cacert):
       -d '{{"sku":"game-card-10","quantity":1}}' {url}/api/v1/orders)
   ID=$(echo "$ORDER" | sed -E 's/.*"order_id":"([0-9a-f]+)".*/\1/')
   TOKEN=$(echo "$ORDER" | sed -E 's/.*"token":"([0-9a-f]+)".*/\1/')
-  curl -s --cacert $CA -X POST {url}/pay/sandbox/$ID        # pay with the sandbox channel
+  curl -s --cacert $CA -X POST -H "authorization: Bearer $TOKEN" {url}/pay/sandbox/$ID   # pay (sandbox)
   curl -s --cacert $CA -H "authorization: Bearer $TOKEN" {url}/api/v1/orders/$ID
 
 Operate the coordinator from another shell:

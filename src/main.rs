@@ -298,6 +298,16 @@ fn check_config(args: ConfigArg) -> Result<()> {
             eprintln!("warning: {warning}");
         }
     }
+    // A product whose currencies no channel serves cannot be bought: said now, not at checkout.
+    for warning in edgecard_node::payments::route_table::unserved_currencies(&config) {
+        eprintln!("warning: {warning}");
+    }
+    if edgecard_node::payments::LabPayments::of(&config) == edgecard_node::payments::LabPayments::BesideRealChannels {
+        eprintln!(
+            "warning: lab payments are on beside real channels (payments.sandbox.allow_beside_real_channels): \
+             the sandbox pays for free wherever payments.routes lists it"
+        );
+    }
     println!("{} is valid. Effective configuration:\n", args.config.display());
     println!("{}", toml::to_string_pretty(&config).context("rendering the configuration")?);
     Ok(())

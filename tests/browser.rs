@@ -232,10 +232,13 @@ async fn order_pages_over_https_are_never_stored_and_carry_the_csp() {
     let body = order.text();
     assert!(secrets.iter().any(|s| body.contains(s.as_str())), "the key is on the order page");
 
-    // The JSON API still answers script clients at the same pay URL.
+    // The JSON API still answers script clients at the same pay URL, token included; without
+    // the token it pays nothing.
     let second = client.send(form_post(&node, "/checkout", &format!("sku={SKU}&quantity=1"))).await;
-    let (path, _) = second.header("location").unwrap().split_once("?token=").unwrap();
-    let api_paid = client.send(Request::post(path)).await;
+    let pay_url = second.header("location").unwrap().to_string();
+    let (path, _) = pay_url.split_once("?token=").unwrap();
+    assert_eq!(client.send(Request::post(path)).await.status, 401, "a sandbox payment without the token");
+    let api_paid = client.send(Request::post(&pay_url)).await;
     assert_eq!(api_paid.status, 200, "{}", api_paid.text());
     assert_eq!(api_paid.json::<serde_json::Value>().unwrap()["status"], "delivered");
 }

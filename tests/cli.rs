@@ -163,3 +163,27 @@ fn check_config_checks_the_certificate_and_its_key() {
     assert!(old.status.success(), "{}", text(&old.stderr));
     assert!(text(&old.stderr).contains("warning: the TLS certificate expired on 2021-01-01"), "{}", text(&old.stderr));
 }
+
+/// `check-config` says when a product's currency has no channel: buyers could not pay in it.
+#[test]
+fn check_config_warns_about_currencies_no_channel_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    let key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    let products = "[[products]]\nsku = \"card\"\ntitle = { en = \"Card\" }\n\
+                    prices = [{ amount_minor = 100, currency = \"USD\" }, { amount_minor = 700, currency = \"CNY\" }]\n";
+    let base = format!("node_id = \"eu-1\"\ndata_dir = \"d\"\n[trust]\ncoordinator_key = \"{key}\"\n");
+    let epay =
+        "[payments.epay]\nenabled = true\ngateway_url = \"https://pay.example\"\npid = \"1\"\nkey = \"12345678\"\n";
+    std::fs::write(&path, format!("{base}{epay}{products}")).unwrap();
+    let out = edgecard(&["node", "check-config", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("warning: product card: no enabled payment channel serves USD"), "{stderr}");
+    assert!(!stderr.contains("serves CNY"), "EPay serves CNY: {stderr}");
+
+    std::fs::write(&path, format!("{base}[payments.sandbox]\nenabled = true\n{products}")).unwrap();
+    let out = edgecard(&["node", "check-config", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("warning"), "a lab node serves every currency: {}", text(&out.stderr));
+}

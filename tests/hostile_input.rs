@@ -311,7 +311,11 @@ async fn bad_order_requests_get_clear_errors_and_change_nothing() {
         assert_json_error("DELETE orders", &response, 405, "method_not_allowed");
         let response = client.send(Request::get("/api/v1/nothing-here")).await;
         assert_json_error("unknown path", &response, 404, "not_found");
-        let response = client.send(Request::post(&format!("/pay/sandbox/{}", random_hex(16)))).await;
+        let unknown = format!("/pay/sandbox/{}", random_hex(16));
+        let response = client.send(Request::post(&unknown)).await;
+        assert_json_error("paying without a token", &response, 401, "missing_token");
+        let bearer = format!("Bearer {}", random_hex(16));
+        let response = client.send(Request::post(&unknown).header("authorization", &bearer)).await;
         assert_eq!(response.status, 404, "paying an unknown order: {}", response.text());
         error_code(&response);
         let response = client.send(Request::post("/pay/sandbox/not-an-id")).await;

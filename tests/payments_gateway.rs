@@ -12,6 +12,7 @@ mod fake_gateway;
 use std::time::{Duration, Instant};
 
 use common::{bounded, error_code, keys_of, make_secrets, Created, NodeOptions, NodeProcess, TestEnv, SKU};
+use edgecard::https_client::Request;
 use fake_gateway::{
     stripe_signature, FakeGateway, Faults, EPAY_KEY, EPAY_PID, STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET,
 };
@@ -23,15 +24,40 @@ fn unix_secs() -> u64 {
     common::unix_secs()
 }
 
-/// Starts a node selling `keys` keys, with `payments` TOML appended to its config.
-fn start_node(env: &TestEnv, keys: usize, payments: &str) -> NodeProcess {
+/// What becomes of the sandbox the base config enables, on a node with a real channel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sandbox {
+    Off,
+    /// Kept on, with `allow_beside_real_channels` (it serves only where the routes list it).
+    AllowedBeside,
+}
+
+/// Writes the config of a node selling `keys` keys, with `payments` TOML appended.
+fn write_node_config(
+    env: &TestEnv,
+    keys: usize,
+    payments: &str,
+    sandbox: Sandbox,
+) -> (std::path::PathBuf, NodeOptions) {
     let grant = env.grant_file(&make_secrets(keys));
     let options =
         NodeOptions { max_open_per_ip: 100_000, max_open_per_email: 100_000, ..NodeOptions::with_grants(vec![grant]) };
     let path = env.write_config(&options);
-    let mut text = std::fs::read_to_string(&path).unwrap();
+    let base = std::fs::read_to_string(&path).unwrap();
+    let table = match sandbox {
+        Sandbox::Off => "[payments.sandbox]\nenabled = false\n",
+        Sandbox::AllowedBeside => "[payments.sandbox]\nenabled = true\nallow_beside_real_channels = true\n",
+    };
+    let mut text = base.replace("[payments.sandbox]\nenabled = true\n", table);
+    assert!(text.contains(table), "the base config's sandbox table moved");
     text.push_str(payments);
     std::fs::write(&path, text).unwrap();
+    (path, options)
+}
+
+/// Starts a node selling `keys` keys, with `payments` TOML appended to its config.
+fn start_node(env: &TestEnv, keys: usize, payments: &str, sandbox: Sandbox) -> NodeProcess {
+    let (path, options) = write_node_config(env, keys, payments, sandbox);
     NodeProcess::start(&path, &options.env)
 }
 
@@ -60,10 +86,10 @@ fn compensation_toml(first_ms: u64) -> String {
     )
 }
 
-async fn gateway_and_node(env: &TestEnv, keys: usize, extra: &str) -> (FakeGateway, NodeProcess) {
+async fn gateway_and_node(env: &TestEnv, keys: usize, extra: &str, sandbox: Sandbox) -> (FakeGateway, NodeProcess) {
     let gateway = FakeGateway::start().await;
     let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
-    let node = start_node(env, keys, &format!("{}{extra}", stripe_toml(&gateway, &ca)));
+    let node = start_node(env, keys, &format!("{}{extra}", stripe_toml(&gateway, &ca)), sandbox);
     gateway.set_node(node.api.clone());
     (gateway, node)
 }
@@ -95,7 +121,7 @@ async fn delivered(node: &NodeProcess, order: &Created, limit: Duration) -> Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stripe_forged_mismatched_and_replayed_webhooks_deliver_nothing_wrongly() {
     let env = TestEnv::new();
-    let (gateway, node) = gateway_and_node(&env, 5, "").await;
+    let (gateway, node) = gateway_and_node(&env, 5, "", Sandbox::Off).await;
     let created = order(&node, json!({ "sku": SKU })).await;
     assert_eq!(created.body["channel"], "stripe");
     assert!(created.pay_url.starts_with(&gateway.url), "{}", created.pay_url);
@@ -170,13 +196,19 @@ async fn epay_notifies_are_verified_and_answered_success_only_once_recorded() {
         gateway.url
     );
     let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
-    let node = start_node(&env, 5, &format!("\n[payments]\nextra_ca_file = {:?}\n{extra}", ca.display().to_string()));
+    let node = start_node(
+        &env,
+        5,
+        &format!("\n[payments]\nextra_ca_file = {:?}\n{extra}", ca.display().to_string()),
+        Sandbox::Off,
+    );
     gateway.set_node(node.api.clone());
 
-    // EPay takes EUR here only; a USD order has no channel.
+    // EPay takes EUR here only: it is not among USD's channels, so a buyer cannot pick it.
     let mut client = node.client().await;
     let refused = client.create_order(&json!({ "sku": SKU, "currency": "USD", "channel": "epay" })).await;
-    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert_eq!(error_code(&refused), "channel_not_available");
     let created = order(&node, json!({ "sku": SKU, "currency": "EUR" })).await;
     assert_eq!(created.body["channel"], "epay");
     assert!(created.pay_url.starts_with(&format!("{}/submit.php?", gateway.url)), "{}", created.pay_url);
@@ -194,6 +226,7 @@ async fn epay_notifies_are_verified_and_answered_success_only_once_recorded() {
         name: "x".into(),
         pay_type: "alipay".into(),
         notify_url: format!("{}/api/v1/payments/epay/callback", node.public_url),
+        return_url: String::new(),
         paid: true,
     };
     let notify_url = template.notify_url.clone();
@@ -228,7 +261,7 @@ async fn epay_notifies_are_verified_and_answered_success_only_once_recorded() {
 async fn with_the_primary_down_orders_complete_through_the_secondary() {
     let env = TestEnv::new();
     let extra = "\n[payments.routes]\nUSD = [\"stripe\", \"sandbox\"]\n[payments.breaker]\nfailure_threshold = 3\n";
-    let (gateway, node) = gateway_and_node(&env, 20, extra).await;
+    let (gateway, node) = gateway_and_node(&env, 20, extra, Sandbox::AllowedBeside).await;
     gateway.set_faults(Faults { down: true, ..gateway.faults() });
     let mut client = node.client().await;
     for i in 0..10 {
@@ -257,7 +290,7 @@ async fn with_the_primary_down_orders_complete_through_the_secondary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_stripe_callback_dropped_compensation_completes_every_paid_order() {
     let env = TestEnv::new();
-    let (gateway, node) = gateway_and_node(&env, 10, &compensation_toml(300)).await;
+    let (gateway, node) = gateway_and_node(&env, 10, &compensation_toml(300), Sandbox::Off).await;
     gateway.set_faults(Faults { drop_callback_rate: 1.0, ..gateway.faults() });
     let mut orders = Vec::new();
     for _ in 0..8 {
@@ -288,7 +321,7 @@ async fn every_stripe_callback_dropped_compensation_completes_every_paid_order()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_and_out_of_order_callbacks_deliver_exactly_once() {
     let env = TestEnv::new();
-    let (gateway, node) = gateway_and_node(&env, 10, "").await;
+    let (gateway, node) = gateway_and_node(&env, 10, "", Sandbox::Off).await;
     gateway.set_faults(Faults { duplicate_callbacks: 3, ..gateway.faults() });
     let first = order(&node, json!({ "sku": SKU })).await;
     assert_eq!(gateway.pay_stripe(&gateway.session_of(&first.pay_url)).await, vec![200; 4]);
@@ -365,7 +398,7 @@ async fn payment_success_with_20_percent_transient_gateway_failures() {
     let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
     let toml =
         stripe_toml(&gateway, &ca).replace("create_timeout_ms = 1000", "create_timeout_ms = 500\ncreate_attempts = 5");
-    let node = start_node(&env, n + 10, &format!("{toml}{extra}"));
+    let node = start_node(&env, n + 10, &format!("{toml}{extra}"), Sandbox::Off);
     gateway.set_node(node.api.clone());
     gateway.set_faults(Faults {
         error_rate: 0.10,
@@ -437,4 +470,149 @@ async fn payment_success_with_20_percent_transient_gateway_failures() {
     );
     assert!(rate >= 99.5, "payment success {rate:.2}% < 99.5%");
     assert_eq!(node.metric("edgecard_duplicate_payments_total").await, 0.0);
+}
+
+/// Runs `edgecard node <command> --config <path>` and waits (bounded) for it to exit; a node
+/// that starts instead of refusing is killed and fails the test.
+fn run_to_exit(command: &str, path: &std::path::Path) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgecard"))
+        .args(["node", command, "--config"])
+        .arg(path)
+        .env("EDGECARD_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!("`node {command}` still running after 20 s: {}", String::from_utf8_lossy(&output.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_stripe_refuses_the_sandbox_unless_told_so_explicitly() {
+    let env = TestEnv::new();
+    let gateway = FakeGateway::start().await;
+    let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
+    // The base config enables the sandbox; stripe comes on top, without the explicit yes.
+    let (path, _) = write_node_config(&env, 1, &stripe_toml(&gateway, &ca), Sandbox::Off);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("[payments.sandbox]\nenabled = false\n", "[payments.sandbox]\nenabled = true\n"),
+    )
+    .unwrap();
+    for command in ["run", "check-config"] {
+        let output = run_to_exit(command, &path);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "`node {command}` accepted the sandbox beside stripe: {stderr}");
+        assert!(stderr.contains("payments.sandbox.enabled"), "{command}: {stderr}");
+        assert!(stderr.contains("allow_beside_real_channels = true"), "{command}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+
+    // Told so: it starts, and says so to operators and buyers.
+    let (path, options) = write_node_config(&env, 1, &stripe_toml(&gateway, &ca), Sandbox::AllowedBeside);
+    let checked = run_to_exit("check-config", &path);
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+    assert!(String::from_utf8_lossy(&checked.stderr).contains("lab payments are on beside real channels"));
+    let node = NodeProcess::start(&path, &options.env);
+    for health in [node.admin_get("/healthz").await, node.client().await.send(Request::get("/healthz")).await] {
+        assert_eq!(health.status, 200, "{}", health.text());
+        assert_eq!(health.json::<Value>().unwrap()["lab_payments"], "beside_real_channels");
+    }
+    let store = node.client().await.send(Request::get("/")).await;
+    assert!(store.text().contains("id=\"lab-payments\""), "the storefront shows the lab notice: {}", store.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_stripe_the_sandbox_is_neither_pickable_nor_a_fallback_outside_its_routes() {
+    let env = TestEnv::new();
+    // The sandbox is allowed and routed for EUR only; USD has no route of its own.
+    let extra = "\n[payments.routes]\nEUR = [\"stripe\", \"sandbox\"]\n";
+    let (gateway, node) = gateway_and_node(&env, 5, extra, Sandbox::AllowedBeside).await;
+    let mut client = node.client().await;
+
+    // Picked by the buyer for USD: refused, nothing reserved.
+    let picked = client.create_order(&json!({ "sku": SKU, "channel": "sandbox" })).await;
+    assert_eq!(picked.status, 400, "the sandbox was handed out for USD: {}", picked.text());
+    assert_eq!(error_code(&picked), "channel_not_available");
+    assert_eq!(client.stock().await, 5);
+
+    // Stripe down: a USD order does not fall through to the sandbox by itself.
+    gateway.set_faults(Faults { down: true, ..gateway.faults() });
+    let fallen = client.create_order(&json!({ "sku": SKU })).await;
+    assert_eq!(fallen.status, 503, "a USD order fell through to the sandbox: {}", fallen.text());
+    assert_eq!(error_code(&fallen), "payment_unavailable");
+    assert_eq!(client.stock().await, 5, "the refused order's key is back on sale");
+
+    // Where the routes list it, it is the configured fallback, as before.
+    let euros = order(&node, json!({ "sku": SKU, "currency": "EUR" })).await;
+    assert_eq!(euros.body["channel"], "sandbox", "{}", euros.body);
+    let paid = client.pay(&euros.pay_url).await;
+    assert_eq!(paid.status, 200, "{}", paid.text());
+    assert_eq!(view(&node, &euros).await["status"], "delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_paying_at_stripe_the_buyer_returns_to_a_page_with_the_keys() {
+    let env = TestEnv::new();
+    let (gateway, node) = gateway_and_node(&env, 3, "", Sandbox::Off).await;
+    let created = order(&node, json!({ "sku": SKU })).await;
+    let session = gateway.session(&gateway.session_of(&created.pay_url)).unwrap();
+    for url in [&session.success_url, &session.cancel_url] {
+        assert!(url.starts_with(&node.public_url), "back to this node: {url}");
+        assert!(!url.contains(&created.token), "the order token went to Stripe: {url}");
+    }
+    let mut browser = node.client().await;
+
+    // Cancelled at Checkout: back on the order, still payable at Stripe.
+    let cancelled = browser.browse(&gateway.stripe_redirect(&session.id, false)).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.text());
+    assert!(cancelled.text().contains("Awaiting payment"), "{}", cancelled.text());
+    assert!(cancelled.text().contains(&created.pay_url), "a way to pay again: {}", cancelled.text());
+
+    // Paid: the webhook, then the browser's redirect.
+    assert_eq!(gateway.pay_stripe(&session.id).await, vec![200]);
+    let keys = keys_of(&view(&node, &created).await);
+    assert_eq!(keys.len(), 1);
+    let back = browser.browse(&gateway.stripe_redirect(&session.id, true)).await;
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert_eq!(back.header("cache-control"), Some("no-store"));
+    assert!(back.text().contains(&keys[0]), "the return page shows the key: {}", back.text());
+    assert!(!back.text().contains(&created.token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_paying_at_epay_the_buyer_returns_to_a_page_with_the_keys() {
+    let env = TestEnv::new();
+    let gateway = FakeGateway::start().await;
+    let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
+    let payments = format!(
+        "\n[payments]\nextra_ca_file = {:?}\n[payments.epay]\nenabled = true\ngateway_url = \"{}\"\npid = \"{EPAY_PID}\"\nkey = \"{EPAY_KEY}\"\ncurrency = \"EUR\"\n",
+        ca.display().to_string(),
+        gateway.url
+    );
+    let node = start_node(&env, 3, &payments, Sandbox::Off);
+    gateway.set_node(node.api.clone());
+    let created = order(&node, json!({ "sku": SKU, "currency": "EUR" })).await;
+    assert_eq!(created.body["channel"], "epay");
+    assert!(!created.pay_url.contains(&created.token), "the order token went to the gateway: {}", created.pay_url);
+
+    assert_eq!(gateway.pay_epay(&created.pay_url, true).await, vec![(200, "success".to_string())]);
+    let keys = keys_of(&view(&node, &created).await);
+    assert_eq!(keys.len(), 1);
+    let redirect = gateway.epay_redirect(&created.order_id);
+    assert!(redirect.starts_with(&node.public_url), "back to this node: {redirect}");
+    let back = node.client().await.browse(&redirect).await;
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert!(back.text().contains(&keys[0]), "the return page shows the key: {}", back.text());
+    assert!(!back.text().contains(&created.token));
 }

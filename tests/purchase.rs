@@ -43,7 +43,11 @@ async fn buyer_reserves_pays_and_gets_a_granted_key() {
         assert!(order.body["expires_at"].is_string(), "{}", order.body);
         assert_eq!(order.order_id.len(), 32, "{}", order.body);
         assert_eq!(order.token.len(), 32, "{}", order.body);
-        assert_eq!(order.pay_url, format!("{}/pay/sandbox/{}", node.public_url, order.order_id));
+        assert_eq!(
+            order.pay_url,
+            format!("{}/pay/sandbox/{}?token={}", node.public_url, order.order_id, order.token),
+            "the sandbox's own pay page, which needs the order token"
+        );
         assert!(order.body.get("keys").is_none(), "a reservation shows no keys: {}", order.body);
         assert_eq!(client.stock().await, 9, "the reservation holds its key");
 
@@ -60,7 +64,7 @@ async fn buyer_reserves_pays_and_gets_a_granted_key() {
         assert_eq!(paid_body["status"], "delivered", "{paid_body}");
         assert_eq!(paid_body["order_id"], order.order_id.as_str());
         for secret in &secrets {
-            assert!(!paid.text().contains(secret.as_str()), "the pay endpoint needs no token and must not show keys");
+            assert!(!paid.text().contains(secret.as_str()), "the pay answer does not show keys");
         }
 
         // The key, to the token holder.
@@ -217,6 +221,71 @@ async fn catalog_is_cacheable_and_revalidates_with_etag() {
         let health = client.send(Request::get("/healthz")).await;
         assert_eq!(health.status, 200);
         assert_eq!(node.admin_get("/healthz").await.status, 200);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_pays_only_for_the_holder_of_the_order_token() {
+    let env = TestEnv::new();
+    let secrets = make_secrets(3);
+    let node = env.start_node(&NodeOptions::with_grants(vec![env.grant_file(&secrets)]));
+    bounded("sandbox token", LIMIT, async {
+        let mut client = node.client().await;
+        let order = client.reserve(1).await;
+        let path = format!("/pay/sandbox/{}", order.order_id);
+        let cases: Vec<(&str, Request, u16)> = vec![
+            ("no token", Request::post(&path), 401),
+            ("wrong token", Request::post(&path).header("authorization", &format!("Bearer {}", random_hex(16))), 404),
+            ("malformed token", Request::post(&path).header("authorization", "Bearer abc"), 404),
+            ("wrong token in the query", Request::post(&format!("{path}?token={}", random_hex(16))), 404),
+            (
+                "a form without the token",
+                Request::post(&path).header("content-type", "application/x-www-form-urlencoded").body("token="),
+                404,
+            ),
+        ];
+        for (what, request, status) in cases {
+            let response = client.send(request).await;
+            assert_eq!(response.status, status, "{what}: {}", response.text());
+            assert!(!response.text().contains("\"delivered\""), "{what}: {}", response.text());
+        }
+        let view = client.fetch_ok(&order).await;
+        assert_eq!(view["status"], "reserved", "nothing was paid: {view}");
+        assert!(keys_of(&view).is_empty());
+        assert_eq!(node.metric("edgecard_purchases_total").await, 0.0);
+
+        // The holder pays with the token as a bearer header (the demo's and README's call).
+        let paid = client.send(Request::post(&path).header("authorization", &format!("Bearer {}", order.token))).await;
+        assert_eq!(paid.status, 200, "{}", paid.text());
+        assert_eq!(paid.json::<Value>().unwrap()["status"], "delivered");
+        assert_eq!(keys_of(&client.fetch_ok(&order).await).len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pay_url_opened_in_a_browser_shows_the_order() {
+    let env = TestEnv::new();
+    let secrets = make_secrets(3);
+    let node = env.start_node(&NodeOptions::with_grants(vec![env.grant_file(&secrets)]));
+    bounded("pay_url in a browser", LIMIT, async {
+        let mut client = node.client().await;
+        let order = client.reserve(1).await;
+        let page = client.browse(&order.pay_url).await;
+        assert_eq!(page.status, 200, "{}", page.text());
+        assert_eq!(page.header("cache-control"), Some("no-store"));
+        assert!(page.header("content-type").unwrap().starts_with("text/html"));
+        assert!(page.text().contains("Pay $10.00"), "the pay page of this order: {}", page.text());
+        // The order view's pay_url (for a client that lost the first answer) opens too.
+        let view = client.fetch_ok(&order).await;
+        assert_eq!(view["pay_url"], order.pay_url.as_str());
+
+        assert_eq!(client.pay(&order.pay_url).await.status, 200);
+        let after = client.browse(&order.pay_url).await;
+        assert_eq!(after.status, 200, "{}", after.text());
+        let keys = keys_of(&client.fetch_ok(&order).await);
+        assert!(after.text().contains(&keys[0]), "a paid order's pay_url leads to its keys: {}", after.text());
     })
     .await;
 }

@@ -41,7 +41,12 @@
   var every = parseInt(order.getAttribute("data-poll-ms"), 10) || 3000;
   var token = new URLSearchParams(window.location.search).get("token");
   var stopAt = Date.now() + 60 * 60 * 1000;
-  if (!token || !/^[0-9a-f]{32}$/.test(id)) {
+  if (!/^[0-9a-f]{32}$/.test(id)) {
+    return;
+  }
+  if (!token) {
+    // A return link from a payment provider carries no order token: reload the page instead.
+    window.setTimeout(function () { window.location.reload(); }, Math.max(every, 10000));
     return;
   }
   function tick() {

@@ -31,6 +31,8 @@ pub struct AdminApi {
     pub region: String,
     /// Payment channels: per-channel metrics and breaker states.
     pub payments: Arc<crate::payments::router::Router>,
+    /// Whether lab payments are on, for `/healthz`.
+    pub lab: crate::payments::LabPayments,
     /// The sync link's metrics, when the node syncs with a coordinator.
     pub sync: Arc<crate::sync_link::SyncLinkMetrics>,
 }
@@ -80,7 +82,7 @@ impl AdminApi {
         let path = request.uri().path().to_string();
         match (request.method(), path.as_str()) {
             (&Method::GET, "/metrics") => self.metrics(),
-            (&Method::GET, "/healthz") => healthz_response(&self.engine),
+            (&Method::GET, "/healthz") => healthz_response(&self.engine, self.lab),
             (&Method::GET, "/admin/v1/status") if self.authorized(&request) => self.status(),
             (&Method::POST, "/admin/v1/grants") if self.authorized(&request) => self.install(request).await,
             (_, "/admin/v1/status" | "/admin/v1/grants") => {

@@ -23,9 +23,10 @@ use crate::metrics::HttpMetrics;
 use crate::orders::{
     CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentConfirmation, PaymentOutcome,
 };
+use crate::payments::return_link::ReturnLinks;
 use crate::payments::router::{RouteError, Router};
 use crate::payments::sandbox::SandboxChannel;
-use crate::payments::{AckStyle, CallbackRequest, CallbackVerdict, PaymentChannel, ProviderStatus};
+use crate::payments::{AckStyle, CallbackRequest, CallbackVerdict, LabPayments, PaymentChannel, ProviderStatus};
 use crate::time_fmt::rfc3339;
 use edgecard_net::auth::bearer_token;
 
@@ -46,8 +47,10 @@ fn if_none_match_hits(header: &str, etag: &str) -> bool {
 }
 
 /// `/healthz` for the CDN and the orchestrator: 503 while the store refuses writes, so that
-/// traffic moves to another origin (disk full) or the process is replaced (poisoned).
-pub fn healthz_response(engine: &OrderEngine) -> HttpResponse {
+/// traffic moves to another origin (disk full) or the process is replaced (poisoned). It also
+/// says whether lab payments (the sandbox, free for anyone) are on, so monitoring can alarm on a
+/// shop taking real money with them.
+pub fn healthz_response(engine: &OrderEngine, lab: LabPayments) -> HttpResponse {
     let store = engine.store().health();
     // A node waiting for the coordinator to confirm its data dir sells nothing: a load balancer
     // should send buyers elsewhere meanwhile.
@@ -63,6 +66,7 @@ pub fn healthz_response(engine: &OrderEngine) -> HttpResponse {
         "node": engine.node_id().as_str(),
         "store": store.as_str(),
         "selling": confirmed,
+        "lab_payments": lab.as_str(),
     });
     let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json_response(status, &body, NO_STORE)
@@ -76,6 +80,10 @@ pub struct NodeApi {
     /// Routes, breakers and metrics over the same channels; order creation goes through it.
     pub router: Arc<Router>,
     pub sandbox: Option<Arc<SandboxChannel>>,
+    /// Links hosted providers send buyers back through (the storefront's return page checks them).
+    pub return_links: ReturnLinks,
+    /// Whether lab payments are on (the storefront warns buyers when beside real channels).
+    pub lab: LabPayments,
     pub public_url: String,
     pub max_body_bytes: usize,
     pub metrics: Arc<HttpMetrics>,
@@ -221,7 +229,8 @@ impl NodeApi {
             (&Method::POST, ["pay", "sandbox", id]) => {
                 self.limit(LimitClass::Payment, client)?;
                 let id = parse_order_id(id)?;
-                self.sandbox_pay(&id).await
+                let token = sandbox_pay_token(request.headers(), request.uri().query())?;
+                self.sandbox_pay(&id, &token).await
             }
             (_, ["healthz"] | ["api", "v1", "products"] | ["api", "v1", "orders"] | ["api", "v1", "orders", _]) => {
                 Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here"))
@@ -253,7 +262,7 @@ impl NodeApi {
     }
 
     fn healthz(&self) -> HttpResponse {
-        healthz_response(&self.engine)
+        healthz_response(&self.engine, self.lab)
     }
 
     fn products(&self, headers: &HeaderMap, query: Option<&str>) -> HttpResponse {
@@ -354,7 +363,8 @@ impl NodeApi {
                 client_ip: client,
             })
             .await?;
-        let pay_url = self.open_payment(&created.record, &plan).await?;
+        let (channel, pay_url) = self.open_payment(&created.record, &plan).await?;
+        let pay_url = buyer_pay_url(&channel, pay_url, &created.token);
         let record = &created.record;
         let body = json!({
             "order_id": record.id.to_string(),
@@ -364,9 +374,9 @@ impl NodeApi {
             "quantity": record.quantity,
             "amount_minor": record.amount_minor,
             "currency": record.currency,
-            "channel": pay_url.0,
+            "channel": channel,
             "expires_at": rfc3339(record.expires_at),
-            "pay_url": pay_url.1,
+            "pay_url": pay_url,
         });
         Ok(json_response(StatusCode::CREATED, &body, NO_STORE))
     }
@@ -410,10 +420,10 @@ impl NodeApi {
         })?;
         let token: OrderToken = token.parse().map_err(|_| ApiError::from(OrderError::NotFound))?;
         let record = self.engine.lookup(id, &token).await?;
-        Ok(json_response(StatusCode::OK, &self.order_view(&record), NO_STORE))
+        Ok(json_response(StatusCode::OK, &self.order_view(&record, &token), NO_STORE))
     }
 
-    fn order_view(&self, record: &OrderRecord) -> Value {
+    fn order_view(&self, record: &OrderRecord, token: &OrderToken) -> Value {
         let mut view = json!({
             "order_id": record.id.to_string(),
             "status": record.status.as_str(),
@@ -427,7 +437,8 @@ impl NodeApi {
         });
         if record.status == OrderStatus::Reserved {
             if let Some(channel) = self.channels.get(record.channel.as_str()) {
-                view["pay_url"] = json!(channel.pay_url(record, &self.public_url));
+                view["pay_url"] =
+                    json!(buyer_pay_url(channel.name(), channel.pay_url(record, &self.public_url), token));
             }
         }
         if record.status == OrderStatus::Delivered {
@@ -523,9 +534,11 @@ impl NodeApi {
         self.engine.metrics().callbacks_rejected.inc();
     }
 
-    pub(crate) async fn sandbox_pay(&self, id: &OrderId) -> Result<HttpResponse, ApiError> {
+    /// Pays `id` through the sandbox, for the holder of its token only: the sandbox pays for free,
+    /// so knowing an order id (from a log, a shared screen) must not be enough.
+    pub(crate) async fn sandbox_pay(&self, id: &OrderId, token: &OrderToken) -> Result<HttpResponse, ApiError> {
         let sandbox = self.sandbox.as_ref().ok_or_else(ApiError::not_found)?;
-        let order = self.engine.order_for_payment(id).map_err(|e| match e {
+        let order = self.engine.lookup(id, token).await.map_err(|e| match e {
             OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"),
             other => other.into(),
         })?;
@@ -554,10 +567,37 @@ impl NodeApi {
     }
 }
 
+/// The pay link handed to the buyer. The sandbox's is this node's own pay page, which needs the
+/// order's token, so it carries it (like the storefront's links; it never goes to a provider).
+/// Hosted providers' links are theirs, unchanged.
+fn buyer_pay_url(channel: &str, pay_url: String, token: &OrderToken) -> String {
+    if channel == crate::payments::sandbox::NAME && !pay_url.is_empty() {
+        format!("{pay_url}?token={token}")
+    } else {
+        pay_url
+    }
+}
+
+/// The order token of a JSON sandbox payment: `Authorization: Bearer <token>`, or the `token`
+/// query parameter that the pay link carries.
+fn sandbox_pay_token(headers: &HeaderMap, query: Option<&str>) -> Result<OrderToken, ApiError> {
+    let presented = bearer_token(headers).or_else(|| query_param(query, "token")).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send the order token as `Authorization: Bearer <token>` (or POST the pay_url as given)",
+        )
+    })?;
+    presented.parse().map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"))
+}
+
 fn route_error(e: RouteError) -> ApiError {
     let message = e.to_string();
     match e {
         RouteError::UnknownChannel(_) => ApiError::new(StatusCode::BAD_REQUEST, "unknown_channel", message),
+        RouteError::ChannelNotOffered { .. } => {
+            ApiError::new(StatusCode::BAD_REQUEST, "channel_not_available", message)
+        }
         RouteError::NoChannelForCurrency(_) => ApiError::new(StatusCode::BAD_REQUEST, "unsupported_currency", message),
         RouteError::AllUnavailable { retry_after_secs } => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "payment_unavailable", message).retry_after(retry_after_secs)

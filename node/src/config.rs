@@ -168,13 +168,21 @@ pub struct ClientIpConfig {
     pub header: ClientIpHeader,
 }
 
+/// Six hours: a buyer who reaches the provider within the reservation, or pays a little late,
+/// still comes back to the order; a return link seen in a provider's logs is dead the same day.
+pub const DEFAULT_RETURN_LINK_TTL_SECS: u64 = 6 * 3600;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PaymentsConfig {
     /// Channel order per currency, e.g. `{ USD = ["stripe", "sandbox"], CNY = ["epay"] }`: order
-    /// creation tries them in this order, skipping channels whose breaker is open. Default: for
-    /// every currency, the enabled channels in the order stripe, epay (its currency only), sandbox.
+    /// creation tries them in this order, skipping channels whose breaker is open, and a buyer may
+    /// pick only among them. Default: for every currency, the enabled real channels in the order
+    /// stripe, epay (its currency only); the sandbox only on a node without a real channel.
     pub routes: BTreeMap<String, Vec<String>>,
+    /// How long the link that brings a buyer back from a hosted provider (Stripe, EPay) shows the
+    /// order, counted from the order's creation. Default 21600 s (6 h); 300 to 86400.
+    pub return_link_ttl_secs: u64,
     /// Extra CA certificate (PEM) trusted for providers' HTTPS APIs, besides the webpki roots.
     /// Default: none.
     pub extra_ca_file: Option<PathBuf>,
@@ -200,6 +208,7 @@ impl Default for PaymentsConfig {
             create_attempts: 3,
             create_timeout_ms: 5_000,
             retry_backoff_ms: 100,
+            return_link_ttl_secs: DEFAULT_RETURN_LINK_TTL_SECS,
             breaker: BreakerSettings::default(),
             compensation: CompensationSettings::default(),
             sandbox: SandboxConfig::default(),
@@ -335,6 +344,11 @@ pub struct SandboxConfig {
     /// Enables the built-in test payment channel. Default false: never enable it on a shop that
     /// takes real money, since anyone can "pay" through it.
     pub enabled: bool,
+    /// Lets the sandbox be enabled on a node that also has a real channel (stripe, epay); without
+    /// it such a node refuses to start. Even then the sandbox serves only the currencies whose
+    /// `payments.routes` list it, and the storefront and `/healthz` say that lab payments are on.
+    /// Default false.
+    pub allow_beside_real_channels: bool,
     /// HMAC key of sandbox callbacks (env EDGECARD_SANDBOX_SECRET overrides). Default: a random
     /// key made at start.
     pub secret: Option<String>,
@@ -351,6 +365,7 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             enabled: false,
+            allow_beside_real_channels: false,
             secret: None,
             tolerance_secs: 300,
             callback_delay_ms: 0,
@@ -644,6 +659,21 @@ impl NodeConfig {
         if p.create_timeout_ms == 0 {
             return err("create_timeout_ms", "must be at least 1");
         }
+        if !(300..=86_400).contains(&p.return_link_ttl_secs) {
+            return err("return_link_ttl_secs", "must be between 300 and 86400");
+        }
+        let real = self.real_channels();
+        if p.sandbox.enabled && !real.is_empty() && !p.sandbox.allow_beside_real_channels {
+            // Anyone can pay through the sandbox for free: beside real money it must be asked for.
+            return Err((
+                "payments.sandbox.enabled".into(),
+                format!(
+                    "the sandbox is a lab channel (anyone can pay through it for free) and cannot be enabled \
+                     beside {} unless payments.sandbox.allow_beside_real_channels = true (test shops only)",
+                    real.join(" and ")
+                ),
+            ));
+        }
         if p.breaker.failure_threshold == 0 {
             return err("breaker.failure_threshold", "must be at least 1");
         }
@@ -714,6 +744,11 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The enabled channels that move real money (everything but the sandbox).
+    pub fn real_channels(&self) -> Vec<&'static str> {
+        self.enabled_channels().into_iter().filter(|name| *name != "sandbox").collect()
     }
 
     /// Names of the enabled payment channels, in default route order.
@@ -839,6 +874,31 @@ mod tests {
         assert_eq!(config.payments.compensation.grace_secs, 900);
         assert_eq!(config.payments.epay.currency.as_str(), "CNY");
         assert_eq!(config.enabled_channels(), vec!["sandbox"]);
+    }
+
+    #[test]
+    fn the_sandbox_beside_a_real_channel_needs_an_explicit_yes() {
+        let stripe = "[payments.stripe]\nenabled = true\nsecret_key = \"sk\"\nwebhook_secret = \"whsec\"\n";
+        let epay = "[payments.epay]\nenabled = true\ngateway_url = \"https://p\"\npid = \"1\"\nkey = \"12345678\"\n";
+        for real in [stripe, epay] {
+            let err =
+                check(&format!("{}{real}[payments.sandbox]\nenabled = true\n", minimal())).unwrap_err().to_string();
+            assert!(err.contains("payments.sandbox.enabled"), "{err}");
+            assert!(err.contains("allow_beside_real_channels = true"), "the message names the way out: {err}");
+            let allowed =
+                format!("{}{real}[payments.sandbox]\nenabled = true\nallow_beside_real_channels = true\n", minimal());
+            let config = check(&allowed).unwrap();
+            assert_eq!(crate::payments::LabPayments::of(&config), crate::payments::LabPayments::BesideRealChannels);
+        }
+        let lab = check(&format!("{}[payments.sandbox]\nenabled = true\n", minimal())).unwrap();
+        assert_eq!(crate::payments::LabPayments::of(&lab), crate::payments::LabPayments::LabNode);
+        let real = check(&format!("{}{stripe}", minimal())).unwrap();
+        assert_eq!(crate::payments::LabPayments::of(&real), crate::payments::LabPayments::Off);
+        assert_eq!(real.payments.return_link_ttl_secs, 6 * 3600);
+        for ttl in [0, 299, 86_401] {
+            let err = check(&format!("{}[payments]\nreturn_link_ttl_secs = {ttl}\n", minimal())).unwrap_err();
+            assert!(err.to_string().contains("payments.return_link_ttl_secs"), "{err}");
+        }
     }
 
     #[test]

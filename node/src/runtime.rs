@@ -19,6 +19,8 @@ use crate::limiter::{spawn_eviction, Limiters};
 use crate::metrics::{HttpMetrics, OrderMetrics, StoreMetrics};
 use crate::orders::engine::now_millis;
 use crate::orders::{OrderEngine, Startup};
+use crate::payments::return_link::ReturnLinks;
+use crate::payments::LabPayments;
 use crate::store::{Store, StoreError};
 use crate::tls;
 
@@ -59,6 +61,9 @@ impl RunningNode {
         tracing::info!("node stopped");
     }
 }
+
+/// The return-link key's file in the data directory (made at first start, 0600).
+pub const RETURN_LINK_KEY_FILE: &str = "return-link.key";
 
 /// Days before expiry from which the node warns about its certificate.
 pub const CERTIFICATE_WARNING_DAYS: i64 = 21;
@@ -145,11 +150,23 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("https://{https_addr}"));
 
     let limiters = Arc::new(Limiters::new(&config.limits).map_err(NodeError::Config)?);
-    let payments = crate::payments::build(&config).map_err(NodeError::Config)?;
+    let return_links =
+        ReturnLinks::load_or_create(&config.data_dir.join(RETURN_LINK_KEY_FILE), config.payments.return_link_ttl_secs)
+            .map_err(NodeError::Config)?;
+    let payments = crate::payments::build(&config, &return_links).map_err(NodeError::Config)?;
     let channels = payments.channels.clone();
     let sandbox = payments.sandbox.clone();
     if channels.is_empty() {
         tracing::warn!("no payment channel is enabled: orders cannot be created");
+    }
+    if payments.lab == LabPayments::BesideRealChannels {
+        tracing::warn!(
+            "lab payments are on beside real channels (payments.sandbox.allow_beside_real_channels): \
+             the sandbox pays for free wherever payments.routes lists it"
+        );
+    }
+    for warning in crate::payments::route_table::unserved_currencies(&config) {
+        tracing::warn!("{warning}");
     }
 
     let http_metrics = Arc::new(HttpMetrics::default());
@@ -160,6 +177,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         channels,
         router: payments.router.clone(),
         sandbox,
+        return_links,
+        lab: payments.lab,
         public_url: public_url.clone(),
         max_body_bytes: config.http.max_body_bytes,
         metrics: http_metrics.clone(),
@@ -173,6 +192,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         token: config.admin.token.clone(),
         region: config.region.clone(),
         payments: payments.router.clone(),
+        lab: payments.lab,
         sync: sync_metrics.clone(),
     });
 

@@ -327,7 +327,7 @@ async fn outbox_holds_every_change_in_order_until_acknowledged() {
         assert_eq!(engine.outbox_after(0, 2).unwrap().len(), 2);
 
         engine.record_sync_ack(3).unwrap();
-        engine.record_control_applied(7).await.unwrap();
+        engine.record_control_applied(7, None).await.unwrap();
         assert_eq!(engine.outbox_after(0, 100).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
         engine.store().close();
     }

@@ -35,7 +35,7 @@ async fn engine_on(dir: &Path, disk: &FaultyDisk) -> OrderEngine {
 }
 
 async fn healthz(engine: &OrderEngine) -> (StatusCode, serde_json::Value) {
-    let response = healthz_response(engine);
+    let response = healthz_response(engine, edgecard_node::payments::LabPayments::Off);
     let status = response.status();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, serde_json::from_slice(&body).unwrap())

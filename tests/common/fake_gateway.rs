@@ -57,6 +57,9 @@ pub struct Session {
     pub amount_total: u64,
     pub currency: String,
     pub paid: bool,
+    /// Where Checkout sends the browser after paying, and after cancelling.
+    pub success_url: String,
+    pub cancel_url: String,
 }
 
 #[derive(Clone, Debug)]
@@ -67,6 +70,8 @@ pub struct EpayOrder {
     pub name: String,
     pub pay_type: String,
     pub notify_url: String,
+    /// Where the gateway sends the browser after paying (empty when the merchant gave none).
+    pub return_url: String,
     pub paid: bool,
 }
 
@@ -275,6 +280,8 @@ impl State {
                     amount_total: amount * quantity,
                     currency: currency.to_string(),
                     paid: false,
+                    success_url: get(&form, "success_url").unwrap_or("").to_string(),
+                    cancel_url: get(&form, "cancel_url").unwrap_or("").to_string(),
                 };
                 self.counters.sessions_created.fetch_add(1, Ordering::Relaxed);
                 self.sessions.lock().insert(session.id.clone(), session.clone());
@@ -466,6 +473,7 @@ impl FakeGateway {
             name: get(&params, "name").unwrap_or("").to_string(),
             pay_type: get(&params, "type").unwrap_or("alipay").to_string(),
             notify_url: get(&params, "notify_url").unwrap().to_string(),
+            return_url: get(&params, "return_url").unwrap_or("").to_string(),
             paid: true,
         };
         self.state.epay.lock().insert(out_trade_no, order.clone());
@@ -511,6 +519,27 @@ impl FakeGateway {
         };
         let response = endpoint.request(request).await.unwrap();
         (response.status, response.text())
+    }
+
+    /// Where Checkout redirects the buyer's browser once `session_id` is paid (`paid`) or
+    /// cancelled: its `success_url` with `{CHECKOUT_SESSION_ID}` filled in, or its `cancel_url`.
+    pub fn stripe_redirect(&self, session_id: &str, paid: bool) -> String {
+        let session = self.session(session_id).expect("unknown session");
+        if paid {
+            session.success_url.replace("{CHECKOUT_SESSION_ID}", &session.id)
+        } else {
+            session.cancel_url
+        }
+    }
+
+    /// Where the gateway redirects the buyer's browser after paying `out_trade_no`: the
+    /// merchant's `return_url` with the signed result appended as a query string, as EPay
+    /// gateways do.
+    pub fn epay_redirect(&self, out_trade_no: &str) -> String {
+        let order = self.epay_order(out_trade_no).expect("unknown EPay order");
+        let result = encode_form(&self.epay_notify(&order, "TRADE_SUCCESS", EPAY_KEY));
+        let separator = if order.return_url.contains('?') { '&' } else { '?' };
+        format!("{}{separator}{result}", order.return_url)
     }
 
     pub fn epay_order(&self, out_trade_no: &str) -> Option<EpayOrder> {

@@ -492,7 +492,7 @@ impl Client {
         Created::from_response(&response)
     }
 
-    /// The path of a pay URL of this node (`/pay/sandbox/{id}`).
+    /// The path (and query) of a URL of this node, such as a pay URL (`/pay/sandbox/{id}?token=…`).
     pub fn pay_path<'a>(&self, pay_url: &'a str) -> &'a str {
         pay_url.strip_prefix(&self.public_url).unwrap_or_else(|| panic!("{pay_url} is not under {}", self.public_url))
     }
@@ -501,6 +501,21 @@ impl Client {
     pub async fn pay(&mut self, pay_url: &str) -> Response {
         let path = self.pay_path(pay_url).to_string();
         self.send(Request::post(&path)).await
+    }
+
+    /// Opens `url` (on this node) as a browser does: GET, following redirects within the node
+    /// (at most 5). Returns the last response.
+    pub async fn browse(&mut self, url: &str) -> Response {
+        let mut path = self.pay_path(url).to_string();
+        for _ in 0..5 {
+            let response = self.send(Request::get(&path).header("accept", "text/html")).await;
+            if !(300..400).contains(&response.status) {
+                return response;
+            }
+            let location = response.header("location").unwrap_or_else(|| panic!("redirect without a location"));
+            path = if location.starts_with('/') { location.to_string() } else { self.pay_path(location).to_string() };
+        }
+        panic!("more than 5 redirects from {url}");
     }
 
     /// `GET /api/v1/orders/{id}`, with `Authorization: Bearer <token>` when given; any status.

@@ -531,7 +531,18 @@ impl OrderEngine {
         if !bool::from(presented.as_bytes().ct_eq(record.token_sha256.as_bytes())) {
             return Err(OrderError::NotFound);
         }
-        if record.status == OrderStatus::Delivered && self.pending_durable.lock().contains(id) {
+        self.durable_view(record).await
+    }
+
+    /// The order, for a caller that proved access another way (a verified return link). Like
+    /// [`OrderEngine::lookup`], keys come only from a durable Delivered record.
+    pub async fn lookup_authorized(&self, id: &OrderId) -> Result<OrderRecord, OrderError> {
+        let record = record::ORDERS.get(&self.store, id.as_bytes())?.ok_or(OrderError::NotFound)?;
+        self.durable_view(record).await
+    }
+
+    async fn durable_view(&self, record: OrderRecord) -> Result<OrderRecord, OrderError> {
+        if record.status == OrderStatus::Delivered && self.pending_durable.lock().contains(&record.id) {
             self.store.durable().await?;
         }
         Ok(record)

@@ -11,6 +11,8 @@
 //!   parses exactly; `trade_status=TRADE_SUCCESS` is a payment. Answered with plain `success` only
 //!   after the durable commit, `fail` otherwise, so the aggregator retries.
 //! - **Provider transaction id** = `trade_no`.
+//! - **Return**: `return_url` is the order's return link ([`super::return_link`]); gateways append
+//!   their signed result to it as a query string, which the return page ignores.
 //! - **Query**: `GET {gateway}/api.php?act=order&pid&key&out_trade_no` → JSON, `status` 1 = paid.
 //! - EPay amounts are CNY by convention; the channel's currency is configurable (default CNY) and
 //!   it refuses orders in any other currency.
@@ -22,6 +24,7 @@ use md5::{Digest, Md5};
 use serde_json::Value;
 
 use super::http_client::{OutboundClient, OutboundError};
+use super::return_link::ReturnLinks;
 use super::{
     encode_form, format_money_2dp, parse_form, parse_money_2dp, AckStyle, BoxFuture, CallbackError, CallbackRequest,
     CallbackVerdict, ChannelError, CreatedPayment, PaymentChannel, ProviderStatus, QueriedStatus, VerifiedCallback,
@@ -41,6 +44,8 @@ pub struct EpaySettings {
     /// ISO 4217 code of the amounts this aggregator takes.
     pub currency: String,
     pub request_timeout: Duration,
+    /// Where the aggregator sends the buyer back: the order's return link.
+    pub return_links: ReturnLinks,
 }
 
 impl std::fmt::Debug for EpaySettings {
@@ -86,7 +91,8 @@ impl EpayChannel {
             ("type".into(), self.settings.pay_type.clone()),
             ("out_trade_no".into(), order.id.to_string()),
             ("notify_url".into(), format!("{public_url}/api/v1/payments/{NAME}/callback")),
-            ("return_url".into(), format!("{public_url}/orders/{}", order.id)),
+            // The return link, never the order's token: the aggregator logs these URLs.
+            ("return_url".into(), self.settings.return_links.url(public_url, order)),
             ("name".into(), format!("{} x {}", order.sku, order.quantity)),
             ("money".into(), format_money_2dp(order.amount_minor)),
         ];
@@ -224,6 +230,10 @@ impl PaymentChannel for EpayChannel {
         })
     }
 
+    fn takes_currency(&self, currency: &str) -> bool {
+        currency == self.settings.currency
+    }
+
     fn ack_style(&self) -> AckStyle {
         AckStyle::PlainSuccess
     }
@@ -246,6 +256,7 @@ mod tests {
                 pay_type: "alipay".into(),
                 currency: "CNY".into(),
                 request_timeout: Duration::from_secs(1),
+                return_links: ReturnLinks::new(b"return-link key for tests", 3600).unwrap(),
             },
             OutboundClient::new(None).unwrap(),
         )
@@ -308,6 +319,8 @@ mod tests {
         assert_eq!(get("money"), "10.00");
         assert_eq!(get("out_trade_no"), order.id.to_string());
         assert_eq!(get("notify_url"), "https://node.example/api/v1/payments/epay/callback");
+        let links = ReturnLinks::new(b"return-link key for tests", 3600).unwrap();
+        assert_eq!(get("return_url"), links.url("https://node.example", &order), "the return link, no order token");
         assert_eq!(get("sign"), sign(&params, KEY));
         assert!(channel().local_pay_url(&order_in("USD"), "https://node.example").is_none(), "CNY only");
     }

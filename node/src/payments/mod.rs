@@ -6,14 +6,18 @@
 //! - [`sandbox`]: built in; signed callbacks through the same path, with delay and failure knobs.
 //! - [`stripe`]: Checkout Sessions and `Stripe-Signature` webhooks.
 //! - [`epay`]: the MD5-signed submit/notify protocol of 易支付 aggregators.
-//! - [`router`] + [`breaker`]: an ordered list of channels per currency, a circuit breaker per
+//! - [`route_table`] (which channels serve which currency; the sandbox is a lab channel) +
+//!   [`router`] + [`breaker`]: an ordered list of channels per currency, a circuit breaker per
 //!   channel, and creation that falls through to the next channel.
+//! - [`return_link`]: the short-lived links hosted providers send buyers back through.
 //! - [`compensation`]: queries providers for orders left unconfirmed, because callbacks get lost.
 
 pub mod breaker;
 pub mod compensation;
 pub mod epay;
 pub mod http_client;
+pub mod return_link;
+pub mod route_table;
 pub mod router;
 pub mod sandbox;
 pub mod stripe;
@@ -166,6 +170,11 @@ pub trait PaymentChannel: Send + Sync {
         AckStyle::Json
     }
 
+    /// Whether this channel can take an amount in `currency` at all.
+    fn takes_currency(&self, _currency: &str) -> bool {
+        true
+    }
+
     /// The pay link shown for `order`: the one recorded when its payment was created, else the
     /// one derivable from the order; empty when neither exists.
     fn pay_url(&self, order: &OrderRecord, public_url: &str) -> String {
@@ -184,10 +193,41 @@ pub struct Payments {
     pub channels: std::collections::HashMap<&'static str, std::sync::Arc<dyn PaymentChannel>>,
     pub sandbox: Option<std::sync::Arc<sandbox::SandboxChannel>>,
     pub compensation: Option<compensation::CompensationConfig>,
+    /// Whether lab (sandbox) payments are on, and beside real channels or not.
+    pub lab: LabPayments,
 }
 
-/// Builds the enabled channels, their routes and breakers. Errors name the config field.
-pub fn build(config: &crate::config::NodeConfig) -> Result<Payments, String> {
+/// Whether the sandbox, through which anyone pays for free, is on. Beside a real channel (allowed
+/// explicitly) the storefront shows a notice on every page and `/healthz` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabPayments {
+    Off,
+    /// The sandbox is the node's only channel: a lab or demo node.
+    LabNode,
+    BesideRealChannels,
+}
+
+impl LabPayments {
+    pub fn of(config: &crate::config::NodeConfig) -> LabPayments {
+        match (config.payments.sandbox.enabled, config.real_channels().is_empty()) {
+            (false, _) => LabPayments::Off,
+            (true, true) => LabPayments::LabNode,
+            (true, false) => LabPayments::BesideRealChannels,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabPayments::Off => "off",
+            LabPayments::LabNode => "lab_node",
+            LabPayments::BesideRealChannels => "beside_real_channels",
+        }
+    }
+}
+
+/// Builds the enabled channels, their routes and breakers. Hosted channels send buyers back
+/// through `return_links`. Errors name the config field.
+pub fn build(config: &crate::config::NodeConfig, return_links: &return_link::ReturnLinks) -> Result<Payments, String> {
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -213,6 +253,7 @@ pub fn build(config: &crate::config::NodeConfig) -> Result<Payments, String> {
                     tolerance_secs: p.stripe.tolerance_secs,
                     request_timeout: timeout,
                     node_id: config.node_id.to_string(),
+                    return_links: return_links.clone(),
                 };
                 let channel = stripe::StripeChannel::new(settings, client.clone())
                     .map_err(|e| format!("payments.stripe.webhook_secret: {e}"))?;
@@ -226,6 +267,7 @@ pub fn build(config: &crate::config::NodeConfig) -> Result<Payments, String> {
                     pay_type: p.epay.pay_type.clone(),
                     currency: p.epay.currency.to_string(),
                     request_timeout: timeout,
+                    return_links: return_links.clone(),
                 };
                 channels.push(Arc::new(epay::EpayChannel::new(settings, client.clone())));
             }
@@ -253,16 +295,13 @@ pub fn build(config: &crate::config::NodeConfig) -> Result<Payments, String> {
         }
     }
     let index = |name: &str| channels.iter().position(|c| c.name() == name);
-    let mut routes = router::Routes::default();
-    for (currency, names) in &p.routes {
-        let route = names.iter().map(|n| index(n).ok_or(format!("payments.routes.{currency}: {n} is not enabled")));
-        routes.by_currency.insert(currency.clone(), route.collect::<Result<Vec<_>, _>>()?);
-    }
-    // Without an explicit route: every enabled channel, EPay only for its own currency.
-    let epay_currency = p.epay.currency.to_string();
-    routes.default = channels.iter().enumerate().filter(|(_, c)| c.name() != epay::NAME).map(|(i, _)| i).collect();
-    if !routes.by_currency.contains_key(&epay_currency) && index(epay::NAME).is_some() {
-        routes.by_currency.insert(epay_currency, (0..channels.len()).collect());
+    let indices = |names: &[&'static str]| -> Result<Vec<usize>, String> {
+        names.iter().map(|n| index(n).ok_or_else(|| format!("payments.routes: {n} is not enabled"))).collect()
+    };
+    let table = route_table::RouteTable::from_config(config);
+    let mut routes = router::Routes { default: indices(&table.default)?, ..router::Routes::default() };
+    for (currency, names) in &table.by_currency {
+        routes.by_currency.insert(currency.clone(), indices(names)?);
     }
     let names: Vec<&'static str> = channels.iter().map(|c| c.name()).collect();
     let metrics = Arc::new(crate::metrics::PaymentMetrics::new(&names));
@@ -286,7 +325,7 @@ pub fn build(config: &crate::config::NodeConfig) -> Result<Payments, String> {
         concurrency: p.compensation.concurrency,
         query_timeout_ms: p.create_timeout_ms,
     });
-    Ok(Payments { router, channels: by_name, sandbox: sandbox_handle, compensation })
+    Ok(Payments { router, channels: by_name, sandbox: sandbox_handle, compensation, lab: LabPayments::of(config) })
 }
 
 /// Formats minor units as a decimal with exactly two fraction digits: 1000 → "10.00".

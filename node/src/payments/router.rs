@@ -61,6 +61,8 @@ impl Default for RouterOptions {
 pub enum RouteError {
     #[error("unknown payment channel {0}")]
     UnknownChannel(String),
+    #[error("payment channel {channel} does not take orders in {currency}")]
+    ChannelNotOffered { channel: String, currency: String },
     #[error("no payment channel takes {0}")]
     NoChannelForCurrency(String),
     #[error("every payment channel for this order is unavailable; retry in {retry_after_secs} s")]
@@ -115,25 +117,39 @@ impl Router {
         self.channels.is_empty()
     }
 
-    /// The channels to try for an order in `currency`, in order: only `requested` when the buyer
-    /// named one, else the currency's route.
+    /// The channels to try for an order in `currency`, in order: the currency's route, or only
+    /// `requested` when the buyer named one, which must be in that route (a buyer picks among the
+    /// routes of the order's currency, never around them).
     pub fn plan(&self, currency: &str, requested: Option<&str>) -> Result<Vec<usize>, RouteError> {
+        let route = self.routes.route(currency);
         match requested {
-            Some(name) => self
-                .channels
-                .iter()
-                .position(|c| c.name() == name)
-                .map(|i| vec![i])
-                .ok_or_else(|| RouteError::UnknownChannel(name.to_string())),
-            None => {
-                let route = self.routes.route(currency);
-                if route.is_empty() {
-                    Err(RouteError::NoChannelForCurrency(currency.to_string()))
+            Some(name) => {
+                let index = self
+                    .channels
+                    .iter()
+                    .position(|c| c.name() == name)
+                    .ok_or_else(|| RouteError::UnknownChannel(name.to_string()))?;
+                if route.contains(&index) {
+                    Ok(vec![index])
                 } else {
-                    Ok(route.to_vec())
+                    Err(RouteError::ChannelNotOffered { channel: name.to_string(), currency: currency.to_string() })
                 }
             }
+            None if route.is_empty() => Err(RouteError::NoChannelForCurrency(currency.to_string())),
+            None => Ok(route.to_vec()),
         }
+    }
+
+    /// The channels a buyer may pick for `currency`: its route, without channels that cannot take
+    /// the currency. Empty when nothing serves it.
+    pub fn offered(&self, currency: &str) -> Vec<&'static str> {
+        self.routes
+            .route(currency)
+            .iter()
+            .filter_map(|&i| self.channels.get(i))
+            .filter(|c| c.takes_currency(currency))
+            .map(|c| c.name())
+            .collect()
     }
 
     /// The channel an order will most likely be paid through: the first of `plan` whose breaker
@@ -390,5 +406,29 @@ mod tests {
             Some(RouteError::AllUnavailable { retry_after_secs: 60 })
         );
         assert_eq!(router.plan("USD", Some("nope")), Err(RouteError::UnknownChannel("nope".into())));
+    }
+
+    #[test]
+    fn a_picked_channel_must_be_in_the_currency_route() {
+        let names = ["stripe", "sandbox"];
+        let routes = Routes { by_currency: BTreeMap::from([("EUR".into(), vec![0, 1])]), default: vec![0] };
+        let router = Router::new(
+            vec![
+                flaky("stripe", 0, ChannelError::Timeout { channel: "stripe" }),
+                flaky("sandbox", 0, ChannelError::Timeout { channel: "sandbox" }),
+            ],
+            routes,
+            RouterOptions::default(),
+            Arc::new(PaymentMetrics::new(&names)),
+        );
+        assert_eq!(
+            router.plan("USD", Some("sandbox")),
+            Err(RouteError::ChannelNotOffered { channel: "sandbox".into(), currency: "USD".into() })
+        );
+        assert_eq!(router.plan("USD", None), Ok(vec![0]));
+        assert_eq!(router.plan("USD", Some("stripe")), Ok(vec![0]));
+        assert_eq!(router.plan("EUR", Some("sandbox")), Ok(vec![1]));
+        assert_eq!(router.offered("USD"), vec!["stripe"]);
+        assert_eq!(router.offered("EUR"), vec!["stripe", "sandbox"]);
     }
 }

@@ -14,6 +14,8 @@
 //!   both carry it, so a payment confirmed by compensation and then by a late webhook is one
 //!   payment. (The PaymentIntent id is absent from sessions still unpaid, so it is not used.)
 //! - **Query**: `GET {api_base}/v1/checkout/sessions/{id}`.
+//! - **Return**: `success_url` and `cancel_url` are the order's return link
+//!   ([`super::return_link`]): the buyer comes back to the order page without its token.
 
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use super::http_client::{OutboundClient, OutboundError, OutboundResponse};
+use super::return_link::ReturnLinks;
 use super::{
     encode_form, BoxFuture, CallbackError, CallbackRequest, CallbackVerdict, ChannelError, CreatedPayment,
     PaymentChannel, ProviderStatus, QueriedStatus, VerifiedCallback,
@@ -43,6 +46,8 @@ pub struct StripeSettings {
     pub tolerance_secs: u64,
     pub request_timeout: Duration,
     pub node_id: String,
+    /// Where Checkout sends the buyer back (success and cancel alike): the order's return link.
+    pub return_links: ReturnLinks,
 }
 
 impl std::fmt::Debug for StripeSettings {
@@ -70,7 +75,8 @@ impl StripeChannel {
     }
 
     fn create_form(&self, order: &OrderRecord, public_url: &str) -> String {
-        let order_page = format!("{public_url}/orders/{}", order.id);
+        // The return link, never the order's token: Stripe keeps these URLs in its logs.
+        let order_page = self.settings.return_links.url(public_url, order);
         encode_form(&[
             ("mode", "payment".into()),
             ("client_reference_id", order.id.to_string()),
@@ -80,7 +86,7 @@ impl StripeChannel {
             ("line_items[0][price_data][currency]", order.currency.to_ascii_lowercase()),
             ("line_items[0][price_data][unit_amount]", order.amount_minor.to_string()),
             ("line_items[0][price_data][product_data][name]", format!("{} x {}", order.sku, order.quantity)),
-            ("success_url", format!("{order_page}?paid=1")),
+            ("success_url", order_page.clone()),
             ("cancel_url", order_page),
         ])
     }
@@ -332,6 +338,7 @@ mod tests {
                 tolerance_secs: 300,
                 request_timeout: Duration::from_secs(1),
                 node_id: "eu-1".into(),
+                return_links: ReturnLinks::new(b"return-link key for tests", 3600).unwrap(),
             },
             OutboundClient::new(None).unwrap(),
         )
@@ -448,7 +455,10 @@ mod tests {
         assert_eq!(get("line_items[0][price_data][unit_amount]"), Some("1000"));
         assert_eq!(get("client_reference_id"), Some(order.id.to_string().as_str()));
         assert_eq!(get("metadata[order_id]"), Some(order.id.to_string().as_str()));
-        assert!(get("success_url").unwrap().starts_with(&format!("https://shop.example/orders/{}", order.id)));
+        let links = ReturnLinks::new(b"return-link key for tests", 3600).unwrap();
+        let back = links.url("https://shop.example", &order);
+        assert!(back.starts_with(&format!("https://shop.example/order/{}/return/", order.id)), "{back}");
+        assert_eq!((get("success_url"), get("cancel_url")), (Some(back.as_str()), Some(back.as_str())));
         assert_eq!(StripeChannel::idempotency_key(&order), format!("edgecard-checkout-{}", order.id));
     }
 }

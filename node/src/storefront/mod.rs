@@ -12,6 +12,7 @@
 //! | `GET /pay/sandbox/{id}?token=` | the sandbox's pay page |
 //! | `POST /pay/sandbox/{id}` (form) | pays, 303 to the order page (routed here by `api.rs`) |
 //! | `GET /order/{id}?token=` | status, and the keys once delivered |
+//! | `GET /order/{id}/return/{return token}` | the same, where Stripe and EPay send the buyer back |
 //! | `GET /static/app.{hash}.css\|js` | assets, cached for a year |
 //!
 //! Pages that carry or show a token are `no-store`; every HTML page has a strict CSP, no
@@ -39,11 +40,12 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 
 use crate::api::{HttpResponse, NodeApi};
-use crate::config::{Currency, ProductConfig};
+use crate::config::{Currency, PriceConfig, ProductConfig};
 use crate::limiter::LimitClass;
 use crate::orders::{CreateOrder, OrderError, OrderRecord, OrderStatus};
+use crate::payments::return_link::ReturnLinkError;
 use crate::payments::router::RouteError;
-use crate::payments::sandbox;
+use crate::payments::{sandbox, LabPayments};
 use crate::time_fmt::rfc3339;
 
 use self::i18n::{Lang, Msg};
@@ -73,19 +75,22 @@ struct Ctx {
     lang: Lang,
     chose_lang: bool,
     client: IpAddr,
+    /// Lab payments beside real ones: every page carries the notice.
+    lab_notice: bool,
 }
 
 impl Ctx {
-    fn new(parts: &Parts, query: &[(String, String)], client: IpAddr) -> Ctx {
+    fn new(api: &NodeApi, parts: &Parts, query: &[(String, String)], client: IpAddr) -> Ctx {
         let chosen = form::first(query, "lang").and_then(Lang::from_tag);
         let lang = chosen
             .or_else(|| form::cookie(&parts.headers, LANG_COOKIE).and_then(Lang::from_tag))
             .unwrap_or_else(|| i18n::negotiate(&parts.headers));
-        Ctx { lang, chose_lang: chosen.is_some(), client }
+        let lab_notice = api.lab == LabPayments::BesideRealChannels;
+        Ctx { lang, chose_lang: chosen.is_some(), client, lab_notice }
     }
 
     fn chrome(&self, switch_base: impl Into<String>) -> Chrome {
-        Chrome { lang: self.lang, switch_base: switch_base.into() }
+        Chrome { lang: self.lang, switch_base: switch_base.into(), lab_notice: self.lab_notice }
     }
 }
 
@@ -103,7 +108,7 @@ where
 {
     let (parts, body) = request.into_parts();
     let query = form::parse_urlencoded(parts.uri.query().unwrap_or(""));
-    let ctx = Ctx::new(&parts, &query, client);
+    let ctx = Ctx::new(api, &parts, &query, client);
     let path = parts.uri.path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let read = parts.method == Method::GET || parts.method == Method::HEAD;
@@ -113,8 +118,19 @@ where
         (_, &Method::POST, ["checkout"]) => checkout(api, &ctx, &parts, body).await,
         (true, _, ["pay", "sandbox", id]) => sandbox_pay_page(api, &ctx, &query, id).await,
         (true, _, ["order", id]) => order(api, &ctx, &query, id).await,
+        (true, _, ["order", id, "return", return_token]) => order_return(api, &ctx, id, return_token).await,
         (true, _, ["static", name]) => static_asset(name),
-        (_, _, [""] | ["p", _] | ["checkout"] | ["pay", "sandbox", _] | ["order", _] | ["static", _]) => {
+        (
+            _,
+            _,
+            [""]
+            | ["p", _]
+            | ["checkout"]
+            | ["pay", "sandbox", _]
+            | ["order", _]
+            | ["order", _, "return", _]
+            | ["static", _],
+        ) => {
             let mut response = error(&ctx, StatusCode::METHOD_NOT_ALLOWED, Msg::ErrorMethodTitle, Msg::ErrorMethodBody);
             let allow = if segments.as_slice() == ["checkout"] { "POST" } else { "GET, HEAD" };
             response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -134,7 +150,7 @@ where
 {
     let (parts, body) = request.into_parts();
     let query = form::parse_urlencoded(parts.uri.query().unwrap_or(""));
-    let ctx = Ctx::new(&parts, &query, client);
+    let ctx = Ctx::new(api, &parts, &query, client);
     let response = sandbox_pay(api, &ctx, &parts, body, id).await;
     finish(&ctx, response)
 }
@@ -161,7 +177,12 @@ where
         Ok(found) => found,
         Err(response) => return *response,
     };
-    if matches!(record.status, OrderStatus::Reserved | OrderStatus::Expired) && api.sandbox_pay(&id).await.is_err() {
+    let Ok(order_token) = token.parse::<OrderToken>() else {
+        return error(ctx, StatusCode::NOT_FOUND, Msg::ErrorUnknownOrderTitle, Msg::ErrorUnknownOrderBody);
+    };
+    if matches!(record.status, OrderStatus::Reserved | OrderStatus::Expired)
+        && api.sandbox_pay(&id, &order_token).await.is_err()
+    {
         let mut page = error_page_for(Msg::ErrorPaymentFailedTitle, ctx.lang.t(Msg::ErrorPaymentFailedBody));
         page.links.push((pay_path(&id, &token), ctx.lang.t(Msg::ErrorTryAgain)));
         return html(ctx, StatusCode::SERVICE_UNAVAILABLE, NO_STORE, pages::error_page(&ctx.chrome("/"), &page))
@@ -217,19 +238,25 @@ fn product_view(
     form: FormValues,
 ) -> pages::ProductPage {
     let card = card(api, lang, product, wanted);
-    let prices = product
-        .prices
+    let payable = payable_prices(api, product);
+    let prices = payable
         .iter()
         .map(|p| (p.currency.to_string(), money::format_price(p.amount_minor, p.currency.as_str(), lang)))
         .collect();
     let preferred_currency = wanted
-        .filter(|c| product.prices.iter().any(|p| p.currency == *c))
-        .or_else(|| product.prices.first().map(|p| p.currency))
+        .filter(|c| payable.iter().any(|p| p.currency == *c))
+        .or_else(|| payable.first().map(|p| p.currency))
         .map(|c| c.to_string())
         .unwrap_or_default();
     let stock = api.engine.stock(&product.sku);
     let max_quantity = FORM_MAX_QUANTITY.min(u32::try_from(stock).unwrap_or(u32::MAX)).max(1);
-    pages::ProductPage { card, prices, preferred_currency, channels: channels(api, lang), max_quantity, errors, form }
+    let channels = channels(api, lang, &payable);
+    pages::ProductPage { card, prices, preferred_currency, channels, max_quantity, errors, form }
+}
+
+/// The product's prices in currencies that some enabled channel serves: the ones a buyer can pay.
+fn payable_prices<'a>(api: &NodeApi, product: &'a ProductConfig) -> Vec<&'a PriceConfig> {
+    product.prices.iter().filter(|p| !api.router.offered(p.currency.as_str()).is_empty()).collect()
 }
 
 /// The buyer's currency: `?currency=` if given, else the usual one for the language.
@@ -264,13 +291,16 @@ fn card(api: &NodeApi, lang: Lang, product: &ProductConfig, wanted: Option<Curre
         title: title_of(product, lang),
         price,
         stock: StockState::of(api.engine.stock(&product.sku)),
+        purchasable: !payable_prices(api, product).is_empty(),
     }
 }
 
-/// The enabled payment channels, sorted by name, with their labels.
-fn channels(api: &NodeApi, lang: Lang) -> Vec<(String, String)> {
-    let mut names: Vec<&'static str> = api.channels.keys().copied().collect();
+/// The channels a buyer may pick for one of `prices`' currencies, sorted by name, with their
+/// labels. (Which of them takes which currency is checked again at checkout.)
+fn channels(api: &NodeApi, lang: Lang, prices: &[&PriceConfig]) -> Vec<(String, String)> {
+    let mut names: Vec<&'static str> = prices.iter().flat_map(|p| api.router.offered(p.currency.as_str())).collect();
     names.sort_unstable();
+    names.dedup();
     names.into_iter().map(|name| (name.to_string(), channel_label(name, lang))).collect()
 }
 
@@ -326,10 +356,18 @@ where
     if quantity.is_none() {
         errors.push(quantity_error(FORM_MAX_QUANTITY));
     }
+    let payable = payable_prices(api, &product);
     let currency = match values.currency.as_deref().filter(|c| !c.is_empty()) {
-        None => None,
+        None => {
+            let first = payable.first().map(|p| p.currency);
+            if first.is_none() {
+                // No channel serves any of the product's currencies (the page hides Buy).
+                errors.push(lang.t(Msg::CheckoutErrorCurrency).to_string());
+            }
+            first
+        }
         Some(c) => match c.parse::<Currency>() {
-            Ok(c) if product.prices.iter().any(|p| p.currency == c) => Some(c),
+            Ok(c) if payable.iter().any(|p| p.currency == c) => Some(c),
             _ => {
                 errors.push(lang.t(Msg::CheckoutErrorCurrency).to_string());
                 None
@@ -345,7 +383,7 @@ where
     let requested = values.channel.as_deref().filter(|c| !c.is_empty());
     let plan = match api.router.plan(order_currency.as_deref().unwrap_or(""), requested) {
         Ok(plan) => plan,
-        Err(RouteError::UnknownChannel(_)) => {
+        Err(RouteError::UnknownChannel(_) | RouteError::ChannelNotOffered { .. }) => {
             return retry(vec![lang.t(Msg::CheckoutErrorChannel).to_string()], values)
         }
         Err(RouteError::NoChannelForCurrency(_)) => {
@@ -433,19 +471,60 @@ async fn order(api: &NodeApi, ctx: &Ctx, query: &[(String, String)], id: &str) -
         Ok(found) => found,
         Err(response) => return *response,
     };
+    let page = order_page_of(api, ctx, &record, Some(&token), None);
+    let chrome = ctx.chrome(order_path(&id, &token));
+    html(ctx, StatusCode::OK, NO_STORE, pages::order_page(&chrome, &page))
+}
+
+/// `GET /order/{id}/return/{return token}`: where Stripe and EPay send the buyer back. The return
+/// token (never the order's token, which must not reach a provider's logs) shows this one order
+/// until it expires; the page says until when and to keep the order link. A wrong or foreign
+/// token looks like an unknown order.
+async fn order_return(api: &NodeApi, ctx: &Ctx, id: &str, return_token: &str) -> HttpResponse {
+    if let Some(response) = limit(api, ctx, LimitClass::OrderLookup) {
+        return response;
+    }
+    let not_found = || error(ctx, StatusCode::NOT_FOUND, Msg::ErrorUnknownOrderTitle, Msg::ErrorUnknownOrderBody);
+    let Ok(id) = id.parse::<OrderId>() else { return not_found() };
+    match api.return_links.verify(&id, return_token, crate::api::unix_secs()) {
+        Ok(()) => {}
+        Err(ReturnLinkError::Expired) => {
+            return error(ctx, StatusCode::GONE, Msg::ErrorReturnExpiredTitle, Msg::ErrorReturnExpiredBody)
+        }
+        Err(ReturnLinkError::Malformed | ReturnLinkError::BadMac) => return not_found(),
+    }
+    let record = match api.engine.lookup_authorized(&id).await {
+        Ok(record) => record,
+        Err(e) => return engine_error(ctx, e, None),
+    };
+    let until = minutes(edgecard_protocol::UnixMillis(api.return_links.expires_at(&record).saturating_mul(1000)));
+    let page = order_page_of(api, ctx, &record, None, Some(until));
+    let chrome = ctx.chrome(format!("/order/{id}/return/{return_token}"));
+    html(ctx, StatusCode::OK, NO_STORE, pages::order_page(&chrome, &page))
+}
+
+/// The order page's content. `token` is the order's token when the buyer presented it (the
+/// sandbox's pay page needs it); `return_link_until` is set when shown through a return link.
+fn order_page_of(
+    api: &NodeApi,
+    ctx: &Ctx,
+    record: &OrderRecord,
+    token: Option<&str>,
+    return_link_until: Option<String>,
+) -> OrderPage {
     let title =
         api.engine.catalog().get(&record.sku).map_or_else(|| record.sku.to_string(), |p| title_of(&p, ctx.lang));
     let state = match record.status {
         OrderStatus::Reserved => {
             let channel = record.payment_attempt.as_ref().map_or(record.channel.as_str(), |a| a.channel.as_str());
-            let pay_link = if channel == sandbox::NAME && api.sandbox.is_some() {
-                Some(pay_path(&id, &token))
+            let pay_link = if channel == sandbox::NAME {
+                token.filter(|_| api.sandbox.is_some()).map(|token| pay_path(&record.id, token))
             } else {
                 record
                     .payment_attempt
                     .as_ref()
                     .and_then(|a| a.pay_url.clone())
-                    .or_else(|| api.channels.get(channel).and_then(|c| c.local_pay_url(&record, &api.public_url)))
+                    .or_else(|| api.channels.get(channel).and_then(|c| c.local_pay_url(record, &api.public_url)))
             };
             OrderState::Reserved { expires: minutes(record.expires_at), pay_link }
         }
@@ -456,15 +535,14 @@ async fn order(api: &NodeApi, ctx: &Ctx, query: &[(String, String)], id: &str) -
         OrderStatus::Expired => OrderState::Expired { product_link: format!("/p/{}", record.sku) },
         OrderStatus::PaidAwaitingStock => OrderState::PaidAwaitingStock,
     };
-    let page = OrderPage {
-        order_id: id.to_string(),
+    OrderPage {
+        order_id: record.id.to_string(),
         item: title,
         quantity: record.quantity,
         total: money::format_price(record.amount_minor, &record.currency, ctx.lang),
         state,
-    };
-    let chrome = ctx.chrome(order_path(&id, &token));
-    html(ctx, StatusCode::OK, NO_STORE, pages::order_page(&chrome, &page))
+        return_link_until,
+    }
 }
 
 /// The order named by `id`, if `token` is its token; otherwise the one "order not found" page

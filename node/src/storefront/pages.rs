@@ -12,6 +12,8 @@ pub struct Chrome {
     pub lang: Lang,
     /// A same-origin path (with query) that shows this page again; `lang=` is appended to it.
     pub switch_base: String,
+    /// Lab (sandbox) payments run beside real ones: every page says so.
+    pub lab_notice: bool,
 }
 
 impl Chrome {
@@ -69,6 +71,9 @@ fn layout(c: &Chrome, title: &str, poll: Option<&Poll>, body: Markup) -> Markup 
                         }
                     }
                 }
+                @if c.lab_notice {
+                    p.notice.warn #lab-payments role="note" { (c.t(Msg::SiteLabPayments)) }
+                }
                 main #main .wrap
                     data-poll-order=[poll.map(|p| p.order_id.as_str())]
                     data-poll-status=[poll.map(|p| p.status)]
@@ -114,6 +119,8 @@ pub struct ProductCard {
     pub title: String,
     pub price: String,
     pub stock: StockState,
+    /// Some enabled payment channel serves one of its currencies; else no Buy, a short note.
+    pub purchasable: bool,
 }
 
 pub fn product_list(c: &Chrome, products: &[ProductCard]) -> Markup {
@@ -129,7 +136,9 @@ pub fn product_list(c: &Chrome, products: &[ProductCard]) -> Markup {
                         h2 { a href=(format!("/p/{}", p.sku)) { (p.title) } }
                         span.price { (p.price) }
                         (stock_badge(c.lang, p.stock))
-                        @if p.stock != StockState::Out {
+                        @if !p.purchasable {
+                            span.muted.not-purchasable { (c.t(Msg::ProductNotPurchasable)) }
+                        } @else if p.stock != StockState::Out {
                             a.button href=(format!("/p/{}", p.sku)) aria-label=(format!("{} – {}", c.t(Msg::ListView), p.title)) {
                                 (c.t(Msg::ListView))
                             }
@@ -175,7 +184,10 @@ pub fn product_page(c: &Chrome, page: &ProductPage) -> Markup {
             dd.price { (p.price) }
         }
         p { (stock_badge(c.lang, p.stock)) }
-        @if p.stock == StockState::Out {
+        @if !p.purchasable {
+            p.notice.not-purchasable { (c.t(Msg::ProductNotPurchasable)) }
+            p { a href="/" { (c.t(Msg::SiteAllProducts)) } }
+        } @else if p.stock == StockState::Out {
             p.notice.warn { (c.t(Msg::ProductSoldOutBody)) }
             p { a href="/" { (c.t(Msg::SiteAllProducts)) } }
         } @else {
@@ -282,6 +294,8 @@ pub struct OrderPage {
     pub quantity: u32,
     pub total: String,
     pub state: OrderState,
+    /// Shown through a return link: until when (UTC) that link works.
+    pub return_link_until: Option<String>,
 }
 
 pub fn order_page(c: &Chrome, page: &OrderPage) -> Markup {
@@ -342,7 +356,11 @@ pub fn order_page(c: &Chrome, page: &OrderPage) -> Markup {
                 p.muted { (c.t(Msg::OrderAutoRefresh)) }
             }
         }
-        p.muted { (c.t(Msg::OrderBookmark)) }
+        @if let Some(until) = &page.return_link_until {
+            p.notice.warn #return-link { (c.lang.f(Msg::OrderReturnLinkUntil, &[("time", until)])) }
+        } @else {
+            p.muted { (c.t(Msg::OrderBookmark)) }
+        }
     };
     layout(c, c.t(Msg::OrderTitle), poll.as_ref(), body)
 }

@@ -18,9 +18,11 @@ use crate::catalog::Catalog;
 use crate::client_ip::{ClientIpHeader, ClientIpResolver};
 use crate::config::{OrdersConfig, PriceConfig};
 use crate::limiter::{LimiterConfig, Limiters, Quota};
-use crate::metrics::{HttpMetrics, OrderMetrics, StoreMetrics};
+use crate::metrics::{HttpMetrics, OrderMetrics, PaymentMetrics, StoreMetrics};
 use crate::orders::engine::now_millis;
 use crate::orders::OrderEngine;
+use crate::payments::return_link::ReturnLinks;
+use crate::payments::router::{Router, RouterOptions, Routes};
 use crate::payments::sandbox::SandboxChannel;
 use crate::payments::PaymentChannel;
 use crate::store::Store;
@@ -46,6 +48,18 @@ fn product(sku: &str, en: &str, zh: Option<&str>, prices: &[(u64, &str)]) -> Pro
 }
 
 async fn world_with(keys: u64, orders: OrdersConfig, limits: LimiterConfig) -> World {
+    world_routed(keys, orders, limits, None, LabPayments::LabNode).await
+}
+
+/// A world whose one channel (the sandbox) serves the currencies of `routes` only (all when
+/// `None`), with lab payments reported as `lab`.
+async fn world_routed(
+    keys: u64,
+    orders: OrdersConfig,
+    limits: LimiterConfig,
+    routes: Option<Routes>,
+    lab: LabPayments,
+) -> World {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path(), 8 << 20, Arc::new(StoreMetrics::default())).unwrap());
     let catalog = Arc::new(Catalog::new(vec![
@@ -78,13 +92,24 @@ async fn world_with(keys: u64, orders: OrdersConfig, limits: LimiterConfig) -> W
     let sandbox = Arc::new(SandboxChannel::new(b"a sandbox secret for tests", 300).unwrap());
     let mut channels: HashMap<&'static str, Arc<dyn PaymentChannel>> = HashMap::new();
     channels.insert(sandbox::NAME, sandbox.clone());
+    let router = match routes {
+        None => Router::with_defaults(channels.values().cloned().collect()),
+        Some(routes) => Router::new(
+            channels.values().cloned().collect(),
+            routes,
+            RouterOptions::default(),
+            Arc::new(PaymentMetrics::new(&[sandbox::NAME])),
+        ),
+    };
     let api = NodeApi {
         engine,
         limiters: Arc::new(Limiters::new(&limits).unwrap()),
         client_ip: ClientIpResolver::new(Vec::new(), ClientIpHeader::None),
-        router: Arc::new(crate::payments::router::Router::with_defaults(channels.values().cloned().collect())),
+        router: Arc::new(router),
         channels,
         sandbox: Some(sandbox),
+        return_links: ReturnLinks::new(b"return-link key for tests", 3600).unwrap(),
+        lab,
         public_url: format!("https://{HOST}"),
         max_body_bytes: 16 * 1024,
         metrics: Arc::new(HttpMetrics::default()),
@@ -496,4 +521,108 @@ async fn wrong_methods_and_hostile_input_get_pages_not_panics() {
         let page = send(&w, post_form("/checkout"), body).await;
         assert!(page.status.is_client_error() || page.status.is_redirection(), "{body}: {}", page.status);
     }
+}
+
+/// The path a hosted provider sends the buyer back to for order `id`.
+async fn return_path(w: &World, id: &str) -> String {
+    let record = w.api.engine.order_for_payment(&id.parse().unwrap()).unwrap();
+    format!("/order/{id}/return/{}", w.api.return_links.token(&record))
+}
+
+#[tokio::test]
+async fn a_return_link_shows_the_order_and_its_keys_without_the_order_token() {
+    let w = world(3).await;
+    let (id, token) = order_link(&checkout(&w, 1).await.location());
+    let back = return_path(&w, &id).await;
+    let reserved = open(&w, &back).await;
+    assert_eq!(reserved.status, StatusCode::OK, "{}", reserved.body);
+    assert!(reserved.body.contains("Awaiting payment"), "{}", reserved.body);
+    assert!(!reserved.body.contains("/pay/sandbox/"), "no pay link without the order token");
+
+    pay(&w, &id, &token).await.location();
+    // EPay gateways append their signed result to the return URL; it changes nothing.
+    for path in [back.clone(), format!("{back}?pid=1001&trade_status=TRADE_SUCCESS&sign=x")] {
+        let page = open(&w, &path).await;
+        assert_eq!(page.status, StatusCode::OK, "{path}: {}", page.body);
+        page.assert_html_security();
+        assert_eq!(page.header("cache-control"), "no-store");
+        assert!(page.body.contains("Delivered") && page.body.contains("SECRET-000001"), "{}", page.body);
+        assert!(page.body.contains("id=\"return-link\""), "says until when the link works: {}", page.body);
+        assert!(!page.body.contains(&token), "the order token is never on a return page");
+    }
+    let zh = send(&w, get(&back).header("accept-language", "zh-CN"), "").await;
+    assert!(zh.body.contains("您已从支付页面返回"), "{}", zh.body);
+}
+
+#[tokio::test]
+async fn forged_foreign_and_expired_return_links_show_nothing() {
+    let w = world(3).await;
+    let (id, token) = order_link(&checkout(&w, 1).await.location());
+    pay(&w, &id, &token).await.location();
+    let (other, _) = order_link(&checkout(&w, 1).await.location());
+    let back = return_path(&w, &id).await;
+    let rt = back.rsplit('/').next().unwrap().to_string();
+    let foreign = ReturnLinks::new(b"another node's return-link key", 3600).unwrap();
+    let record = w.api.engine.order_for_payment(&id.parse().unwrap()).unwrap();
+    for path in [
+        format!("/order/{other}/return/{rt}"),
+        format!("/order/{id}/return/{}", foreign.token(&record)),
+        format!("/order/{id}/return/{token}"),
+        format!("/order/{id}/return/1-00"),
+        format!("/order/{id}/return/"),
+        format!("/order/not-an-id/return/{rt}"),
+    ] {
+        let page = open(&w, &path).await;
+        assert!(page.status == StatusCode::NOT_FOUND, "{path}: {}", page.status);
+        assert!(!page.body.contains("SECRET-"), "{path}");
+    }
+    // A link of this order minted long ago (its creation time decides its expiry).
+    let mut old = record.clone();
+    old.created_at = UnixMillis(1_000_000);
+    let expired = open(&w, &format!("/order/{id}/return/{}", w.api.return_links.token(&old))).await;
+    assert_eq!(expired.status, StatusCode::GONE, "{}", expired.body);
+    assert!(expired.body.contains("Link expired") && !expired.body.contains("SECRET-"), "{}", expired.body);
+}
+
+#[tokio::test]
+async fn lab_payments_beside_real_channels_are_announced_on_every_page() {
+    let lab =
+        world_routed(3, OrdersConfig::default(), LimiterConfig::default(), None, LabPayments::BesideRealChannels).await;
+    let (id, token) = order_link(&checkout(&lab, 1).await.location());
+    for path in ["/".to_string(), "/p/game-10".into(), format!("/order/{id}?token={token}"), "/nothing".into()] {
+        let page = open(&lab, &path).await;
+        assert!(page.body.contains("id=\"lab-payments\"") && page.body.contains("test payments are enabled"), "{path}");
+    }
+    let quiet = world(3).await;
+    assert!(!open(&quiet, "/").await.body.contains("lab-payments"), "a lab node's own pages need no banner");
+}
+
+#[tokio::test]
+async fn a_product_no_channel_serves_shows_no_buy_button() {
+    // The sandbox serves EUR only; the game card sells in USD and CNY.
+    let routes = Routes { by_currency: BTreeMap::from([("EUR".into(), vec![0])]), default: vec![] };
+    let w =
+        world_routed(3, OrdersConfig::default(), LimiterConfig::default(), Some(routes), LabPayments::LabNode).await;
+    let list = open(&w, "/").await;
+    assert!(list.body.contains("Not available for purchase"), "{}", list.body);
+    assert!(!list.body.contains("class=\"button\" href=\"/p/game-10\""), "no Buy: {}", list.body);
+    let product = open(&w, "/p/game-10").await;
+    assert_eq!(product.status, StatusCode::OK);
+    assert!(product.body.contains("Not available for purchase"), "{}", product.body);
+    assert!(!product.body.contains("action=\"/checkout\""), "{}", product.body);
+    let refused = send(&w, post_form("/checkout"), "sku=game-10&quantity=1").await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(w.api.engine.open_reservations(), 0);
+
+    // Served in CNY only: the form offers CNY alone, and USD is refused at submit.
+    let routes = Routes { by_currency: BTreeMap::from([("CNY".into(), vec![0])]), default: vec![] };
+    let w =
+        world_routed(3, OrdersConfig::default(), LimiterConfig::default(), Some(routes), LabPayments::LabNode).await;
+    let product = open(&w, "/p/game-10").await;
+    assert!(product.body.contains("name=\"currency\" value=\"CNY\""), "{}", product.body);
+    assert!(!product.body.contains("value=\"USD\""), "{}", product.body);
+    let usd = send(&w, post_form("/checkout"), "sku=game-10&quantity=1&currency=USD&channel=sandbox").await;
+    assert_eq!(usd.status, StatusCode::BAD_REQUEST);
+    let cny = send(&w, post_form("/checkout"), "sku=game-10&quantity=1&currency=CNY&channel=sandbox").await;
+    assert!(cny.location().starts_with("/pay/sandbox/"));
 }
