@@ -340,3 +340,35 @@ async fn outbox_holds_every_change_in_order_until_acknowledged() {
     assert_eq!(last[0].seq, 6);
     assert_eq!(last[0].order_id, c.record.id);
 }
+
+/// Unpaid reservations cannot freeze a node cut off from the coordinator: takes of a reservation
+/// that ended unpaid before being acknowledged leave the take window, at once and after a
+/// restart, and the keys they held are the next ones taken.
+#[tokio::test]
+async fn expired_unpaid_reservations_free_the_take_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let far_future = UnixMillis(u64::MAX / 2);
+    {
+        let engine = open(dir.path(), config()).await;
+        engine.install_grant(grant_of(1, 1, 10, 3)).await.unwrap();
+        for ip in 1..=3 {
+            engine.create_order(buy(ip)).await.unwrap();
+        }
+        assert!(
+            matches!(engine.create_order(buy(4)).await, Err(OrderError::StockSyncing { .. })),
+            "three unacknowledged takes fill a window of 3"
+        );
+        assert_eq!(engine.expire_due(far_future).await.unwrap(), 3);
+        let again = engine.create_order(buy(5)).await.unwrap();
+        assert_eq!(again.record.key_ids, vec![KeyId(1)], "the freed keys are taken again, lowest first");
+        let cancelled = engine.create_order(buy(6)).await.unwrap();
+        assert!(engine.cancel_unpaid(&cancelled.record.id).await.unwrap());
+    }
+    // After a restart the outbox still holds the expired reservations: they count nothing.
+    let engine = open(dir.path(), config()).await;
+    engine.create_order(buy(7)).await.unwrap();
+    engine.create_order(buy(8)).await.unwrap();
+    assert!(matches!(engine.create_order(buy(9)).await, Err(OrderError::StockSyncing { .. })));
+    // Three open reservations fill it again.
+    assert_eq!(engine.leases()[0].unacked_takes, 3);
+}

@@ -157,6 +157,28 @@ impl Holdings {
         }
     }
 
+    /// Up to `n` takes from `slice` counted under event `seq` ended without revealing a key (an
+    /// unpaid reservation expired or was cancelled before the coordinator acknowledged it): they
+    /// leave the window now. Safe because keys are taken lowest first: the keys that come back are
+    /// the lowest available, so later takes reuse them, and every key touched since the last
+    /// acknowledgement stays within the lowest `take_window` the coordinator would quarantine.
+    /// Returns how many were forgotten.
+    pub fn forget_takes(&mut self, seq: u64, slice: SliceId, n: u64) -> u64 {
+        let mut forgotten = 0;
+        for entry in self.unacked.iter_mut().filter(|(s, sl, _)| *s == seq && *sl == slice) {
+            let here = entry.2.min(n - forgotten);
+            entry.2 -= here;
+            forgotten += here;
+            if forgotten == n {
+                break;
+            }
+        }
+        if let Some(holding) = self.slices.get_mut(&slice) {
+            holding.unacked_takes = holding.unacked_takes.saturating_sub(forgotten);
+        }
+        forgotten
+    }
+
     /// The coordinator has every event through `high_water`: their takes leave the windows.
     pub fn acknowledge(&mut self, high_water: u64) {
         while let Some(&(seq, slice, n)) = self.unacked.front() {

@@ -121,6 +121,9 @@ pub enum GrantInstallError {
 struct OpenReservation {
     sku: Sku,
     key_ids: Vec<KeyId>,
+    /// The seq of its `Reserved` event while the coordinator has not acknowledged it: its takes
+    /// count against their slices' windows under that seq.
+    seq: Option<u64>,
     expires_at: UnixMillis,
     ip: LimitKey,
     email: Option<String>,
@@ -214,6 +217,20 @@ impl State {
             key_ids: released.keys,
         };
         self.push_outbox(batch, node, OrderId::NONE, &released.sku, now_millis(), kind).map(drop)
+    }
+}
+
+/// Takes of an unpaid reservation that ended before the coordinator acknowledged it leave their
+/// slices' windows (see `Holdings::forget_takes`): unpaid orders cannot freeze a node that is cut
+/// off from the coordinator.
+fn forget_unrevealed_takes(state: &mut State, seq: Option<u64>, back: &[(KeyId, SliceId)]) {
+    let Some(seq) = seq else { return };
+    let mut per_slice: BTreeMap<SliceId, u64> = BTreeMap::new();
+    for (_, slice) in back {
+        *per_slice.entry(*slice).or_default() += 1;
+    }
+    for (slice, n) in per_slice {
+        state.holdings.forget_takes(seq, slice, n);
     }
 }
 
@@ -510,7 +527,14 @@ impl OrderEngine {
             state.holdings.record_takes(seq, &taken);
             state.open.insert(
                 record.id,
-                OpenReservation { sku: request.sku.clone(), key_ids, expires_at, ip, email: email.clone() },
+                OpenReservation {
+                    sku: request.sku.clone(),
+                    key_ids,
+                    seq: Some(seq),
+                    expires_at,
+                    ip,
+                    email: email.clone(),
+                },
             );
             state.expiry.insert((expires_at, record.id));
             state.count_open(ip, email.as_ref());
@@ -740,6 +764,7 @@ impl OrderEngine {
                 return Err(e);
             }
             let returned = !back.is_empty();
+            forget_unrevealed_takes(&mut state, held.seq, &back);
             for (key, slice) in back {
                 state.holdings.put(&held.sku, key, slice);
             }
@@ -885,16 +910,17 @@ impl OrderEngine {
             for id in &due {
                 let Some(held) = self.end_reservation(&mut state, &mut batch, id, now)? else { continue };
                 let back = self.give_back(&mut state, &mut batch, &held.sku, &held.key_ids)?;
-                returned.push((held.sku, back));
+                returned.push((held.sku, back, held.seq));
             }
             self.store.apply(batch)?;
-            for (sku, back) in &returned {
+            for (sku, back, seq) in &returned {
                 for (key, slice) in back {
                     state.holdings.put(sku, *key, *slice);
                 }
+                forget_unrevealed_takes(&mut state, *seq, back);
             }
             let skus: BTreeSet<&Sku> =
-                returned.iter().filter(|(_, back)| !back.is_empty()).map(|(sku, _)| sku).collect();
+                returned.iter().filter(|(_, back, _)| !back.is_empty()).map(|(sku, _, _)| sku).collect();
             for sku in skus {
                 self.fill_awaiting_in(&mut state, sku, &mut filled).map_err(store_error)?;
             }
@@ -1444,7 +1470,7 @@ fn load_state(store: &Store, config: &OrdersConfig, mono_now: u64) -> Result<Sta
         let (slice, _) = record::decode_key_value(&value).ok_or_else(|| corrupt("k/", "bad value"))?;
         state.holdings.put(&sku, key_id, slice);
     }
-    rebuild_take_windows(store, &mut state)?;
+    let reserved_at = rebuild_take_windows(store, &mut state)?;
     for item in store.scan_prefix(record::OPEN) {
         let (key, _) = item?;
         let id = record::order_id_from(&key[record::OPEN.len()..]).ok_or_else(|| corrupt("x/", "bad order id"))?;
@@ -1464,6 +1490,7 @@ fn load_state(store: &Store, config: &OrdersConfig, mono_now: u64) -> Result<Sta
             OpenReservation {
                 sku: order.sku,
                 key_ids: order.key_ids,
+                seq: reserved_at.get(&id).copied(),
                 expires_at: order.expires_at,
                 ip,
                 email: order.email,
@@ -1492,14 +1519,26 @@ fn load_state(store: &Store, config: &OrdersConfig, mono_now: u64) -> Result<Sta
 /// Counts the takes of every outbox event the coordinator has not acknowledged against their
 /// slices' take windows. The outbox holds exactly those events (acknowledged ones are pruned in
 /// the same batch that records the mark). A delivered key no longer names its slice, so it counts
-/// against every slice of its sku: over-counting only narrows the window, which is safe.
-fn rebuild_take_windows(store: &Store, state: &mut State) -> Result<(), StoreError> {
+/// against every slice of its sku: over-counting only narrows the window, which is safe. A
+/// reservation that expired unpaid before being acknowledged counts nothing (as while running).
+/// Returns the seq of each unacknowledged `Reserved` event, by order.
+fn rebuild_take_windows(store: &Store, state: &mut State) -> Result<HashMap<OrderId, u64>, StoreError> {
     let slices_of: Vec<(SliceId, Sku)> = state.holdings.slices().map(|(id, h)| (*id, h.sku.clone())).collect();
+    let mut events = Vec::new();
     for item in store.scan_prefix(record::OUTBOX) {
-        let (_, value) = item?;
-        let event = record::decode_event(&value)?;
+        events.push(record::decode_event(&item?.1)?);
+    }
+    let expired: HashSet<OrderId> =
+        events.iter().filter(|e| matches!(e.kind, OrderEventKind::Expired { .. })).map(|e| e.order_id).collect();
+    let mut reserved_at = HashMap::new();
+    for event in &events {
         let key_ids = match &event.kind {
-            OrderEventKind::Reserved { key_ids, .. } | OrderEventKind::Delivered { key_ids } => key_ids,
+            OrderEventKind::Reserved { .. } if expired.contains(&event.order_id) => continue,
+            OrderEventKind::Reserved { key_ids, .. } => {
+                reserved_at.insert(event.order_id, event.seq);
+                key_ids
+            }
+            OrderEventKind::Delivered { key_ids } => key_ids,
             _ => continue,
         };
         for key in key_ids {
@@ -1516,5 +1555,5 @@ fn rebuild_take_windows(store: &Store, state: &mut State) -> Result<(), StoreErr
             }
         }
     }
-    Ok(())
+    Ok(reserved_at)
 }
