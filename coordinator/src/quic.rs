@@ -145,6 +145,9 @@ pub fn transport_config() -> quinn::TransportConfig {
     transport.keep_alive_interval(Some(KEEP_ALIVE));
     // 30 s fits a VarInt of milliseconds; the fallback only guards the conversion.
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    // BBR paces by measured bandwidth and RTT, not by loss: on a lossy long link (a node across
+    // an ocean on a bad mobile uplink) loss-based control collapses to a trickle.
+    transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     transport.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION));
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
     transport

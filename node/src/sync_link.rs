@@ -40,9 +40,19 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on a QUIC handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on one upload: open the stream, send the batch, read the ack. The coordinator commits
-/// a batch in milliseconds; a silent connection is dropped and re-made rather than waited on.
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An upload fails when nothing at all has come from the coordinator for this long: the
+/// connection is dropped and re-made. While datagrams arrive (a slow, lossy link moving the
+/// upload along), it is waited on: cutting it would throw the progress away and start over.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A copy of an upload goes out on a new stream after this long without an answer (see
+/// [`send_hedged`]); at most this many copies are in flight.
+const HEDGE_AFTER: Duration = Duration::from_millis(1500);
+const MAX_HEDGED: usize = 3;
+/// How often an upload in flight is checked for progress.
+const PROGRESS_CHECK: Duration = Duration::from_millis(250);
+/// Bound on one upload however it progresses (a coordinator whose endpoint answers but whose
+/// ledger does not).
+const EXCHANGE_CAP: Duration = Duration::from_secs(60);
 
 /// Where and how to reach the coordinator.
 #[derive(Clone)]
@@ -156,6 +166,9 @@ pub fn client_config(config: &SyncLinkConfig) -> Result<quinn::ClientConfig, Syn
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(KEEP_ALIVE));
+    // BBR paces by measured bandwidth and RTT, not by loss: on a lossy long link (a node across
+    // an ocean on a bad mobile uplink) loss-based control collapses to a trickle.
+    transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     // The coordinator never opens streams towards the node.
     transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
@@ -393,11 +406,17 @@ impl Link {
             refused_control,
         };
         let event_count = upload.events.len() as u64;
-        let bytes = upload.to_bytes().map_err(|e| ExchangeError::Local(format!("encoding the upload: {e}")))?;
+        let bytes: Arc<[u8]> =
+            upload.to_bytes().map_err(|e| ExchangeError::Local(format!("encoding the upload: {e}")))?.into();
         let connection = self.connection().await?;
-        let ack = tokio::time::timeout(EXCHANGE_TIMEOUT, send_upload(&connection, &bytes))
-            .await
-            .map_err(|_| ExchangeError::Transport("upload timed out".into()))??;
+        let sent_at = Instant::now();
+        let ack = while_progressing(&connection, send_hedged(&connection, bytes.clone())).await?;
+        tracing::debug!(
+            events = event_count,
+            bytes = bytes.len(),
+            took_ms = sent_at.elapsed().as_millis() as u64,
+            "upload acknowledged"
+        );
         let outcome =
             self.client.handle_ack(self.now_ms(), &ack).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
         // The coordinator recorded the refusals durably before it answered.
@@ -548,6 +567,67 @@ fn truncate_at_char(text: &mut String, max: usize) {
             end -= 1;
         }
         text.truncate(end);
+    }
+}
+
+/// Waits for `exchange` as long as the connection makes progress (see [`STALL_TIMEOUT`]), at
+/// most [`EXCHANGE_CAP`].
+async fn while_progressing<T>(
+    connection: &quinn::Connection,
+    exchange: impl std::future::Future<Output = Result<T, ExchangeError>>,
+) -> Result<T, ExchangeError> {
+    tokio::pin!(exchange);
+    let started = Instant::now();
+    let mut received = connection.stats().udp_rx.datagrams;
+    let mut last_progress = Instant::now();
+    let mut check = tokio::time::interval(PROGRESS_CHECK);
+    loop {
+        tokio::select! {
+            result = &mut exchange => return result,
+            _ = check.tick() => {
+                let now_received = connection.stats().udp_rx.datagrams;
+                if now_received != received {
+                    received = now_received;
+                    last_progress = Instant::now();
+                }
+                if last_progress.elapsed() >= STALL_TIMEOUT {
+                    return Err(ExchangeError::Transport(format!("upload stalled: nothing from the coordinator for {STALL_TIMEOUT:?}")));
+                }
+                if started.elapsed() >= EXCHANGE_CAP {
+                    return Err(ExchangeError::Transport(format!("upload not answered within {EXCHANGE_CAP:?}")));
+                }
+            }
+        }
+    }
+}
+
+/// Sends the upload, and sends it again on a new stream every [`HEDGE_AFTER`] while no answer
+/// has come (at most [`MAX_HEDGED`] at once); the first ack wins. On a lossy link the last packet
+/// of a small exchange is lost again and again while QUIC's probe timer backs off (seconds);
+/// a second copy is new traffic that gets through, and ingest is idempotent, so a copy the
+/// coordinator also took changes nothing.
+async fn send_hedged(connection: &quinn::Connection, bytes: Arc<[u8]>) -> Result<SyncAck, ExchangeError> {
+    let mut attempts = tokio::task::JoinSet::new();
+    let spawn = |attempts: &mut tokio::task::JoinSet<_>| {
+        let (connection, bytes) = (connection.clone(), bytes.clone());
+        attempts.spawn(async move { send_upload(&connection, &bytes).await });
+    };
+    spawn(&mut attempts);
+    let mut hedge = tokio::time::interval_at(tokio::time::Instant::now() + HEDGE_AFTER, HEDGE_AFTER);
+    let mut last_error = None;
+    loop {
+        tokio::select! {
+            done = attempts.join_next() => match done {
+                Some(Ok(Ok(ack))) => return Ok(ack),
+                Some(Ok(Err(e @ ExchangeError::Protocol(_)))) => return Err(e),
+                Some(Ok(Err(e))) => last_error = Some(e),
+                Some(Err(join)) => last_error = Some(ExchangeError::Local(format!("upload task: {join}"))),
+                None => {
+                    return Err(last_error.unwrap_or_else(|| ExchangeError::Transport("no upload attempt".into())))
+                }
+            },
+            _ = hedge.tick(), if attempts.len() < MAX_HEDGED => spawn(&mut attempts),
+        }
     }
 }
 

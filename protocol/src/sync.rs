@@ -251,12 +251,29 @@ pub struct SyncClient {
     next_upload_at: u64,
     failures: u32,
     rng: u64,
+    /// Events per upload now: halved after each failure (a bad link gets smaller batches, so
+    /// each has a better chance to get through and a failure resends less), doubled back towards
+    /// `max_batch_events` after each success.
+    batch_limit: usize,
 }
+
+/// Smallest batch the client shrinks to under trouble.
+pub const MIN_BATCH_EVENTS: usize = 16;
 
 impl SyncClient {
     /// `acked` and `control_applied` come from the node's store, so a restart resumes.
     pub fn new(timing: SyncTiming, acked: u64, control_applied: u64, seed: u64) -> Self {
-        SyncClient { timing, acked, control_applied, in_flight: None, next_upload_at: 0, failures: 0, rng: seed | 1 }
+        let batch_limit = timing.max_batch_events.clamp(1, MAX_UPLOAD_EVENTS);
+        SyncClient {
+            timing,
+            acked,
+            control_applied,
+            in_flight: None,
+            next_upload_at: 0,
+            failures: 0,
+            rng: seed | 1,
+            batch_limit,
+        }
     }
 
     pub fn acked(&self) -> u64 {
@@ -271,6 +288,11 @@ impl SyncClient {
         self.failures
     }
 
+    /// Events the next upload may carry.
+    pub fn batch_limit(&self) -> usize {
+        self.batch_limit
+    }
+
     /// Whether to upload now, given the newest seq in the outbox.
     pub fn poll_upload(&mut self, now_ms: u64, newest_outbox_seq: u64) -> Option<UploadPlan> {
         if self.in_flight.is_some() {
@@ -282,7 +304,7 @@ impl SyncClient {
         if !due && (backing_off || !pending) {
             return None;
         }
-        let max_events = self.timing.max_batch_events.clamp(1, MAX_UPLOAD_EVENTS);
+        let max_events = self.batch_limit;
         let last = newest_outbox_seq.min(self.acked.saturating_add(max_events as u64)).max(self.acked);
         self.in_flight = Some(last);
         Some(UploadPlan { after_seq: self.acked, max_events, control_applied: self.control_applied })
@@ -303,6 +325,8 @@ impl SyncClient {
         }
         self.acked = ack.events_high_water;
         self.failures = 0;
+        let ceiling = self.timing.max_batch_events.clamp(1, MAX_UPLOAD_EVENTS);
+        self.batch_limit = self.batch_limit.saturating_mul(2).min(ceiling);
         self.next_upload_at = now_ms.saturating_add(self.timing.idle_poll_ms);
         let control = ack.control.iter().filter(|m| m.seq > self.control_applied).cloned().collect();
         Ok(AckOutcome {
@@ -336,6 +360,8 @@ impl SyncClient {
 
     fn register_failure(&mut self, now_ms: u64) {
         self.failures = self.failures.saturating_add(1);
+        let floor = MIN_BATCH_EVENTS.min(self.timing.max_batch_events.clamp(1, MAX_UPLOAD_EVENTS));
+        self.batch_limit = (self.batch_limit / 2).max(floor);
         let exponent = self.failures.saturating_sub(1).min(20);
         let base = self.timing.backoff_min_ms.saturating_mul(1u64 << exponent).min(self.timing.backoff_max_ms);
         // Full jitter in [base/2, base], so reconnecting nodes do not stampede together.
@@ -515,6 +541,30 @@ mod tests {
         client.poll_upload(now, 5).unwrap();
         client.handle_ack(now, &ack(5, &[])).unwrap();
         assert_eq!(client.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn batches_shrink_after_failures_and_grow_back_after_successes() {
+        let timing = SyncTiming { max_batch_events: 1024, ..timing() };
+        let mut client = SyncClient::new(timing, 0, 0, 1);
+        let mut now = 0;
+        let mut sizes = Vec::new();
+        for _ in 0..8 {
+            let plan = client.poll_upload(now, 10_000).unwrap();
+            sizes.push(plan.max_events);
+            client.handle_failure(now);
+            now = client.poll_timeout().unwrap();
+        }
+        assert_eq!(sizes, vec![1024, 512, 256, 128, 64, 32, 16, 16], "halved down to the floor");
+        let mut grown = Vec::new();
+        for _ in 0..8 {
+            let plan = client.poll_upload(now, 10_000).unwrap();
+            grown.push(plan.max_events);
+            let through = plan.after_seq + plan.max_events as u64;
+            client.handle_ack(now, &ack(through, &[])).unwrap();
+            now = client.poll_timeout().unwrap();
+        }
+        assert_eq!(grown, vec![16, 32, 64, 128, 256, 512, 1024, 1024], "doubled back to the configured size");
     }
 
     #[test]

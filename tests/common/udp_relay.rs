@@ -3,7 +3,9 @@
 //!
 //! Each client address gets its own upstream socket (connected to the target), so the target sees
 //! one stable peer per client and replies find their way back. While cut, datagrams in both
-//! directions are dropped (and counted); nothing is queued for later.
+//! directions are dropped (and counted); nothing is queued for later. A bad link can be played
+//! too: each datagram lost with a given probability (a seeded generator, so runs repeat) and the
+//! rest delayed by a fixed time.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -26,6 +28,26 @@ struct Counters {
     open: AtomicBool,
     forwarded: AtomicU64,
     dropped: AtomicU64,
+    /// Datagrams lost to the impairment (per million).
+    loss_ppm: AtomicU64,
+    delay_micros: AtomicU64,
+    rng: AtomicU64,
+}
+
+impl Counters {
+    /// xorshift64 over an atomic: deterministic for a given seed and datagram order.
+    fn next_random(&self) -> u64 {
+        let mut x = self.rng.load(Ordering::Relaxed) | 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        x
+    }
+
+    fn delay(&self) -> Duration {
+        Duration::from_micros(self.delay_micros.load(Ordering::Relaxed))
+    }
 }
 
 /// A running relay; its tasks are aborted on drop.
@@ -54,6 +76,14 @@ impl UdpRelay {
     /// Drops every datagram from now on, both ways.
     pub fn cut(&self) {
         self.counters.open.store(false, Ordering::SeqCst);
+    }
+
+    /// Plays a bad link from now on: each datagram (both ways) is lost with probability
+    /// `loss_percent` / 100, the rest arrive `delay` late.
+    pub fn impair(&self, loss_percent: u32, delay: Duration, seed: u64) {
+        self.counters.loss_ppm.store(u64::from(loss_percent.min(100)) * 10_000, Ordering::SeqCst);
+        self.counters.delay_micros.store(delay.as_micros() as u64, Ordering::SeqCst);
+        self.counters.rng.store(seed, Ordering::SeqCst);
     }
 
     /// Relays again.
@@ -86,7 +116,9 @@ impl Drop for UdpRelay {
 
 /// Counts one datagram as relayed or dropped, by the relay's state; true when relayed.
 fn pass(counters: &Counters) -> bool {
-    if counters.open.load(Ordering::SeqCst) {
+    let loss = counters.loss_ppm.load(Ordering::Relaxed);
+    let lost = loss > 0 && counters.next_random() % 1_000_000 < loss;
+    if counters.open.load(Ordering::SeqCst) && !lost {
         counters.forwarded.fetch_add(1, Ordering::Relaxed);
         true
     } else {
@@ -125,7 +157,10 @@ async fn relay_clients(
             }
         };
         // A send error (target not listening yet, say) is a lost datagram, as on a real network.
-        let _ = upstream.send(&buf[..n]).await;
+        send_later(counters.delay(), &buf[..n], move |datagram| async move {
+            let _ = upstream.send(&datagram).await;
+        })
+        .await;
     }
 }
 
@@ -139,7 +174,28 @@ async fn relay_back(upstream: Arc<UdpSocket>, front: Arc<UdpSocket>, client: Soc
             continue;
         };
         if pass(&counters) {
-            let _ = front.send_to(&buf[..n], client).await;
+            let front = front.clone();
+            send_later(counters.delay(), &buf[..n], move |datagram| async move {
+                let _ = front.send_to(&datagram, client).await;
+            })
+            .await;
         }
+    }
+}
+
+/// Sends at once, or after `delay` from a task of its own (so later datagrams are not held up).
+async fn send_later<F, Fut>(delay: Duration, datagram: &[u8], send: F)
+where
+    F: FnOnce(Vec<u8>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let datagram = datagram.to_vec();
+    if delay.is_zero() {
+        send(datagram).await;
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            send(datagram).await;
+        });
     }
 }
