@@ -289,3 +289,40 @@ async fn the_pay_url_opened_in_a_browser_shows_the_order() {
     })
     .await;
 }
+
+/// A node without a coordinator has nobody to acknowledge its events: it acknowledges them itself
+/// once durable, so nothing piles up in its outbox or take windows, also across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_node_keeps_no_outbox() {
+    let env = TestEnv::new();
+    let secrets = make_secrets(10);
+    let options = NodeOptions::with_grants(vec![env.grant_file(&secrets)]);
+    let mut node = env.start_node(&options);
+    bounded("standalone sales", LIMIT, async {
+        let mut client = node.client().await;
+        for _ in 0..3 {
+            client.buy(1).await;
+        }
+        let unacked = |status: &Value| -> Vec<u64> {
+            status["slices"].as_array().unwrap().iter().map(|s| s["unacknowledged_takes"].as_u64().unwrap()).collect()
+        };
+        let mut status = node.status().await;
+        for _ in 0..50 {
+            if unacked(&status).iter().all(|n| *n == 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            status = node.status().await;
+        }
+        assert_eq!(unacked(&status), vec![0], "takes stay counted on a standalone node: {status}");
+    })
+    .await;
+    node.terminate();
+    let node = env.start_node(&options);
+    bounded("after a restart", LIMIT, async {
+        let status = node.status().await;
+        assert_eq!(status["slices"][0]["unacknowledged_takes"], 0, "{status}");
+        assert_eq!(node.client().await.stock().await, 7);
+    })
+    .await;
+}

@@ -260,11 +260,45 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         tasks.push(tokio::spawn(async move {
             let _ = handle.await;
         }));
+    } else {
+        tasks.push(spawn_standalone_outbox_pruner(engine.clone(), shutdown_rx_link.clone()));
     }
 
     tracing::info!(node = %config.node_id, region = %config.region, %https_addr, %admin_addr, "node serving");
     Ok(RunningNode { https_addr, admin_addr, public_url, self_signed_cert, engine, shutdown, tasks })
 }
+
+/// A node without a coordinator has no ledger to feed: its events are acknowledged as soon as they
+/// are durable, so the outbox and the take windows stay empty (its orders stay in the store) and
+/// a restart has nothing to replay.
+fn spawn_standalone_outbox_pruner(engine: Arc<OrderEngine>, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let notify = engine.outbox_notify();
+        let mut ticker = tokio::time::interval(STANDALONE_PRUNE_EVERY);
+        loop {
+            tokio::select! {
+                () = notify.notified() => {}
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            // Every event up to `newest` is applied; after the flush it is durable.
+            let newest = engine.outbox_newest();
+            if newest <= engine.sync_progress().map_or(u64::MAX, |(acked, _)| acked) {
+                continue;
+            }
+            if let Err(e) = engine.store().durable().await {
+                tracing::warn!(error = %e, "outbox not pruned: the store is not durable");
+                continue;
+            }
+            if let Err(e) = engine.record_sync_ack(newest) {
+                tracing::warn!(error = %e, "outbox not pruned");
+            }
+        }
+    })
+}
+
+/// How often a standalone node prunes its outbox at least (it also does on every new event).
+const STANDALONE_PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 fn spawn_expiry_sweeper(
     engine: Arc<OrderEngine>,
