@@ -29,6 +29,13 @@ pub struct SeenOrder {
     pub paid: bool,
     /// The keys the buyer fetched (empty: none were shown).
     pub keys: Vec<String>,
+    /// The order's token, to look it up again (kept in memory only).
+    pub token: String,
+    /// Which node (index into the bench's endpoints) sold it.
+    pub node: usize,
+    /// The pay or key-fetch answer was lost (connection cut, node killed): what happened is
+    /// unknown until the order is looked up again.
+    pub unsettled: bool,
 }
 
 /// One order as the coordinator's ledger lists it (`GET /v1/orders`); unknown fields ignored.
@@ -223,7 +230,12 @@ mod tests {
     use super::*;
 
     fn seen(id: &str, paid: bool, keys: &[&str]) -> SeenOrder {
-        SeenOrder { order_id: id.into(), paid, keys: keys.iter().map(|k| k.to_string()).collect() }
+        SeenOrder {
+            order_id: id.into(),
+            paid,
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            ..SeenOrder::default()
+        }
     }
 
     fn ledger(id: &str, status: &str, key_ids: &[u64]) -> LedgerOrder {

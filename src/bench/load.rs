@@ -179,7 +179,7 @@ async fn buyer(shared: Arc<Shared>, index: usize, barrier: Option<Arc<Barrier>>)
             },
         };
         let outcome = match shared.work {
-            Work::Purchase { .. } => purchase(&shared, conn, &mut tally).await,
+            Work::Purchase { .. } => purchase(&shared, node, conn, &mut tally).await,
             Work::Get { path } => get(&shared, conn, path, &mut tally).await,
         };
         match outcome {
@@ -249,7 +249,7 @@ struct OrderView {
     keys: Vec<String>,
 }
 
-async fn purchase(shared: &Shared, conn: &mut Connection, tally: &mut Tally) -> Outcome {
+async fn purchase(shared: &Shared, node: usize, conn: &mut Connection, tally: &mut Tally) -> Outcome {
     let address = shared.fresh_address();
     let started = Instant::now();
     let request = Request::post("/api/v1/orders")
@@ -263,7 +263,8 @@ async fn purchase(shared: &Shared, conn: &mut Connection, tally: &mut Tally) -> 
     };
     tally.create.record(started.elapsed());
     let Ok(order) = created.json::<Created>() else { return failed("bad_response", false) };
-    let mut seen = SeenOrder { order_id: order.order_id.clone(), ..SeenOrder::default() };
+    let mut seen =
+        SeenOrder { order_id: order.order_id.clone(), token: order.token.clone(), node, ..SeenOrder::default() };
 
     let t = Instant::now();
     tally.pay_attempts += 1;
@@ -275,7 +276,10 @@ async fn purchase(shared: &Shared, conn: &mut Connection, tally: &mut Tally) -> 
             fetch_keys(conn, &order, &address, tally, &mut seen).await
         }
         Ok(r) => failed(&status_kind(r.status, &r.body), false),
-        Err(e) => failed(transport_kind(&e), true),
+        Err(e) => {
+            seen.unsettled = true;
+            failed(transport_kind(&e), true)
+        }
     };
     if matches!(outcome, Outcome::Done) {
         tally.purchase.record(started.elapsed());
@@ -299,7 +303,10 @@ async fn fetch_keys(
     let fetched = match conn.send(request).await {
         Ok(r) if r.status == 200 => r,
         Ok(r) => return failed(&status_kind(r.status, &r.body), false),
-        Err(e) => return failed(transport_kind(&e), true),
+        Err(e) => {
+            seen.unsettled = true;
+            return failed(transport_kind(&e), true);
+        }
     };
     tally.fetch.record(t.elapsed());
     let Ok(view) = fetched.json::<OrderView>() else { return failed("bad_response", false) };
@@ -308,6 +315,56 @@ async fn fetch_keys(
     }
     seen.keys = view.keys;
     Outcome::Done
+}
+
+/// How long the audit keeps trying to look up orders whose answers were lost (a killed node may
+/// take a while to come back).
+const SETTLE_FOR: Duration = Duration::from_secs(30);
+
+/// Looks up again, before the audit judges them, the orders whose pay or key-fetch answer was
+/// lost, and paid orders whose keys were never fetched: a node killed under load may well have
+/// delivered them. Returns how many turned out delivered.
+pub async fn settle_cut_off(endpoints: &[Endpoint], orders: &mut [SeenOrder]) -> usize {
+    let deadline = Instant::now() + SETTLE_FOR;
+    let mut connections: Vec<Option<Connection>> = endpoints.iter().map(|_| None).collect();
+    let mut settled = 0;
+    for order in orders.iter_mut().filter(|o| o.unsettled || (o.paid && o.keys.is_empty())) {
+        while Instant::now() < deadline {
+            let Some(endpoint) = endpoints.get(order.node) else { break };
+            let slot = &mut connections[order.node];
+            if slot.is_none() {
+                *slot = endpoint.connect().await.ok();
+            }
+            let Some(conn) = slot.as_mut() else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let request = Request::get(&format!("/api/v1/orders/{}", order.order_id))
+                .header("authorization", &format!("Bearer {}", order.token));
+            match conn.send(request).await {
+                Ok(r) if r.status == 200 => {
+                    if let Ok(view) = r.json::<OrderView>() {
+                        if view.status == "delivered" && !view.keys.is_empty() {
+                            order.paid = true;
+                            order.keys = view.keys;
+                            settled += 1;
+                        }
+                    }
+                    order.unsettled = false;
+                    break;
+                }
+                Ok(_) => {
+                    order.unsettled = false;
+                    break;
+                }
+                Err(_) => {
+                    *slot = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    settled
 }
 
 async fn get(shared: &Shared, conn: &mut Connection, path: &str, tally: &mut Tally) -> Outcome {

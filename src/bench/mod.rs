@@ -213,7 +213,7 @@ pub async fn execute(args: &BenchArgs) -> Result<Report> {
     let sampler = spawn_sync_sampler(&nodes, samples.clone(), sampling.clone());
 
     let flash = args.scenario == Scenario::FlashSale;
-    let (tally, elapsed, shared) =
+    let (mut tally, elapsed, shared) =
         run_phase(work, endpoints.clone(), &sku, args.duration, args.count, args.concurrency, flash, show_progress)
             .await;
     let after: Vec<Option<Scrape>> = scrape_all(&nodes).await;
@@ -222,6 +222,10 @@ pub async fn execute(args: &BenchArgs) -> Result<Report> {
         (Some(url), Some(token), false, Work::Purchase { .. }) => {
             let client = AdminClient::new(url, token).context("--coordinator-url")?;
             let timeout = Duration::from_secs(args.audit_timeout);
+            let settled = load::settle_cut_off(&endpoints, &mut tally.orders).await;
+            if settled > 0 {
+                eprintln!("{settled} orders whose answer was cut off turned out delivered");
+            }
             Some(audit::wait_and_audit(&client, &tally.orders, since_ms, timeout).await?)
         }
         _ => None,

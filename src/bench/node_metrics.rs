@@ -64,6 +64,11 @@ pub struct HistogramDelta {
 }
 
 fn histogram_delta(before: &Scrape, after: &Scrape, name: &str) -> Option<HistogramDelta> {
+    // A node restarted during the run starts its counters again from zero: the delta is then
+    // what the new process counted (Prometheus's `increase` does the same).
+    let reset = after.get(&format!("{name}_count"))? < before.get(&format!("{name}_count")).unwrap_or(0.0);
+    let empty = Scrape::default();
+    let before = if reset { &empty } else { before };
     let delta = |suffix: &str| -> Option<f64> {
         let key = format!("{name}_{suffix}");
         Some(after.get(&key)? - before.get(&key).unwrap_or(0.0))
@@ -245,6 +250,17 @@ mod tests {
         assert!((report.avg_group_size - 4.0).abs() < 1e-9, "{report:?}");
         assert_eq!(report.commit_wait, None, "absent histogram");
         assert_eq!(report.headline(), report.flush.as_ref());
+    }
+
+    #[test]
+    fn a_node_restarted_during_the_run_counts_from_zero() {
+        // AFTER's counters are lower than these: the node restarted and counted 110 commits since.
+        let before = BEFORE.replace(" 10\n", " 500\n").replace("0.005", "9.0").replace("sum 20", "sum 2000");
+        let report = StoreReport::between("eu-1", &Scrape::parse(&before), &Scrape::parse(AFTER), 2.0);
+        let flush = report.flush.clone().unwrap_or_else(|| panic!("no flush figures: {report:?}"));
+        assert_eq!(flush.count, 110.0, "{flush:?}");
+        assert!(flush.avg_ms > 0.0, "a negative average across a reset: {flush:?}");
+        assert!(report.avg_group_size > 0.0, "{report:?}");
     }
 
     #[test]
