@@ -117,6 +117,9 @@ pub struct Settings {
     /// Largest sync ack, by its control messages' size: the rest waits for the next sync, so an
     /// ack always fits the envelope however much is queued for a node that was away.
     pub max_ack_bytes: usize,
+    /// Keys granted to a move's recipient per store batch (see `complete_regrants`): a move of a
+    /// million keys is not one log frame.
+    pub regrant_keys_per_batch: usize,
 }
 
 impl Default for Settings {
@@ -127,6 +130,7 @@ impl Default for Settings {
             take_window: 10_000,
             max_grant_bytes: 12 << 20,
             max_ack_bytes: 12 << 20,
+            regrant_keys_per_batch: edgecard_protocol::MAX_GRANT_KEYS / 10,
         }
     }
 }

@@ -245,37 +245,54 @@ impl Coordinator {
     /// after each ingest (and at start, after a crash between the two batches); keys no longer
     /// in the pool are skipped.
     pub(crate) fn complete_regrants(&self) -> Result<(), CoordinatorError> {
-        for mut record in self.moves()?.into_iter().filter(|m| !m.pending_regrant.is_empty()) {
-            let mut batch = WriteBatch::default();
-            let pending = std::mem::take(&mut record.pending_regrant);
-            let recipient = match &record.order.to {
-                Destination::Node(to) => self.node(to).ok().filter(|n| !n.revoked),
-                Destination::Pool => None,
-            };
-            if let Some(recipient) = recipient {
-                let mut pool = self.pool_runs(&record.order.sku)?;
-                let ids: Vec<KeyId> = pending
-                    .iter()
-                    .flat_map(|(a, b)| (*a..=*b).map(KeyId))
-                    .filter(|id| rec::remove_id(&mut pool, id.0))
-                    .collect();
-                // Bounded batches: a move of a million keys is not one log frame.
-                for chunk in ids.chunks(edgecard_protocol::MAX_GRANT_KEYS / 10) {
-                    let recipient = self.node(&recipient.node_id)?;
-                    let (slices, _) =
-                        self.grant_slices_into(&mut batch, recipient, &record.order.sku, chunk, now_millis())?;
-                    for slice in slices {
-                        record.regranted.push(slice.slice_id);
-                        tracing::info!(ticket = record.order.ticket, slice = %slice.slice_id, to = %slice.node,
-                            keys = slice.key_count(), "moved keys granted to the recipient");
-                    }
-                    batch.put(rec::pool_key(&record.order.sku), rec::encode(&pool)?);
-                    batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
-                    self.store.apply(std::mem::take(&mut batch))?;
-                }
-            } else {
-                tracing::warn!(ticket = record.order.ticket, "recipient gone: released keys stay in the pool");
+        for record in self.moves()?.into_iter().filter(|m| !m.pending_regrant.is_empty()) {
+            let ticket = record.order.ticket;
+            // One move that cannot finish (a key record damaged, say) must not hold up the
+            // others, nor the ingest or housekeeping that called this: it stays pending, and is
+            // retried by the next housekeeping round.
+            if let Err(e) = self.regrant_move(record) {
+                tracing::error!(ticket, error = %e, "granting released keys to the recipient failed; retried later");
             }
+        }
+        Ok(())
+    }
+
+    /// Grants one move's released keys to its recipient in bounded chunks. Each chunk is one
+    /// atomic batch: its keys leave the pool, become the recipient's new slice, and leave the
+    /// move's pending list together, so after a failure or a crash between chunks every key is
+    /// still either pending (and in the pool) or granted.
+    fn regrant_move(&self, mut record: MoveRecord) -> Result<(), CoordinatorError> {
+        let recipient = match &record.order.to {
+            Destination::Node(to) => self.node(to).ok().filter(|n| !n.revoked),
+            Destination::Pool => None,
+        };
+        let sku = record.order.sku.clone();
+        let Some(recipient) = recipient else {
+            tracing::warn!(ticket = record.order.ticket, "recipient gone: released keys stay in the pool");
+            record.pending_regrant.clear();
+            let mut batch = WriteBatch::default();
+            batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
+            self.store.apply(batch)?;
+            return Ok(());
+        };
+        let pending: Vec<KeyId> = record.pending_regrant.iter().flat_map(|(a, b)| (*a..=*b).map(KeyId)).collect();
+        for (done, chunk) in pending.chunks(self.settings.regrant_keys_per_batch.max(1)).enumerate() {
+            let mut batch = WriteBatch::default();
+            let mut pool = self.pool_runs(&sku)?;
+            // Keys no longer in the pool (taken some other way meanwhile) are skipped.
+            let ids: Vec<KeyId> = chunk.iter().copied().filter(|id| rec::remove_id(&mut pool, id.0)).collect();
+            if !ids.is_empty() {
+                let recipient = self.node(&recipient.node_id)?;
+                let (slices, _) = self.grant_slices_into(&mut batch, recipient, &sku, &ids, now_millis())?;
+                for slice in slices {
+                    record.regranted.push(slice.slice_id);
+                    tracing::info!(ticket = record.order.ticket, slice = %slice.slice_id, to = %slice.node,
+                        keys = slice.key_count(), "moved keys granted to the recipient");
+                }
+            }
+            let granted_through = (done + 1) * self.settings.regrant_keys_per_batch.max(1);
+            record.pending_regrant = rec::runs_of(pending.get(granted_through..).unwrap_or_default());
+            batch.put(rec::pool_key(&sku), rec::encode(&pool)?);
             batch.put(rec::move_key(record.order.ticket), rec::encode(&record)?);
             self.store.apply(batch)?;
         }

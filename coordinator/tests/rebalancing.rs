@@ -382,3 +382,61 @@ async fn a_closing_slice_keeps_its_lease_while_the_node_is_in_contact() {
     assert_eq!((renewed[0].slice_id, renewed[0].epoch), (slice.slice_id, edgecard_protocol::Epoch(2)));
     assert!(c.reclaim_expired(now_millis()).await.unwrap().is_empty());
 }
+
+/// A move's keys reach the recipient in chunks, each one atomic: when a chunk fails (here a key
+/// record is missing), the chunks before it are granted, the rest stay pending in the move and in
+/// the pool, housekeeping still succeeds, and once repaired it finishes the move.
+#[tokio::test]
+async fn a_regrant_chunk_that_fails_loses_no_key_and_blocks_nothing() {
+    use edgecard_coordinator::records::{self as rec, MoveKind, MoveOrder, MoveRecord};
+    use edgecard_protocol::rebalance::Destination;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings { regrant_keys_per_batch: 4, ..Settings::default() };
+    let c = setup(dir.path(), 30, settings).await;
+    let mut ap = FakeNode::new("ap-1");
+    ap.sync(&c, vec![], 0).await;
+
+    // A move whose donor released keys 9-20 (they are in the pool), waiting to be granted to ap-1.
+    let order = MoveOrder {
+        ticket: 77,
+        kind: MoveKind::Move,
+        sku: sku(),
+        slice_id: SliceId(1),
+        from: node("eu-1"),
+        to: Destination::Node(ap.id.clone()),
+        requested: 12,
+        close: false,
+    };
+    let mut record = MoveRecord::sent(order, now_millis());
+    record.released = 12;
+    record.state = MoveState::Done;
+    record.pending_regrant = vec![(9, 20)];
+    // Key 14, in the second chunk, has lost its record.
+    let key_14 = rec::key_key(&sku(), KeyId(14));
+    let saved = c.store().get(&key_14).unwrap().unwrap();
+    let mut batch = edgecard_store::WriteBatch::default();
+    batch.put(rec::move_key(77), rec::encode(&record).unwrap());
+    batch.delete(key_14.clone());
+    c.store().apply(batch).unwrap();
+
+    c.settle_closed_slices().await.expect("a failing move does not fail housekeeping");
+    let record = c.moves().unwrap().into_iter().find(|m| m.order.ticket == 77).unwrap();
+    let pending: Vec<u64> = record.pending_regrant.iter().flat_map(|(a, b)| *a..=*b).collect();
+    assert_eq!(pending, (13..=20).collect::<Vec<_>>(), "the first chunk went out, the rest waits");
+    let granted: Vec<KeyId> =
+        grants(&ap.sync(&c, vec![], 0).await, &ap.id).iter().flat_map(|g| g.keys.iter().map(|k| k.key_id)).collect();
+    assert_eq!(granted, ids(9..=12));
+    assert_eq!(c.pool_size(&sku()), 30 - 4, "the pending keys are still in the pool");
+
+    // Repaired, the next housekeeping round finishes the move.
+    let mut batch = edgecard_store::WriteBatch::default();
+    batch.put(key_14, saved);
+    c.store().apply(batch).unwrap();
+    c.settle_closed_slices().await.unwrap();
+    let granted: Vec<KeyId> =
+        grants(&ap.sync(&c, vec![], 0).await, &ap.id).iter().flat_map(|g| g.keys.iter().map(|k| k.key_id)).collect();
+    assert_eq!(granted, ids(13..=20));
+    assert_eq!(c.pool_size(&sku()), 30 - 12);
+    let record = c.moves().unwrap().into_iter().find(|m| m.order.ticket == 77).unwrap();
+    assert!(record.pending_regrant.is_empty());
+}
