@@ -170,7 +170,8 @@ pub struct Initialised {
 
 /// Creates a coordinator data directory. Refuses to overwrite an existing one.
 pub fn init(dir: &Path, mut config: CoordinatorConfig) -> Result<Initialised, RuntimeError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // The signing key, the CA key and the key pool live here: private to this user.
+    edgecard_store::private::make_private(dir).map_err(io(dir))?;
     let config_path = dir.join(CONFIG_FILE);
     if config_path.exists() {
         return Err(RuntimeError::Invalid { path: config_path, message: "already initialised".into() });
@@ -322,6 +323,10 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
         .map_err(|e| RuntimeError::Invalid { path: dir.join(SIGNING_KEY_FILE), message: e.to_string() })?;
     let ca = CertificateAuthority::from_pem(&read(dir, CA_CERT_FILE)?, &read(dir, CA_KEY_FILE)?)
         .map_err(|e| RuntimeError::Invalid { path: dir.join(CA_CERT_FILE), message: e.to_string() })?;
+    let tightened = edgecard_store::private::make_private(dir).map_err(io(dir))?;
+    if !tightened.is_empty() {
+        tracing::warn!(dir = %dir.display(), paths = tightened.len(), "the coordinator's dir was readable by other users; made private (0700 dirs, 0600 files)");
+    }
     let store_dir = dir.join("store");
     std::fs::create_dir_all(&store_dir).map_err(io(&store_dir))?;
     let store =
@@ -329,6 +334,10 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
             .map_err(|e| RuntimeError::Other(e.to_string()))?;
     let settings = config.settings();
     let coordinator = Arc::new(Coordinator::new(Arc::new(store), signing.clone(), settings));
+    let reindexed = coordinator.migrate_dedup_index().await.map_err(|e| RuntimeError::Other(e.to_string()))?;
+    if reindexed > 0 {
+        tracing::info!(keys = reindexed, "key deduplication index rebuilt under a keyed hash");
+    }
 
     let endpoint = quic::server_endpoint_with_reset_key(
         config.sync_listen,

@@ -300,6 +300,62 @@ impl Coordinator {
 
     // ---- keys -----------------------------------------------------------------------------
 
+    /// The tag under which a key's content is indexed for deduplication: an HMAC-SHA256 under a
+    /// key derived from the coordinator's signing key (which lives outside the store), so that
+    /// whoever reads the store cannot confirm a guessed low-entropy code against it.
+    fn dedup_tag(&self, secret: &edgecard_protocol::Secret) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        use sha2::Digest;
+        let key = sha2::Sha256::new()
+            .chain_update(b"edgecard key-dedup v1\0")
+            .chain_update(self.signing_key.to_bytes())
+            .finalize();
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(secret.expose().as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Rebuilds the deduplication index under [`Coordinator::dedup_tag`] once, for a store from
+    /// an earlier release that indexed keys by their bare SHA-256. In bounded batches; repeating
+    /// it after a crash starts over. Returns how many keys were indexed (0 when already done).
+    pub async fn migrate_dedup_index(&self) -> Result<u64, CoordinatorError> {
+        const DONE: &[u8] = b"m/dedup_index_hmac";
+        const PER_BATCH: usize = 10_000;
+        if self.store.get(DONE)?.is_some() {
+            return Ok(0);
+        }
+        let _guard = self.lock.lock();
+        let mut batch = WriteBatch::default();
+        let mut pending = 0;
+        for item in self.store.scan_prefix(b"h/") {
+            batch.delete(item?.0.to_vec());
+            pending += 1;
+            if pending >= PER_BATCH {
+                self.store.apply(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+        }
+        let mut indexed = 0;
+        for item in self.store.scan_prefix(b"k/") {
+            let (key, value) = item?;
+            let record: KeyRecord = rec::decode("key", &value)?;
+            // The location is the key record's own key without its prefix: sku, 0, id.
+            batch.put(rec::hash_key(&self.dedup_tag(&record.secret)), key[2..].to_vec());
+            indexed += 1;
+            pending += 1;
+            if pending >= PER_BATCH {
+                self.store.apply(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+        }
+        batch.put(DONE.to_vec(), vec![1]);
+        self.store.apply(batch)?;
+        drop(_guard);
+        self.store.durable().await?;
+        Ok(indexed)
+    }
+
     /// Imports the valid keys of `text` as one batch. With `strict`, any invalid or duplicate row
     /// refuses the whole file.
     pub async fn import_keys(
@@ -318,10 +374,11 @@ impl Coordinator {
             let mut duplicates_known = Vec::new();
             let mut fresh = Vec::new();
             for key in parsed.keys {
-                if self.store.get(&rec::hash_key(&key.hash))?.is_some() {
+                let tag = self.dedup_tag(&key.secret);
+                if self.store.get(&rec::hash_key(&tag))?.is_some() {
                     duplicates_known.push(key.line);
                 } else {
-                    fresh.push((key.secret, key.hash));
+                    fresh.push((key.secret, tag));
                 }
             }
             let mut report = ImportReport {

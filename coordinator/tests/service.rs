@@ -490,3 +490,30 @@ async fn a_grant_the_node_refused_comes_back_to_the_pool_with_an_alarm() {
     assert_eq!(c.pool_size(&sku("game")), 7);
     assert_eq!(c.alarms().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn imported_keys_cannot_be_confirmed_from_the_store_by_a_bare_hash() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    with_keys(&c, "game", 5).await;
+    let bare = |code: &str| edgecard_coordinator::records::hash_key(&Sha256::digest(code.as_bytes()).into());
+    let guessed = "game-KEY-00003";
+    assert!(c.store().get(&bare(guessed)).unwrap().is_none(), "a guessed code is confirmed by its SHA-256");
+    let again = c.import_keys(&sku("game"), "game-KEY-00003\nfresh-1\n", KeyFormat::Lines, false).await.unwrap();
+    assert_eq!((again.imported, again.duplicates_known.clone()), (1, vec![1]), "dedup still works");
+
+    // A store from an earlier release: its index is by bare SHA-256. It is rebuilt once.
+    let mut batch = edgecard_store::WriteBatch::default();
+    for item in c.store().scan_prefix(b"h/") {
+        batch.delete(item.unwrap().0.to_vec());
+    }
+    batch.delete(b"m/dedup_index_hmac".to_vec());
+    batch.put(bare(guessed), b"game\0\0\0\0\0\0\0\0\x04".to_vec());
+    c.store().apply(batch).unwrap();
+    assert_eq!(c.migrate_dedup_index().await.unwrap(), 6);
+    assert!(c.store().get(&bare(guessed)).unwrap().is_none(), "the bare hash is gone");
+    assert_eq!(c.migrate_dedup_index().await.unwrap(), 0, "once");
+    let after = c.import_keys(&sku("game"), "game-KEY-00003\nfresh-1\nfresh-2\n", KeyFormat::Lines, false).await.unwrap();
+    assert_eq!((after.imported, after.duplicates_known), (1, vec![1, 2]));
+}

@@ -87,6 +87,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let coordinator_key = edgecard_protocol::decode_verifying_key(&config.trust.coordinator_key)
         .map_err(|e| NodeError::Config(format!("trust.coordinator_key: {e}")))?;
     let store_dir = config.data_dir.join("store");
+    // Card keys live under the data dir: private to this user (0700), tightened if it was not.
+    let tightened = edgecard_store::private::make_private(&config.data_dir)
+        .map_err(|source| NodeError::DataDir { path: config.data_dir.clone(), source })?;
+    if !tightened.is_empty() {
+        tracing::warn!(dir = %config.data_dir.display(), paths = tightened.len(), "the data dir was readable by other users; made private (0700 dirs, 0600 files)");
+    }
     std::fs::create_dir_all(&store_dir).map_err(|source| NodeError::DataDir { path: store_dir.clone(), source })?;
     let store = Arc::new(Store::open(
         &store_dir,
@@ -132,6 +138,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             let cert_path = tls_dir.join("self-signed-cert.pem");
             std::fs::write(&cert_path, &generated.cert_pem)
                 .map_err(|source| NodeError::DataDir { path: cert_path.clone(), source })?;
+            // Everything under the data dir stays private, the public certificate too.
+            edgecard_store::private::make_private(&tls_dir)
+                .map_err(|source| NodeError::DataDir { path: tls_dir.clone(), source })?;
             tracing::warn!(cert = %cert_path.display(), "no TLS certificate configured: serving a self-signed one");
             (tls::server_config_from_pem(generated.cert_pem.as_bytes(), generated.key_pem.as_bytes())?, Some(cert_path))
         }

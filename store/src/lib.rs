@@ -16,6 +16,7 @@ mod le;
 mod log;
 mod memtable;
 pub mod metrics;
+pub mod private;
 pub mod record;
 mod store;
 pub mod workload;

@@ -122,6 +122,12 @@ impl Store {
             .flush_every_ms(None)
             .open()
             .map_err(|source| StoreError::Open { path: sled_dir.clone(), source })?;
+        // sled makes its files with the process's umask; the store's dirs are 0700 anyway, and
+        // its files 0600 from here on (a store from an earlier release is tightened too).
+        let tightened = crate::private::make_private(dir).map_err(io_at(dir))?;
+        if !tightened.is_empty() {
+            tracing::warn!(dir = %dir.display(), paths = tightened.len(), "store files were readable by other users; made private (0700 dirs, 0600 files)");
+        }
 
         let disk = options.disk.clone();
         disk.create_dir_all(&log_dir).map_err(io_at(&log_dir))?;
