@@ -326,3 +326,25 @@ async fn a_standalone_node_keeps_no_outbox() {
     })
     .await;
 }
+
+/// HSTS is off by default (a CDN usually sets it) and, when configured, on every buyer-facing
+/// response, errors included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hsts_is_sent_when_configured() {
+    let env = TestEnv::new();
+    let options = NodeOptions::with_grants(vec![env.grant_file(&make_secrets(2))]);
+    let plain = env.start_node(&options);
+    let mut client = plain.client().await;
+    let response = client.send(Request::get("/api/v1/products")).await;
+    assert_eq!(response.header("strict-transport-security"), None);
+    drop(plain);
+
+    let config = env.write_config(&options);
+    common::coordinator::set_toml_field(&config, "http", "hsts_max_age_secs", toml::Value::Integer(31_536_000));
+    let node = NodeProcess::start(&config, &[]);
+    let mut client = node.client().await;
+    for path in ["/api/v1/products", "/", "/no/such/page"] {
+        let response = client.send(Request::get(path)).await;
+        assert_eq!(response.header("strict-transport-security"), Some("max-age=31536000"), "{path}");
+    }
+}

@@ -83,6 +83,11 @@ pub struct HttpConfig {
     pub header_read_timeout_ms: u64,
     /// Largest accepted request body. Default 16 KiB.
     pub max_body_bytes: usize,
+    /// `Strict-Transport-Security` max-age in seconds on every buyer-facing response (browsers
+    /// then refuse plain HTTP to this name). Default 0: not sent, since a shop behind a CDN that
+    /// terminates TLS usually sets it there. Set it (31536000 is common) when buyers reach the
+    /// node directly over HTTPS with a real certificate.
+    pub hsts_max_age_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -94,6 +99,7 @@ impl Default for HttpConfig {
             max_connections: 10_000,
             header_read_timeout_ms: 10_000,
             max_body_bytes: 16 * 1024,
+            hsts_max_age_secs: 0,
         }
     }
 }

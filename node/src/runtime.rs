@@ -211,7 +211,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
         ..ServerOptions::default()
     };
-    let api_handler: Handler = Arc::new(move |request, peer| Box::pin(api.clone().handle(request, peer)));
+    let hsts = (config.http.hsts_max_age_secs > 0)
+        .then(|| http::HeaderValue::from_str(&format!("max-age={}", config.http.hsts_max_age_secs)).ok())
+        .flatten();
+    let api_handler: Handler = Arc::new(move |request, peer| {
+        let (api, hsts) = (api.clone(), hsts.clone());
+        Box::pin(async move {
+            let mut response = api.handle(request, peer).await;
+            if let Some(hsts) = hsts {
+                response.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
+            }
+            response
+        })
+    });
     let admin_handler: Handler = Arc::new(move |request, peer| Box::pin(admin.clone().handle(request, peer)));
     let mut tasks = Vec::new();
     let rx = shutdown_rx.clone();
