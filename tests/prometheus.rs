@@ -1,7 +1,7 @@
 //! The operations kit checked with the real tools (Debian's `prometheus` package, installed by
 //! `.ci/install-tools`): `promtool check metrics` on every metrics endpoint of a running lab (a
-//! coordinator and a node that sold). A missing promtool fails the tests with the command that
-//! installs it.
+//! coordinator and a node that sold), and `promtool check config`, `check rules` and `test rules`
+//! on `deploy/prometheus/`. A missing promtool fails the tests with the command that installs it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -185,4 +185,31 @@ async fn every_metrics_endpoint_of_a_lab_passes_promtool() {
         }
     })
     .await;
+}
+
+/// The scrape configuration and the alert rules shipped in `deploy/prometheus/` are valid, and
+/// every alert fires on its synthetic series and stays silent on healthy ones
+/// (`alerts_test.yml`).
+#[tokio::test]
+async fn deploy_prometheus_config_and_alert_rules_pass_promtool() {
+    let rules = run_promtool(&["check", "rules", "deploy/prometheus/alerts.yml"], None).await;
+    assert!(rules.success, "promtool check rules:\n{}", rules.text);
+    let tests = run_promtool(&["test", "rules", "deploy/prometheus/alerts_test.yml"], None).await;
+    assert!(tests.success, "promtool test rules:\n{}", tests.text);
+    assert!(tests.text.contains("SUCCESS"), "{}", tests.text);
+    let config = run_promtool(&["check", "config", "--syntax-only", "deploy/prometheus/prometheus.yml"], None).await;
+    assert!(config.success, "promtool check config:\n{}", config.text);
+
+    // Every alert has a unit test where it fires, and a runbook section.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let (rules, unit_tests, runbook) =
+        (read("deploy/prometheus/alerts.yml"), read("deploy/prometheus/alerts_test.yml"), read("docs/runbook.md"));
+    let names: Vec<&str> = rules.lines().filter_map(|line| line.trim().strip_prefix("- alert: ")).collect();
+    assert!(names.len() >= 15, "{names:?}");
+    for name in names {
+        let fires = format!("alertname: {name}\n        exp_alerts:\n          - exp_labels:");
+        assert!(unit_tests.contains(&fires), "alerts_test.yml never expects {name} to fire");
+        assert!(runbook.contains(&format!("\n### {name}\n")), "docs/runbook.md has no section for {name}");
+    }
 }
