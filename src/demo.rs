@@ -207,7 +207,10 @@ fn print_instructions(
         took.as_secs_f64(),
         dir.display()
     );
-    println!("  coordinator  admin {admin_url}");
+    println!(
+        "  coordinator  admin {admin_url}  metrics {admin_url}/metrics (bearer: metrics_token in {})",
+        dir.join("coordinator").join("coordinator.toml").display()
+    );
     let mut summary = Vec::new();
     for (name, region, node) in nodes {
         println!("  {name:<11}  store https://{}  metrics http://{}/metrics", node.https_addr, node.admin_addr);

@@ -257,6 +257,8 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
             println!("admin token (shown once; it is also in {}):", made.config_path.display());
             println!("  export EDGECARD_ADMIN_TOKEN={}", made.admin_token);
             println!("  export EDGECARD_ADMIN_URL=http://{admin_listen}");
+            println!("metrics token (read-only, GET /metrics only; metrics_token in the same file, for Prometheus):");
+            println!("  {}", made.metrics_token);
             println!("start it with: edgecard coordinator run --dir {}", dir.display());
         }
         CoordinatorCommand::Run { dir } => {

@@ -387,7 +387,9 @@ async fn forged_payment_callbacks_are_refused() {
         assert_eq!(client.stock().await, 2);
         let metrics = node.metrics().await;
         assert_eq!(metrics["edgecard_purchases_total"], 0.0);
-        assert!(metrics["edgecard_payment_callbacks_rejected_total"] >= forgeries.len() as f64, "{metrics:?}");
+        let refused = metrics["edgecard_payment_callbacks_total{channel=\"sandbox\",result=\"refused\"}"];
+        assert!(refused >= forgeries.len() as f64, "{metrics:?}");
+        assert_eq!(metrics["edgecard_payment_callbacks_total{channel=\"sandbox\",result=\"accepted\"}"], 0.0);
         let stderr = node.stderr();
         assert!(stderr.contains("payment callback refused"), "{stderr}");
 
@@ -396,6 +398,16 @@ async fn forged_payment_callbacks_are_refused() {
         assert_eq!(paid.status, 200, "{}", paid.text());
         assert_eq!(paid.json::<Value>().unwrap()["status"], "delivered");
         assert_eq!(keys_of(&client.fetch_ok(&order).await).len(), 1);
+
+        // Paying again replays the same signed callback: a replay, not a second accepted payment.
+        let again = client.pay(&order.pay_url).await;
+        assert_eq!(again.status, 200, "{}", again.text());
+        let metrics = node.metrics().await;
+        let callbacks = |result: &str| {
+            metrics[&format!("edgecard_payment_callbacks_total{{channel=\"sandbox\",result=\"{result}\"}}")]
+        };
+        assert_eq!((callbacks("accepted"), callbacks("replayed")), (1.0, 1.0), "{metrics:?}");
+        assert_eq!(metrics["edgecard_duplicate_payments_total"], 0.0);
     })
     .await;
 }

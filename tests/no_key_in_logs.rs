@@ -65,6 +65,9 @@ async fn session(log_env: &[(&str, &str)]) -> String {
         for secret in file_secrets.iter().chain(&admin_secrets) {
             assert!(!metrics.contains(secret.as_str()), "a key appears in /metrics");
         }
+        for token in &tokens {
+            assert!(!metrics.contains(token.as_str()), "an order token appears in /metrics");
+        }
     })
     .await;
     assert_eq!(sold.len(), 7);

@@ -271,8 +271,8 @@ async fn with_the_primary_down_orders_complete_through_the_secondary() {
         assert_eq!(paid.status, 200, "{}", paid.text());
         assert_eq!(view(&node, &created).await["status"], "delivered");
     }
-    let metrics = node.metrics_text().await;
-    assert!(metrics.contains("edgecard_payment_breaker_state{channel=\"stripe\"} 2"), "{metrics}");
+    let metrics = node.metrics().await;
+    assert_eq!(metrics.get("edgecard_payment_breaker_state{channel=\"stripe\"}"), Some(&2.0), "{metrics:?}");
     let calls = gateway.counters().api_calls.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(calls, 9, "3 orders × 3 attempts, then the open breaker skips stripe");
     let status = node.status().await;
@@ -308,8 +308,8 @@ async fn every_stripe_callback_dropped_compensation_completes_every_paid_order()
     })
     .await;
     assert_eq!(view(&node, &unpaid).await["status"], "reserved");
-    let metrics = node.metrics_text().await;
-    assert!(metrics.contains("edgecard_payment_compensated_total{channel=\"stripe\"} 8"), "{metrics}");
+    let metrics = node.metrics().await;
+    assert_eq!(metrics.get("edgecard_payment_compensated_total{channel=\"stripe\"}"), Some(&8.0), "{metrics:?}");
     // A late webhook for a compensated order is one payment, not two (same session id).
     let session = gateway.session(&gateway.session_of(&orders[0].pay_url)).unwrap();
     gateway.set_faults(Faults::default());

@@ -34,8 +34,12 @@ pub trait BundleIssuer: Send + Sync {
 pub struct AdminApi {
     pub coordinator: Arc<Coordinator>,
     pub token: String,
+    /// Read-only token that opens `GET /metrics` and nothing else, so Prometheus never holds
+    /// the admin token. `None`: only the admin token opens it.
+    pub metrics_token: Option<String>,
     pub bundles: Arc<dyn BundleIssuer>,
-    pub quic: Arc<crate::quic::QuicMetrics>,
+    /// The coordinator's one metrics registry (see `metrics::coordinator_registry`).
+    pub registry: Arc<prometheus_client::registry::Registry>,
 }
 
 struct ApiError(StatusCode, &'static str, String);
@@ -106,6 +110,16 @@ impl AdminApi {
         if request.method() == Method::GET && request.uri().path() == "/healthz" {
             return self.healthz();
         }
+        if request.method() == Method::GET && request.uri().path() == "/metrics" {
+            if self.authorized(&request) || self.metrics_authorized(&request) {
+                return edgecard_net::metrics::response(&self.registry);
+            }
+            return error_response(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "bearer token required (metrics or admin)".into(),
+            ));
+        }
         if !self.authorized(&request) {
             return error_response(ApiError(StatusCode::UNAUTHORIZED, "unauthorized", "bearer token required".into()));
         }
@@ -125,6 +139,10 @@ impl AdminApi {
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {
         edgecard_net::auth::bearer_matches(request.headers(), &self.token)
+    }
+
+    fn metrics_authorized(&self, request: &Request<Incoming>) -> bool {
+        self.metrics_token.as_deref().is_some_and(|token| edgecard_net::auth::bearer_matches(request.headers(), token))
     }
 
     async fn route(&self, request: Request<Incoming>) -> Result<HttpResponse, ApiError> {
@@ -253,62 +271,8 @@ impl AdminApi {
             }
             (Method::GET, ["v1", "alarms"]) => Ok(ok(json!(c.alarms().map_err(CoordinatorError::from)?))),
             (Method::GET, ["v1", "status"]) => Ok(ok(self.status()?)),
-            (Method::GET, ["metrics"]) => Ok(self.metrics()?),
             _ => Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"))),
         }
-    }
-
-    /// Prometheus text: the sync endpoint, the store, and per-node ledger progress.
-    fn metrics(&self) -> Result<HttpResponse, ApiError> {
-        use edgecard_store::metrics::{render_gauge, render_labelled};
-        let c = &self.coordinator;
-        let mut out = String::with_capacity(4096);
-        self.quic.render(&mut out);
-        c.store().metrics().render(&mut out);
-        let nodes = c.nodes().map_err(CoordinatorError::from)?;
-        let high_water: Vec<(String, i64)> =
-            nodes.iter().map(|n| (n.node_id.to_string(), n.events_high_water as i64)).collect();
-        render_labelled(
-            &mut out,
-            "edgecard_ledger_events_high_water",
-            "gauge",
-            "Highest event seq in the ledger, per node.",
-            "node",
-            &high_water,
-        );
-        let contact: Vec<(String, i64)> =
-            nodes.iter().map(|n| (n.node_id.to_string(), n.last_contact.map_or(0, |t| t.0 as i64))).collect();
-        render_labelled(
-            &mut out,
-            "edgecard_node_last_contact_ms",
-            "gauge",
-            "Unix ms of each node's last upload.",
-            "node",
-            &contact,
-        );
-        let mut fenced = Vec::with_capacity(nodes.len());
-        for n in &nodes {
-            let lineage = c.lineage(&n.node_id).map_err(CoordinatorError::from)?;
-            fenced.push((n.node_id.to_string(), i64::from(lineage.fence.is_some())));
-        }
-        render_labelled(
-            &mut out,
-            "edgecard_node_rolled_back",
-            "gauge",
-            "1 while a node's data dir is fenced: restored from an older copy (catching up) or diverged from the ledger.",
-            "node",
-            &fenced,
-        );
-        render_gauge(
-            &mut out,
-            "edgecard_ledger_alarms",
-            "Ledger alarms raised (refused events).",
-            c.alarms().map_err(CoordinatorError::from)?.len() as i64,
-        );
-        let mut response = Response::new(Full::new(Bytes::from(out)));
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        Ok(response)
     }
 
     fn status(&self) -> Result<Value, ApiError> {

@@ -5,6 +5,7 @@
 pub mod admin_api;
 pub mod import;
 pub mod layout;
+pub mod metrics;
 pub mod pki;
 pub mod quic;
 pub mod records;

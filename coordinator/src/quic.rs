@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgecard_protocol::{NodeId, SyncAck, SyncErrorCode, SyncUpload, MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN};
-use edgecard_store::metrics::{render_counter, render_gauge, Counter, Gauge};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{ReadToEndError, VarInt};
 use rustls::pki_types::pem::PemObject;
@@ -114,28 +116,25 @@ pub struct QuicMetrics {
 }
 
 impl QuicMetrics {
-    pub fn render(&self, out: &mut String) {
-        render_counter(
-            out,
-            "edgecard_sync_connections_accepted_total",
-            "Sync connections admitted.",
-            self.connections_accepted.get(),
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "edgecard_sync_connections_accepted",
+            "Sync connections admitted",
+            self.connections_accepted.clone(),
         );
-        render_counter(
-            out,
-            "edgecard_sync_connections_refused_total",
-            "Sync connections refused (handshake, identity, revoked).",
-            self.connections_refused.get(),
+        r.register(
+            "edgecard_sync_connections_refused",
+            "Sync connections refused (handshake, identity, revoked)",
+            self.connections_refused.clone(),
         );
-        render_gauge(out, "edgecard_sync_connections_open", "Sync connections open.", self.connections_open.get());
-        render_counter(out, "edgecard_sync_uploads_total", "Sync uploads acknowledged.", self.uploads.get());
-        render_counter(
-            out,
-            "edgecard_sync_upload_events_total",
-            "Order events in acknowledged uploads.",
-            self.upload_events.get(),
+        r.register("edgecard_sync_connections_open", "Sync connections open", self.connections_open.clone());
+        r.register("edgecard_sync_received_uploads", "Node uploads answered with an ack", self.uploads.clone());
+        r.register(
+            "edgecard_sync_received_events",
+            "Order events in answered uploads (including ones the ledger already had)",
+            self.upload_events.clone(),
         );
-        render_counter(out, "edgecard_sync_stream_failures_total", "Sync streams reset.", self.stream_failures.get());
+        r.register("edgecard_sync_stream_failures", "Sync streams reset", self.stream_failures.clone());
     }
 }
 
@@ -316,7 +315,7 @@ async fn serve_connection<H: SyncHandler>(
             return;
         }
         metrics.connections_accepted.inc();
-        metrics.connections_open.add(1);
+        metrics.connections_open.inc();
         tracing::info!("node connected");
         let mut streams = JoinSet::new();
         let reason = loop {
@@ -339,7 +338,7 @@ async fn serve_connection<H: SyncHandler>(
         };
         while streams.join_next().await.is_some() {}
         close(&connection, SyncErrorCode::ShuttingDown);
-        metrics.connections_open.add(-1);
+        metrics.connections_open.dec();
         tracing::info!(%reason, "node disconnected");
     }
     .instrument(span)
@@ -402,7 +401,7 @@ async fn serve_stream<H: SyncHandler>(
         return;
     }
     metrics.uploads.inc();
-    metrics.upload_events.add(events);
+    metrics.upload_events.inc_by(events);
     tracing::debug!(events, high_water = ack.events_high_water, control = ack.control.len(), "sync upload acked");
 }
 

@@ -46,6 +46,11 @@ pub struct CoordinatorConfig {
     /// Bearer token of the admin API (env EDGECARD_ADMIN_TOKEN overrides).
     #[serde(default)]
     pub admin_token: String,
+    /// Read-only bearer token for `GET /metrics` on the admin listener, for Prometheus; it opens
+    /// nothing else. Empty (the default for configs written before it): only the admin token
+    /// opens `/metrics`. `init` generates one.
+    #[serde(default)]
+    pub metrics_token: String,
     /// QUIC sync listener. Default "0.0.0.0:7443".
     #[serde(default = "default_sync_listen")]
     pub sync_listen: SocketAddr,
@@ -110,6 +115,7 @@ impl CoordinatorConfig {
         CoordinatorConfig {
             admin_listen,
             admin_token: String::new(),
+            metrics_token: String::new(),
             sync_listen,
             sync_public_addr: None,
             sync_server_name: default_server_name(),
@@ -165,6 +171,7 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), RuntimeError> {
 pub struct Initialised {
     pub config_path: PathBuf,
     pub admin_token: String,
+    pub metrics_token: String,
     pub verifying_key: String,
 }
 
@@ -192,17 +199,26 @@ pub fn init(dir: &Path, mut config: CoordinatorConfig) -> Result<Initialised, Ru
     write_private(&dir.join(SERVER_CERT_FILE), server.cert_pem.as_bytes())?;
     write_private(&dir.join(SERVER_KEY_FILE), server.key_pem.as_bytes())?;
     if config.admin_token.is_empty() {
-        let mut token = [0u8; 24];
-        rand::rngs::OsRng.fill_bytes(&mut token);
-        config.admin_token = hex_encode(&token);
+        config.admin_token = random_token();
+    }
+    if config.metrics_token.is_empty() {
+        config.metrics_token = random_token();
     }
     let text = toml::to_string_pretty(&config).map_err(|e| RuntimeError::Other(e.to_string()))?;
     write_private(&config_path, text.as_bytes())?;
     Ok(Initialised {
         config_path,
         admin_token: config.admin_token,
+        metrics_token: config.metrics_token,
         verifying_key: encode_verifying_key(&signing.verifying_key()),
     })
+}
+
+/// 24 random bytes in hex.
+fn random_token() -> String {
+    let mut token = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut token);
+    hex_encode(&token)
 }
 
 fn hex_encode(bytes: &[u8]) -> String {
@@ -219,6 +235,18 @@ pub fn load_config(dir: &Path) -> Result<CoordinatorConfig, RuntimeError> {
     }
     if config.admin_token.len() < 16 {
         return Err(RuntimeError::Invalid { path, message: "admin_token must be at least 16 characters".into() });
+    }
+    if !config.metrics_token.is_empty() && config.metrics_token.len() < 16 {
+        return Err(RuntimeError::Invalid {
+            path,
+            message: "metrics_token must be empty or at least 16 characters".into(),
+        });
+    }
+    if config.metrics_token == config.admin_token {
+        return Err(RuntimeError::Invalid {
+            path,
+            message: "metrics_token must differ from admin_token (it is handed to Prometheus)".into(),
+        });
     }
     if config.lease_hours == 0 {
         return Err(RuntimeError::Invalid { path, message: "lease_hours must be at least 1".into() });
@@ -365,11 +393,13 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
         server_name: config.sync_server_name.clone(),
     });
     let quic_metrics = Arc::new(quic::QuicMetrics::default());
+    let registry = crate::metrics::coordinator_registry(coordinator.clone(), &quic_metrics);
     let admin = Arc::new(AdminApi {
         coordinator: coordinator.clone(),
         token: config.admin_token.clone(),
+        metrics_token: Some(config.metrics_token.clone()).filter(|t| !t.is_empty()),
         bundles,
-        quic: quic_metrics.clone(),
+        registry: Arc::new(registry),
     });
     let handler: Handler = Arc::new(move |request, peer| Box::pin(admin.clone().handle(request, peer)));
     let (shutdown, shutdown_rx) = watch::channel(false);

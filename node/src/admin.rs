@@ -7,16 +7,13 @@ use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
 use edgecard_protocol::SignedGrant;
-use http::header::{self, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::api::{bytes_response, healthz_response, json_response, HttpResponse};
-use crate::limiter::Limiters;
-use crate::metrics::{render_gauge, render_labelled, HttpMetrics};
-use crate::orders::{GrantInstallError, GrantOutcome, OrderEngine, SliceStatus};
+use crate::api::{healthz_response, json_response, HttpResponse};
+use crate::orders::{GrantInstallError, GrantOutcome, OrderEngine};
 use crate::time_fmt::rfc3339;
 
 /// Largest grant accepted over the admin API (a million keys is about 40 MB).
@@ -24,17 +21,15 @@ const MAX_GRANT_BYTES: usize = 64 * 1024 * 1024;
 
 pub struct AdminApi {
     pub engine: Arc<OrderEngine>,
-    pub limiters: Arc<Limiters>,
-    pub http_metrics: Arc<HttpMetrics>,
+    /// The node's one metrics registry (see `metrics::node_registry`).
+    pub registry: Arc<prometheus_client::registry::Registry>,
     pub coordinator_key: VerifyingKey,
     pub token: Option<String>,
     pub region: String,
-    /// Payment channels: per-channel metrics and breaker states.
+    /// Payment channels: breaker states for the status page.
     pub payments: Arc<crate::payments::router::Router>,
     /// Whether lab payments are on, for `/healthz`.
     pub lab: crate::payments::LabPayments,
-    /// The sync link's metrics, when the node syncs with a coordinator.
-    pub sync: Arc<crate::sync_link::SyncLinkMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,40 +140,7 @@ impl AdminApi {
     }
 
     fn metrics(&self) -> HttpResponse {
-        let mut out = String::with_capacity(8 * 1024);
-        self.http_metrics.render(&mut out);
-        self.engine.metrics().render(&mut out);
-        self.engine.store().metrics().render(&mut out);
-        self.payments.metrics().render(&mut out);
-        self.sync.render(&mut out);
-        let stock: Vec<(String, i64)> =
-            self.engine.catalog().all().iter().map(|p| (p.sku.to_string(), self.engine.stock(&p.sku) as i64)).collect();
-        render_labelled(&mut out, "edgecard_stock_keys", "gauge", "Keys sellable now, per sku.", "sku", &stock);
-        let leases = self.engine.leases();
-        let count = |pred: fn(&SliceStatus) -> bool| leases.iter().filter(|l| pred(l)).count() as i64;
-        render_gauge(&mut out, "edgecard_slices_selling", "Slices open under a live lease.", count(|l| l.selling));
-        render_gauge(
-            &mut out,
-            "edgecard_slices_lease_expired",
-            "Slices held whose lease has run out (the node does not sell from them).",
-            count(|l| !l.lease_live),
-        );
-        render_gauge(&mut out, "edgecard_slices_closed", "Slices the coordinator closed.", count(|l| l.closed));
-        render_gauge(
-            &mut out,
-            "edgecard_slices_window_full",
-            "Slices whose take window is full: no sale until the coordinator acknowledges.",
-            count(|l| l.unacked_takes >= l.take_window),
-        );
-        render_gauge(
-            &mut out,
-            "edgecard_limiter_keys",
-            "Client keys tracked by the rate limiters.",
-            self.limiters.tracked_keys() as i64,
-        );
-        let mut response = bytes_response(StatusCode::OK, out.into_bytes(), "text/plain; version=0.0.4");
-        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        response
+        edgecard_net::metrics::response(&self.registry)
     }
 }
 

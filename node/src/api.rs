@@ -182,15 +182,13 @@ impl NodeApi {
         let started = Instant::now();
         let client = self.client_ip.resolve(peer.ip(), request.headers());
         let method = request.method().clone();
+        let route = crate::http_metrics::route_template(request.uri().path());
         let response = match self.route(request, client).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
         };
         let status = response.status().as_u16();
-        if status == 429 {
-            self.metrics.rate_limited.inc();
-        }
-        self.metrics.record(status, started.elapsed().as_secs_f64());
+        self.metrics.record(route, &method, status, started.elapsed().as_secs_f64());
         tracing::debug!(%method, status, "request");
         with_common_headers(response)
     }
@@ -481,9 +479,8 @@ impl NodeApi {
         let channel = self.channels.get(channel_name).ok_or_else(ApiError::not_found)?;
         let channel_metrics = self.router.metrics().channel(channel.name());
         let rejected = || {
-            self.engine_metrics_reject();
             if let Some(m) = channel_metrics {
-                m.callbacks_rejected.inc();
+                m.callbacks_refused.inc();
             }
         };
         let verdict = channel.verify_callback(request, unix_secs()).map_err(|e| {
@@ -525,13 +522,12 @@ impl NodeApi {
                 }
             })?;
         if let Some(m) = channel_metrics {
-            m.callbacks_accepted.inc();
+            // A provider retrying a callback already applied changes nothing: not a new payment.
+            let counter =
+                if outcome == PaymentOutcome::AlreadyRecorded { &m.callbacks_replayed } else { &m.callbacks_accepted };
+            counter.inc();
         }
         Ok(Some(outcome))
-    }
-
-    fn engine_metrics_reject(&self) {
-        self.engine.metrics().callbacks_rejected.inc();
     }
 
     /// Pays `id` through the sandbox, for the holder of its token only: the sandbox pays for free,

@@ -9,6 +9,7 @@ pub mod api;
 pub mod catalog;
 pub mod client_ip;
 pub mod config;
+pub mod http_metrics;
 pub mod limiter;
 pub mod metrics;
 pub mod orders;

@@ -1,9 +1,29 @@
-//! Prometheus metrics of the node: one struct per subsystem. Primitives come from the store crate.
+//! The node's metrics, on `prometheus-client`: one struct per subsystem holding its handles, and
+//! [`node_registry`], which puts them all in the node's one registry with `node` and `region` as
+//! labels on every series (a process running several nodes serves each registry on that node's
+//! own admin listener).
 //!
-//! Label values are fixed enumerations chosen by the code, never request data, so no secret, token
-//! or email can reach the metrics endpoint.
+//! Label values are fixed enumerations or ids chosen by the code (sku, channel, route template),
+//! never request data, so no secret, token or email can reach the metrics endpoint.
 
-pub use edgecard_store::metrics::*;
+use std::fmt;
+use std::sync::Arc;
+
+use edgecard_net::metrics::{encode_gauge_rows, FnCollector};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+pub use crate::http_metrics::HttpMetrics;
+pub use edgecard_store::metrics::{StoreMetrics, LATENCY_BUCKETS};
+
+use crate::limiter::Limiters;
+use crate::orders::{OrderEngine, SliceStatus};
+use crate::payments::router::Router;
+use crate::sync_link::SyncLinkMetrics;
 
 #[derive(Debug, Default)]
 pub struct OrderMetrics {
@@ -15,155 +35,101 @@ pub struct OrderMetrics {
     pub window_full: Counter,
     pub reservation_cap_hits: Counter,
     pub duplicate_payments: Counter,
-    pub callbacks_rejected: Counter,
     pub grants_installed: Counter,
     pub grants_refused: Counter,
     pub open_reservations: Gauge,
 }
 
 impl OrderMetrics {
-    pub fn render(&self, out: &mut String) {
-        render_counter(out, "edgecard_orders_created_total", "Orders reserved.", self.created.get());
-        render_counter(
-            out,
-            "edgecard_purchases_total",
-            "Orders delivered (keys revealed to the buyer).",
-            self.delivered.get(),
+    pub fn register(&self, r: &mut Registry) {
+        r.register("edgecard_orders_created", "Orders reserved", self.created.clone());
+        r.register("edgecard_purchases", "Orders delivered (keys revealed to the buyer)", self.delivered.clone());
+        r.register("edgecard_orders_expired", "Reservations that expired unpaid", self.expired.clone());
+        r.register(
+            "edgecard_orders_awaiting_stock",
+            "Payments that arrived after expiry with no stock left",
+            self.awaiting_stock.clone(),
         );
-        render_counter(out, "edgecard_orders_expired_total", "Reservations that expired unpaid.", self.expired.get());
-        render_counter(
-            out,
-            "edgecard_orders_awaiting_stock_total",
-            "Payments that arrived after expiry with no stock left.",
-            self.awaiting_stock.get(),
+        r.register("edgecard_orders_sold_out", "Order attempts refused for lack of stock", self.sold_out.clone());
+        r.register(
+            "edgecard_orders_window_full",
+            "Order attempts refused because the take window is full (sales not yet acknowledged)",
+            self.window_full.clone(),
         );
-        render_counter(
-            out,
-            "edgecard_orders_sold_out_total",
-            "Order attempts refused for lack of stock.",
-            self.sold_out.get(),
+        r.register(
+            "edgecard_reservation_cap_hits",
+            "Order attempts refused by the open-reservation cap",
+            self.reservation_cap_hits.clone(),
         );
-        render_counter(
-            out,
-            "edgecard_orders_window_full_total",
-            "Order attempts refused because the take window is full (sales not yet acknowledged).",
-            self.window_full.get(),
+        r.register(
+            "edgecard_duplicate_payments",
+            "Second payments for an already settled order (refund needed)",
+            self.duplicate_payments.clone(),
         );
-        render_counter(
-            out,
-            "edgecard_reservation_cap_hits_total",
-            "Order attempts refused by the open-reservation cap.",
-            self.reservation_cap_hits.get(),
+        r.register("edgecard_grants_installed", "Slice grants installed", self.grants_installed.clone());
+        r.register(
+            "edgecard_grants_refused",
+            "Slice grants refused (signature, node id, content)",
+            self.grants_refused.clone(),
         );
-        render_counter(
-            out,
-            "edgecard_duplicate_payments_total",
-            "Second payments for an already settled order (refund needed).",
-            self.duplicate_payments.get(),
-        );
-        render_counter(
-            out,
-            "edgecard_payment_callbacks_rejected_total",
-            "Payment callbacks refused (signature, binding, amount, currency or status).",
-            self.callbacks_rejected.get(),
-        );
-        render_counter(out, "edgecard_grants_installed_total", "Slice grants installed.", self.grants_installed.get());
-        render_counter(
-            out,
-            "edgecard_grants_refused_total",
-            "Slice grants refused (signature, node id, content).",
-            self.grants_refused.get(),
-        );
-        render_gauge(out, "edgecard_open_reservations", "Reservations currently open.", self.open_reservations.get());
+        r.register("edgecard_open_reservations", "Reservations currently open", self.open_reservations.clone());
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabel {
+    channel: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelResult {
+    channel: &'static str,
+    result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// One channel's handles into the families of [`PaymentMetrics`]; made for every configured
+/// channel up front, so each series exists (at 0) before its first event and `increase()` sees
+/// the first one.
 #[derive(Debug)]
-pub struct HttpMetrics {
-    pub requests: Counter,
-    pub responses_2xx: Counter,
-    pub responses_4xx: Counter,
-    pub responses_5xx: Counter,
-    pub rate_limited: Counter,
-    pub request_seconds: Histogram,
-}
-
-impl Default for HttpMetrics {
-    fn default() -> Self {
-        HttpMetrics {
-            requests: Counter::default(),
-            responses_2xx: Counter::default(),
-            responses_4xx: Counter::default(),
-            responses_5xx: Counter::default(),
-            rate_limited: Counter::default(),
-            request_seconds: Histogram::new(LATENCY_BOUNDS),
-        }
-    }
-}
-
-impl HttpMetrics {
-    pub fn record(&self, status: u16, seconds: f64) {
-        self.requests.inc();
-        match status {
-            200..=399 => self.responses_2xx.inc(),
-            400..=499 => self.responses_4xx.inc(),
-            _ => self.responses_5xx.inc(),
-        }
-        self.request_seconds.observe(seconds);
-    }
-
-    pub fn render(&self, out: &mut String) {
-        render_counter(out, "edgecard_http_requests_total", "HTTP requests served.", self.requests.get());
-        render_labelled(
-            out,
-            "edgecard_http_responses_total",
-            "counter",
-            "HTTP responses by status class.",
-            "class",
-            &[
-                ("2xx".into(), self.responses_2xx.get() as i64),
-                ("4xx".into(), self.responses_4xx.get() as i64),
-                ("5xx".into(), self.responses_5xx.get() as i64),
-            ],
-        );
-        render_counter(out, "edgecard_http_rate_limited_total", "Requests answered 429.", self.rate_limited.get());
-        self.request_seconds.render(out, "edgecard_http_request_seconds", "Time from request head to response.");
-    }
-}
-
-/// Per payment channel: creation results and latency, callbacks, compensation queries, breaker.
-#[derive(Debug, Default)]
 pub struct ChannelMetrics {
-    pub create_ok: Counter,
-    pub create_failed: Counter,
-    /// Sum of creation latencies in microseconds (count = ok + failed).
-    pub create_micros: Counter,
+    /// Creation latency of successful calls (`result="ok"`); its count is the calls made.
+    pub create_ok: Histogram,
+    /// Same for calls that failed or timed out (`result="failed"`).
+    pub create_failed: Histogram,
+    /// Callbacks verified and applied for the first time.
     pub callbacks_accepted: Counter,
-    pub callbacks_rejected: Counter,
+    /// Authentic callbacks for a payment already recorded (provider retries): nothing changed.
+    pub callbacks_replayed: Counter,
+    /// Callbacks refused: signature, merchant, body, order, amount or currency.
+    pub callbacks_refused: Counter,
+    /// Authentic callbacks with nothing to do (other events, other nodes, non-success statuses).
     pub callbacks_ignored: Counter,
-    pub queries: Counter,
-    pub query_failed: Counter,
+    pub queries_answered: Counter,
+    pub queries_failed: Counter,
+    /// Compensation found a payment that does not match its order: not delivered.
+    pub query_mismatches: Counter,
     /// Orders confirmed by compensation (their callback never came, or came later).
     pub compensated: Counter,
     /// 0 closed, 1 half-open, 2 open.
     pub breaker_state: Gauge,
 }
 
-impl ChannelMetrics {
-    pub fn observe_create(&self, ok: bool, elapsed: std::time::Duration) {
-        if ok {
-            self.create_ok.inc();
-        } else {
-            self.create_failed.inc();
-        }
-        self.create_micros.add(elapsed.as_micros() as u64);
-    }
-}
-
 /// Payments: one [`ChannelMetrics`] per configured channel, labelled `channel`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PaymentMetrics {
     pub channels: Vec<(&'static str, ChannelMetrics)>,
+    create_seconds: HistogramFamily<ChannelResult>,
+    callbacks: Family<ChannelResult, Counter>,
+    queries: Family<ChannelResult, Counter>,
+    query_mismatches: Family<ChannelLabel, Counter>,
+    compensated: Family<ChannelLabel, Counter>,
+    breaker_state: Family<ChannelLabel, Gauge>,
     /// Order creations refused because every channel of the route was down.
     pub no_channel_available: Counter,
     /// Orders compensation stopped querying (TTL + grace passed with no payment found).
@@ -171,82 +137,149 @@ pub struct PaymentMetrics {
 }
 
 impl PaymentMetrics {
-    pub fn new(channels: &[&'static str]) -> Self {
-        PaymentMetrics {
-            channels: channels.iter().map(|name| (*name, ChannelMetrics::default())).collect(),
-            ..PaymentMetrics::default()
+    pub fn new(names: &[&'static str]) -> Self {
+        let mut metrics = PaymentMetrics {
+            channels: Vec::with_capacity(names.len()),
+            create_seconds: Family::new_with_constructor(latency_histogram),
+            callbacks: Family::default(),
+            queries: Family::default(),
+            query_mismatches: Family::default(),
+            compensated: Family::default(),
+            breaker_state: Family::default(),
+            no_channel_available: Counter::default(),
+            compensation_gave_up: Counter::default(),
+        };
+        for &channel in names {
+            let with = |result| ChannelResult { channel, result };
+            let one = ChannelLabel { channel };
+            let handles = ChannelMetrics {
+                create_ok: metrics.create_seconds.get_or_create_owned(&with("ok")),
+                create_failed: metrics.create_seconds.get_or_create_owned(&with("failed")),
+                callbacks_accepted: metrics.callbacks.get_or_create_owned(&with("accepted")),
+                callbacks_replayed: metrics.callbacks.get_or_create_owned(&with("replayed")),
+                callbacks_refused: metrics.callbacks.get_or_create_owned(&with("refused")),
+                callbacks_ignored: metrics.callbacks.get_or_create_owned(&with("ignored")),
+                queries_answered: metrics.queries.get_or_create_owned(&with("answered")),
+                queries_failed: metrics.queries.get_or_create_owned(&with("failed")),
+                query_mismatches: metrics.query_mismatches.get_or_create_owned(&one),
+                compensated: metrics.compensated.get_or_create_owned(&one),
+                breaker_state: metrics.breaker_state.get_or_create_owned(&one),
+            };
+            metrics.channels.push((channel, handles));
         }
+        metrics
     }
 
     pub fn channel(&self, name: &str) -> Option<&ChannelMetrics> {
         self.channels.iter().find(|(n, _)| *n == name).map(|(_, m)| m)
     }
 
-    pub fn render(&self, out: &mut String) {
-        type Get = fn(&ChannelMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 10] = [
-            ("edgecard_payment_create_ok_total", "counter", "Payments created at the provider.", |m| {
-                m.create_ok.get() as i64
-            }),
-            (
-                "edgecard_payment_create_failed_total",
-                "counter",
-                "Payment creation attempts that failed (error or timeout).",
-                |m| m.create_failed.get() as i64,
-            ),
-            (
-                "edgecard_payment_create_milliseconds_total",
-                "counter",
-                "Time spent creating payments, in ms; divide by ok + failed for the mean.",
-                |m| (m.create_micros.get() / 1_000) as i64,
-            ),
-            ("edgecard_payment_callbacks_accepted_total", "counter", "Callbacks verified and applied.", |m| {
-                m.callbacks_accepted.get() as i64
-            }),
-            (
-                "edgecard_payment_callbacks_refused_total",
-                "counter",
-                "Callbacks refused (signature, merchant, body, order, amount or currency).",
-                |m| m.callbacks_rejected.get() as i64,
-            ),
-            (
-                "edgecard_payment_callbacks_ignored_total",
-                "counter",
-                "Authentic callbacks with nothing to do (other events, other nodes, non-success statuses).",
-                |m| m.callbacks_ignored.get() as i64,
-            ),
-            ("edgecard_payment_queries_total", "counter", "Compensation queries sent.", |m| m.queries.get() as i64),
-            ("edgecard_payment_query_failed_total", "counter", "Compensation queries that failed.", |m| {
-                m.query_failed.get() as i64
-            }),
-            (
-                "edgecard_payment_compensated_total",
-                "counter",
-                "Orders confirmed by compensation rather than by their callback.",
-                |m| m.compensated.get() as i64,
-            ),
-            (
-                "edgecard_payment_breaker_state",
-                "gauge",
-                "Circuit breaker per channel: 0 closed, 1 half-open, 2 open.",
-                |m| m.breaker_state.get(),
-            ),
-        ];
-        for (name, kind, help, get) in families {
-            let rows: Vec<(String, i64)> = self.channels.iter().map(|(n, m)| (n.to_string(), get(m))).collect();
-            render_labelled(out, name, kind, help, "channel", &rows);
-        }
-        render_counter(
-            out,
-            "edgecard_payment_no_channel_total",
-            "Order creations refused because every channel of the route was unavailable.",
-            self.no_channel_available.get(),
+    pub fn register(&self, r: &mut Registry) {
+        r.register_with_unit(
+            "edgecard_payment_create",
+            "Duration of payment creation calls to the provider, by channel and result (ok, failed)",
+            Unit::Seconds,
+            self.create_seconds.clone(),
         );
-        render_counter(
-            out,
-            "edgecard_payment_compensation_gave_up_total",
-            "Unconfirmed orders no longer queried (TTL + grace passed).",
-            self.compensation_gave_up.get(),
+        r.register(
+            "edgecard_payment_callbacks",
+            "Payment callbacks by channel and result: accepted (applied), replayed (already recorded), \
+             refused (signature, binding, amount, currency), ignored (nothing to do)",
+            self.callbacks.clone(),
+        );
+        r.register(
+            "edgecard_payment_queries",
+            "Compensation queries by channel and result (answered, failed)",
+            self.queries.clone(),
+        );
+        r.register(
+            "edgecard_payment_query_mismatches",
+            "Payments found by compensation that do not match their order (not delivered)",
+            self.query_mismatches.clone(),
+        );
+        r.register(
+            "edgecard_payment_compensated",
+            "Orders confirmed by compensation rather than by their callback",
+            self.compensated.clone(),
+        );
+        r.register(
+            "edgecard_payment_breaker_state",
+            "Circuit breaker per channel: 0 closed, 1 half-open, 2 open",
+            self.breaker_state.clone(),
+        );
+        r.register(
+            "edgecard_payment_no_channel",
+            "Order creations refused because every channel of the route was unavailable",
+            self.no_channel_available.clone(),
+        );
+        r.register(
+            "edgecard_payment_compensation_gave_up",
+            "Unconfirmed orders no longer queried (TTL + grace passed)",
+            self.compensation_gave_up.clone(),
         );
     }
+}
+
+/// What the node's registry is built from.
+pub struct NodeMetricsSources<'a> {
+    pub node_id: &'a str,
+    pub region: &'a str,
+    pub engine: Arc<OrderEngine>,
+    pub limiters: Arc<Limiters>,
+    pub http: &'a HttpMetrics,
+    pub payments: &'a Router,
+    pub sync: &'a SyncLinkMetrics,
+}
+
+/// The node's one registry: every subsystem's metrics, stock and slices read at scrape time,
+/// build info and process metrics, all labelled with the node's id and region.
+pub fn node_registry(sources: NodeMetricsSources<'_>) -> Registry {
+    let labels =
+        [("node".into(), sources.node_id.to_string().into()), ("region".into(), sources.region.to_string().into())];
+    let mut registry = Registry::with_labels(labels.into_iter());
+    edgecard_net::metrics::register_build_info(&mut registry, "node", env!("CARGO_PKG_VERSION"));
+    registry.register_collector(Box::new(edgecard_net::process_metrics::ProcessCollector));
+    sources.http.register(&mut registry);
+    sources.engine.metrics().register(&mut registry);
+    sources.engine.store().metrics().register(&mut registry);
+    sources.payments.metrics().register(&mut registry);
+    sources.sync.register(&mut registry);
+    let (engine, limiters) = (sources.engine, sources.limiters);
+    registry.register_collector(Box::new(FnCollector(move |encoder: &mut DescriptorEncoder| {
+        encode_holdings(encoder, &engine, &limiters)
+    })));
+    registry
+}
+
+/// Stock per sku, slices by state, and the rate limiters' keys, as the engine holds them now.
+fn encode_holdings(encoder: &mut DescriptorEncoder, engine: &OrderEngine, limiters: &Limiters) -> fmt::Result {
+    let stock: Vec<_> = engine
+        .catalog()
+        .all()
+        .iter()
+        .map(|p| (vec![("sku", p.sku.to_string())], engine.stock(&p.sku) as i64))
+        .collect();
+    encode_gauge_rows(encoder, "edgecard_stock_keys", "Keys sellable now, per sku", None, &stock)?;
+    let leases = engine.leases();
+    let count = |pred: fn(&SliceStatus) -> bool| leases.iter().filter(|l| pred(l)).count() as i64;
+    let no_labels: [(&str, &str); 0] = [];
+    let slices = [
+        ("edgecard_slices_selling", "Slices open under a live lease", count(|l| l.selling)),
+        (
+            "edgecard_slices_lease_expired",
+            "Slices held whose lease has run out (the node does not sell from them)",
+            count(|l| !l.lease_live),
+        ),
+        ("edgecard_slices_closed", "Slices the coordinator closed", count(|l| l.closed)),
+        (
+            "edgecard_slices_window_full",
+            "Slices whose take window is full: no sale until the coordinator acknowledges",
+            count(|l| l.unacked_takes >= l.take_window),
+        ),
+        ("edgecard_limiter_keys", "Client keys tracked by the rate limiters", limiters.tracked_keys() as i64),
+    ];
+    for (name, help, value) in slices {
+        encode_gauge_rows(encoder, name, help, None, &[(no_labels, value)])?;
+    }
+    Ok(())
 }

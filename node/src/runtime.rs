@@ -16,7 +16,7 @@ use crate::client_ip::ClientIpResolver;
 use crate::config::NodeConfig;
 use crate::http_server::{self, Handler, ServerOptions};
 use crate::limiter::{spawn_eviction, Limiters};
-use crate::metrics::{HttpMetrics, OrderMetrics, StoreMetrics};
+use crate::metrics::{HttpMetrics, NodeMetricsSources, OrderMetrics, StoreMetrics};
 use crate::orders::engine::now_millis;
 use crate::orders::{OrderEngine, Startup};
 use crate::payments::return_link::ReturnLinks;
@@ -193,16 +193,23 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         metrics: http_metrics.clone(),
     });
     let sync_metrics = Arc::new(crate::sync_link::SyncLinkMetrics::default());
-    let admin = Arc::new(AdminApi {
+    let registry = crate::metrics::node_registry(NodeMetricsSources {
+        node_id: config.node_id.as_str(),
+        region: &config.region,
         engine: engine.clone(),
         limiters: limiters.clone(),
-        http_metrics,
+        http: &http_metrics,
+        payments: &payments.router,
+        sync: &sync_metrics,
+    });
+    let admin = Arc::new(AdminApi {
+        engine: engine.clone(),
+        registry: Arc::new(registry),
         coordinator_key,
         token: config.admin.token.clone(),
         region: config.region.clone(),
         payments: payments.router.clone(),
         lab: payments.lab,
-        sync: sync_metrics.clone(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -14,8 +14,9 @@
 //! [`crate::admin::verify_and_install`] (signature against the pinned key, node id check).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::VerifyingKey;
 use edgecard_protocol::{
@@ -23,7 +24,9 @@ use edgecard_protocol::{
     SyncErrorCode, SyncTiming, SyncUpload, UploadPlan, MAX_REFUSAL_TEXT, MAX_REFUSED_CONTROL, MAX_SYNC_MESSAGE_BYTES,
     SYNC_ALPN,
 };
-use edgecard_store::metrics::{render_counter, render_gauge, Counter, Gauge};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::VarInt;
 use tokio::sync::watch;
@@ -104,6 +107,8 @@ pub struct SyncLinkMetrics {
     pub acked_seq: Gauge,
     /// Outbox events not yet acknowledged (newest − acked).
     pub lag: Gauge,
+    /// Wall-clock time of the last acknowledgement, unix seconds (0 until the first).
+    pub last_ack: Gauge<f64, AtomicU64>,
     /// Control messages applied (grants refused by verification count here too).
     pub control_applied: Counter,
     /// 1 once the coordinator has confirmed this data dir since the process started.
@@ -113,35 +118,33 @@ pub struct SyncLinkMetrics {
 }
 
 impl SyncLinkMetrics {
-    pub fn render(&self, out: &mut String) {
-        render_gauge(out, "edgecard_sync_connected", "1 while connected to the coordinator.", self.connected.get());
-        render_counter(out, "edgecard_sync_uploads_total", "Sync uploads acknowledged.", self.uploads.get());
-        render_counter(
-            out,
-            "edgecard_sync_uploaded_events_total",
-            "Order events in acknowledged uploads.",
-            self.uploaded_events.get(),
+    pub fn register(&self, r: &mut Registry) {
+        r.register("edgecard_sync_connected", "1 while connected to the coordinator", self.connected.clone());
+        r.register("edgecard_sync_uploads", "Sync uploads acknowledged", self.uploads.clone());
+        r.register(
+            "edgecard_sync_uploaded_events",
+            "Order events in acknowledged uploads",
+            self.uploaded_events.clone(),
         );
-        render_counter(out, "edgecard_sync_failures_total", "Failed sync uploads and connects.", self.failures.get());
-        render_gauge(out, "edgecard_sync_acked_seq", "Highest outbox seq acknowledged.", self.acked_seq.get());
-        render_gauge(out, "edgecard_sync_lag_events", "Outbox events not yet acknowledged.", self.lag.get());
-        render_counter(
-            out,
-            "edgecard_sync_control_applied_total",
-            "Control messages applied.",
-            self.control_applied.get(),
+        r.register("edgecard_sync_failures", "Failed sync uploads and connects", self.failures.clone());
+        r.register("edgecard_sync_acked_seq", "Highest outbox seq acknowledged", self.acked_seq.clone());
+        r.register("edgecard_sync_lag_events", "Outbox events not yet acknowledged", self.lag.clone());
+        r.register_with_unit(
+            "edgecard_sync_last_ack_timestamp",
+            "Unix time of the coordinator's last acknowledgement (0 before the first)",
+            Unit::Seconds,
+            self.last_ack.clone(),
         );
-        render_gauge(
-            out,
+        r.register("edgecard_sync_control_applied", "Control messages applied", self.control_applied.clone());
+        r.register(
             "edgecard_sync_confirmed",
-            "1 once the coordinator has confirmed this data dir since start; until then the node sells nothing.",
-            self.confirmed.get(),
+            "1 once the coordinator has confirmed this data dir since start; until then the node sells nothing",
+            self.confirmed.clone(),
         );
-        render_counter(
-            out,
-            "edgecard_sync_restored_events_total",
-            "Events this data dir had lost (restored from an older copy), given back by the coordinator.",
-            self.restored_events.get(),
+        r.register(
+            "edgecard_sync_restored_events",
+            "Events this data dir had lost (restored from an older copy), given back by the coordinator",
+            self.restored_events.clone(),
         );
     }
 }
@@ -424,8 +427,9 @@ impl Link {
             tracing::error!(error = %e, "clearing reported refusals failed; they will be reported again");
         }
         self.metrics.uploads.inc();
-        self.metrics.uploaded_events.add(event_count);
+        self.metrics.uploaded_events.inc_by(event_count);
         self.metrics.acked_seq.set(gauge(outcome.prune_through));
+        self.metrics.last_ack.set(unix_seconds_now());
 
         // Pruned first: restoring moves the ack mark further.
         if let Err(e) = self.engine.record_sync_ack(outcome.prune_through) {
@@ -438,7 +442,7 @@ impl Link {
                 .await
                 .map_err(|e| ExchangeError::Local(format!("restoring lost events: {e}")))?;
             self.client.restored_through(through, self.now_ms());
-            self.metrics.restored_events.add(outcome.restore.len() as u64);
+            self.metrics.restored_events.inc_by(outcome.restore.len() as u64);
         }
         if !outcome.confirmed {
             // Behind the ledger or diverged from it: no sales, and no control, until confirmed.
@@ -716,6 +720,10 @@ pub fn catalog_from_wire(products: &[CatalogProduct]) -> Result<Vec<ProductConfi
 /// Resolves once shutdown is asked for (or nobody can ask any more).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+fn unix_seconds_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn gauge(value: u64) -> i64 {

@@ -8,21 +8,60 @@ use serde::Serialize;
 
 use crate::https_client::{Endpoint, Request};
 
-/// One scrape: every sample line, by its full name with labels (`name{le="0.001"}`).
+/// Labels every series of a node carries (they name the target, not the series).
+const TARGET_LABELS: [&str; 2] = ["node", "region"];
+
+/// Every sample line of Prometheus text by its name and labels, without the node's own `node`
+/// and `region` labels: `edgecard_store_commit_seconds_bucket{le="0.001"}`, or the bare name of
+/// a series that has no other label. Lines that are not samples are skipped.
+pub fn parse_samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((without_target_labels(series)?, value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `series` (`name{a="x",b="y"}`) with the [`TARGET_LABELS`] removed; `None` when malformed.
+fn without_target_labels(series: &str) -> Option<String> {
+    let Some((name, rest)) = series.split_once('{') else { return Some(series.to_string()) };
+    let body = rest.strip_suffix('}')?;
+    let mut kept = Vec::new();
+    let mut remaining = body;
+    while !remaining.is_empty() {
+        let (label, after) = remaining.split_once("=\"")?;
+        // The value runs to the first quote that is not escaped.
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in after.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        let end = end?;
+        if !TARGET_LABELS.contains(&label) {
+            kept.push(format!("{label}=\"{}\"", &after[..end]));
+        }
+        remaining = after[end + 1..].strip_prefix(',').unwrap_or(&after[end + 1..]);
+    }
+    Some(if kept.is_empty() { name.to_string() } else { format!("{name}{{{}}}", kept.join(",")) })
+}
+
+/// One scrape: every sample line, by its name with labels (`name{le="0.001"}`), the node's own
+/// `node` and `region` labels left out.
 #[derive(Clone, Debug, Default)]
 pub struct Scrape(HashMap<String, f64>);
 
 impl Scrape {
     pub fn parse(text: &str) -> Scrape {
-        Scrape(
-            text.lines()
-                .filter(|line| !line.starts_with('#'))
-                .filter_map(|line| {
-                    let (name, value) = line.rsplit_once(' ')?;
-                    Some((name.to_string(), value.parse().ok()?))
-                })
-                .collect(),
-        )
+        Scrape(parse_samples(text))
     }
 
     pub fn get(&self, name: &str) -> Option<f64> {
@@ -220,6 +259,24 @@ impl SyncReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nodes_own_labels_are_left_out() {
+        let text = "# HELP m x\n\
+            edgecard_purchases_total{node=\"eu-1\",region=\"eu\"} 7\n\
+            edgecard_stock_keys{node=\"eu-1\",region=\"eu\",sku=\"a\\\"b\"} 3\n\
+            edgecard_http_request_duration_seconds_count{node=\"eu-1\",region=\"eu\",route=\"/api/v1/orders/{id}\",method=\"GET\",class=\"2xx\"} 2\n\
+            plain 1\n\
+            broken{node=\"x 1\n";
+        let samples = parse_samples(text);
+        assert_eq!(samples.get("edgecard_purchases_total"), Some(&7.0));
+        assert_eq!(samples.get("edgecard_stock_keys{sku=\"a\\\"b\"}"), Some(&3.0));
+        let route =
+            "edgecard_http_request_duration_seconds_count{route=\"/api/v1/orders/{id}\",method=\"GET\",class=\"2xx\"}";
+        assert_eq!(samples.get(route), Some(&2.0), "{samples:?}");
+        assert_eq!(samples.get("plain"), Some(&1.0));
+        assert_eq!(samples.len(), 4, "{samples:?}");
+    }
 
     const BEFORE: &str = "# HELP x\n\
         edgecard_store_commit_seconds_bucket{le=\"0.001\"} 10\n\

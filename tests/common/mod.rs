@@ -394,12 +394,12 @@ impl NodeProcess {
         response.text()
     }
 
-    /// All unlabelled samples of `/metrics`.
+    /// All samples of `/metrics` (see [`parse_metrics`]).
     pub async fn metrics(&self) -> HashMap<String, f64> {
         parse_metrics(&self.metrics_text().await)
     }
 
-    /// One unlabelled sample; panics when absent.
+    /// One sample without labels but the node's own; panics when absent.
     pub async fn metric(&self, name: &str) -> f64 {
         *self.metrics().await.get(name).unwrap_or_else(|| panic!("metric {name} missing"))
     }
@@ -426,14 +426,10 @@ impl Drop for NodeProcess {
     }
 }
 
+/// Samples by name and labels, without the `node` and `region` labels every series of a node
+/// carries (see `edgecard::bench::node_metrics::parse_samples`).
 pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
+    edgecard::bench::node_metrics::parse_samples(text)
 }
 
 /// One keep-alive connection to a node's buyer API, with the shop's calls.

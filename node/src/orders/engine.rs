@@ -540,7 +540,7 @@ impl OrderEngine {
             state.count_open(ip, email.as_ref());
             record
         };
-        self.metrics.open_reservations.add(1);
+        self.metrics.open_reservations.inc();
         self.metrics.created.inc();
         self.store.durable().await?;
         tracing::info!(order = %record.id, sku = %record.sku, quantity = record.quantity, "order reserved");
@@ -630,7 +630,7 @@ impl OrderEngine {
                         if order.status == OrderStatus::Reserved { state.close_reservation(&order.id) } else { None };
                     if held.is_some() {
                         batch.delete(record::open_key(&order.id));
-                        self.metrics.open_reservations.add(-1);
+                        self.metrics.open_reservations.dec();
                     }
                     // Keys held by the reservation, or freshly taken ones (which count against the
                     // take window once their Delivered event has a seq).
@@ -773,7 +773,7 @@ impl OrderEngine {
             }
         }
         self.metrics.expired.inc();
-        self.metrics.open_reservations.add(-1);
+        self.metrics.open_reservations.dec();
         self.store.durable().await?;
         self.settle_filled(&filled);
         Ok(true)
@@ -926,8 +926,8 @@ impl OrderEngine {
             }
             returned.len()
         };
-        self.metrics.expired.add(expired as u64);
-        self.metrics.open_reservations.add(-(expired as i64));
+        self.metrics.expired.inc_by(expired as u64);
+        self.metrics.open_reservations.dec_by(expired as i64);
         tracing::info!(count = expired, "reservations expired");
         self.store.durable().await?;
         self.settle_filled(&filled);
@@ -1042,7 +1042,7 @@ impl OrderEngine {
         }
         drop(pending);
         self.metrics.grants_installed.inc();
-        self.metrics.delivered.add(delivered.len() as u64);
+        self.metrics.delivered.inc_by(delivered.len() as u64);
         tracing::info!(slice = %grant.slice_id, sku = %grant.sku, epoch = grant.epoch.0, keys = grant.keys.len(), filled, "grant installed");
         Ok(match outcome {
             GrantOutcome::Installed { keys, .. } => GrantOutcome::Installed { keys, filled_awaiting: filled },
@@ -1159,7 +1159,7 @@ impl OrderEngine {
             pending.remove(id);
         }
         drop(pending);
-        self.metrics.delivered.add(filled.len() as u64);
+        self.metrics.delivered.inc_by(filled.len() as u64);
         tracing::info!(count = filled.len(), "orders paid while out of stock delivered from returned keys");
     }
 

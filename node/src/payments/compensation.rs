@@ -178,13 +178,13 @@ async fn compensate(engine: &OrderEngine, router: &Router, id: OrderId, timeout:
         return Outcome::Again { expires_at };
     };
     let metrics = router.metrics().channel(channel.name());
-    if let Some(m) = metrics {
-        m.queries.inc();
-    }
     let result = match tokio::time::timeout(timeout, channel.query_payment(&order)).await {
         Ok(result) => result,
         Err(_) => Err(super::ChannelError::Timeout { channel: channel.name() }),
     };
+    if let (Some(m), Ok(_)) = (metrics, &result) {
+        m.queries_answered.inc();
+    }
     match result {
         Ok(QueriedStatus::Paid(payment)) if payment.order_id == order.id => {
             let confirmation = PaymentConfirmation {
@@ -203,7 +203,9 @@ async fn compensate(engine: &OrderEngine, router: &Router, id: OrderId, timeout:
                     Outcome::Done
                 }
                 Err(OrderError::PaymentMismatch(what)) => {
-                    engine.metrics().callbacks_rejected.inc();
+                    if let Some(m) = metrics {
+                        m.query_mismatches.inc();
+                    }
                     tracing::error!(order = %id, channel = channel.name(), mismatch = what, "compensation: the provider's payment does not match the order; not delivered");
                     let _ = engine.drop_awaiting_confirmation(&id);
                     Outcome::Done
@@ -225,7 +227,7 @@ async fn compensate(engine: &OrderEngine, router: &Router, id: OrderId, timeout:
         Ok(QueriedStatus::Pending) => Outcome::Again { expires_at },
         Err(e) => {
             if let Some(m) = metrics {
-                m.query_failed.inc();
+                m.queries_failed.inc();
             }
             tracing::info!(order = %id, error = %e, "compensation: query failed; will retry");
             Outcome::Again { expires_at }

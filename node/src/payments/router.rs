@@ -233,7 +233,8 @@ impl Router {
                 Err(_) => Err(ChannelError::Timeout { channel: channel.name() }),
             };
             if let Some(m) = metrics {
-                m.observe_create(result.is_ok(), started.elapsed());
+                let histogram = if result.is_ok() { &m.create_ok } else { &m.create_failed };
+                histogram.observe(started.elapsed().as_secs_f64());
             }
             match result {
                 Err(e) if e.retryable() && attempt < attempts => {
@@ -380,7 +381,7 @@ mod tests {
         router.create(&order(), "https://n", &plan).await.unwrap();
         assert_eq!(primary.calls.load(Ordering::SeqCst), 4, "open breaker: not called");
         let metrics = router.metrics().channel("a").unwrap();
-        assert_eq!((metrics.create_ok.get(), metrics.create_failed.get()), (0, 4));
+        assert_eq!((metrics.create_ok.count(), metrics.create_failed.count()), (0, 4));
         assert_eq!(metrics.breaker_state.get(), BreakerState::Open.as_gauge());
     }
 

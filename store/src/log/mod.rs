@@ -372,7 +372,7 @@ impl Writer {
                 Ok(()) => {
                     self.shared.health.set(Health::Ok);
                     self.shared.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-                    self.shared.metrics.log_bytes.add(buffer.len() as u64);
+                    self.shared.metrics.log_bytes.inc_by(buffer.len() as u64);
                     self.shared.metrics.flushes.inc();
                     self.resolve(last);
                 }
