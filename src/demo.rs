@@ -46,6 +46,14 @@ const PRODUCTS: [(&str, &str, &str, u64, u64); 3] = [
     ("licence-pro", "Pro licence key, 1 year", "专业版授权码(一年)", 4900, 35000),
 ];
 
+/// Keys of each product left in the pool for the operator to allocate: at least the printed
+/// `slices allocate … --count 50`.
+fn spare_keys(keys_per_node: usize) -> usize {
+    (keys_per_node / 4).max(PRINTED_ALLOCATION)
+}
+
+const PRINTED_ALLOCATION: usize = 50;
+
 fn sample_secret(rng: &mut impl Rng) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut group = || -> String { (0..4).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect() };
@@ -97,7 +105,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                              "prices": [{ "amount_minor": usd, "currency": "USD" }, { "amount_minor": cny, "currency": "CNY" }] }),
                 )
                 .await?;
-            let keys: String = (0..args.keys * REGIONS.len()).map(|_| sample_secret(&mut rng) + "\n").collect();
+            // The pool keeps spare keys, so the printed `slices allocate` works.
+            let total = args.keys * REGIONS.len() + spare_keys(args.keys);
+            let keys: String = (0..total).map(|_| sample_secret(&mut rng) + "\n").collect();
             admin.post_bytes(&format!("/v1/products/{sku}/keys"), keys.into_bytes()).await?;
         }
     }
@@ -117,7 +127,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         nodes.push((name, region, node));
     }
     wait_for_stock(&nodes).await?;
-    print_instructions(&dir, &admin_url, &token, &nodes, started.elapsed())?;
+    print_instructions(&dir, &admin_url, &token, &nodes, args.keys, started.elapsed())?;
 
     wait_for_signal().await?;
     println!("\nstopping…");
@@ -199,6 +209,7 @@ fn print_instructions(
     admin_url: &str,
     token: &str,
     nodes: &[(&str, &str, RunningNode)],
+    keys_per_node: usize,
     took: Duration,
 ) -> Result<()> {
     println!(
@@ -248,16 +259,19 @@ Operate the coordinator from another shell:
   export EDGECARD_ADMIN_TOKEN={token}
   cargo run --release -- status
   cargo run --release -- orders list
-  cargo run --release -- slices allocate game-card-10 --node ap-1 --count 50
+  cargo run --release -- slices allocate game-card-10 --node ap-1 --count {allocation}
 
 Load test one node:
 
-  cargo run --release -- bench purchase --url {url} --ca $CA --concurrency 64 --duration 10
+  cargo run --release -- bench purchase --url {url} --ca $CA --sku game-card-10 --concurrency 64 --count {bench}
 
 Machine-readable addresses and environment: {manifest}
 Press Ctrl-C to stop."#,
         ca = cert.display(),
         manifest = dir.join("demo.json").display(),
+        allocation = PRINTED_ALLOCATION,
+        // Half the node's stock of that product: the bench ends with stock left, never sold out.
+        bench = keys_per_node / 2,
     );
     Ok(())
 }
