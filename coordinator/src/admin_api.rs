@@ -389,13 +389,9 @@ fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
 }
 
 fn parse_status(raw: &str) -> Result<LedgerStatus, ApiError> {
-    Ok(match raw {
-        "reserved" => LedgerStatus::Reserved,
-        "paid" => LedgerStatus::Paid,
-        "delivered" => LedgerStatus::Delivered,
-        "expired" => LedgerStatus::Expired,
-        "paid_awaiting_stock" => LedgerStatus::PaidAwaitingStock,
-        other => return Err(bad_request(format!("unknown status {other:?}"))),
+    LedgerStatus::parse(raw).ok_or_else(|| {
+        let known: Vec<&str> = LedgerStatus::ALL.iter().map(|s| s.as_str()).collect();
+        bad_request(format!("unknown status {raw:?}; one of {}", known.join(", ")))
     })
 }
 

@@ -576,6 +576,9 @@ impl Coordinator {
                     Ok(()) => {
                         self.apply_to_order(&event, &mut orders)?;
                         batch.put(rec::ledger_key(node_id, event.seq), rec::encode_event(&event)?);
+                        if let Some((kind, detail)) = payment_alarm(&event) {
+                            self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail)?;
+                        }
                     }
                     Err((kind, detail)) => self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail)?,
                 }
@@ -899,7 +902,9 @@ impl Coordinator {
         keys: &mut HashMap<(Sku, KeyId), KeyRecord>,
     ) -> Result<Result<(), (&'static str, String)>, StoreError> {
         let key_ids = match &event.kind {
-            OrderEventKind::Reserved { key_ids, .. } | OrderEventKind::Delivered { key_ids } => key_ids,
+            OrderEventKind::Reserved { key_ids, .. }
+            | OrderEventKind::Delivered { key_ids }
+            | OrderEventKind::Refunded { key_ids, .. } => key_ids,
             _ => return Ok(Ok(())),
         };
         let mut loaded = Vec::with_capacity(key_ids.len());
@@ -923,28 +928,53 @@ impl Coordinator {
                     format!("seq {}: key {id} of {} is not granted to {}", event.seq, event.sku, node.node_id),
                 )));
             }
-            if let (OrderEventKind::Delivered { .. }, KeyState::Sold { order, .. }) = (&event.kind, record.state) {
-                if order != event.order_id {
+            match (&event.kind, record.state) {
+                (OrderEventKind::Delivered { .. }, KeyState::Sold { order, .. } | KeyState::Revoked { order, .. })
+                    if order != event.order_id =>
+                {
                     return Ok(Err((
                         "key_delivered_twice",
                         format!("seq {}: key {id} of {} was already delivered to order {order}", event.seq, event.sku),
                     )));
                 }
+                (OrderEventKind::Refunded { .. }, KeyState::Sold { order, .. } | KeyState::Revoked { order, .. })
+                    if order == event.order_id => {}
+                (OrderEventKind::Refunded { .. }, _) => {
+                    return Ok(Err((
+                        "refund_of_unsold_key",
+                        format!(
+                            "seq {}: refund of order {} names key {id} of {}, which the ledger never saw delivered to it",
+                            event.seq, event.order_id, event.sku
+                        ),
+                    )));
+                }
+                _ => {}
             }
             loaded.push((slot, record));
         }
-        if matches!(event.kind, OrderEventKind::Delivered { .. }) {
-            for (slot, mut record) in loaded {
-                match record.state {
-                    KeyState::Granted { slice, node_index }
-                    | KeyState::Quarantined { slice, node_index }
-                    | KeyState::WrittenOff { slice, node_index } => {
-                        record.state = KeyState::Sold { slice, node_index, order: event.order_id };
+        match event.kind {
+            OrderEventKind::Delivered { .. } => {
+                for (slot, mut record) in loaded {
+                    match record.state {
+                        KeyState::Granted { slice, node_index }
+                        | KeyState::Quarantined { slice, node_index }
+                        | KeyState::WrittenOff { slice, node_index } => {
+                            record.state = KeyState::Sold { slice, node_index, order: event.order_id };
+                        }
+                        KeyState::Pool | KeyState::Sold { .. } | KeyState::Revoked { .. } => {}
                     }
-                    KeyState::Pool | KeyState::Sold { .. } => {}
+                    keys.insert(slot, record);
                 }
-                keys.insert(slot, record);
             }
+            OrderEventKind::Refunded { .. } => {
+                for (slot, mut record) in loaded {
+                    if let KeyState::Sold { slice, node_index, order } = record.state {
+                        record.state = KeyState::Revoked { slice, node_index, order };
+                    }
+                    keys.insert(slot, record);
+                }
+            }
+            _ => {}
         }
         Ok(Ok(()))
     }
@@ -990,15 +1020,35 @@ impl Coordinator {
                 order.key_ids = key_ids.clone();
                 order.status = LedgerStatus::Delivered;
             }
-            OrderEventKind::Expired { .. } => {
-                if order.status == LedgerStatus::Reserved {
-                    order.status = LedgerStatus::Expired;
-                }
-            }
+            OrderEventKind::Expired { .. } => match order.status {
+                LedgerStatus::Reserved => order.status = LedgerStatus::Expired,
+                // The reservation ended: its keys are back on sale at the node.
+                LedgerStatus::PaymentMismatch => order.key_ids.clear(),
+                _ => {}
+            },
             OrderEventKind::AwaitingStock { .. } => {
                 order.key_ids.clear();
                 order.status = LedgerStatus::PaidAwaitingStock;
             }
+            OrderEventKind::PaymentMismatch { channel, provider_txn, .. } => {
+                if matches!(order.status, LedgerStatus::Reserved | LedgerStatus::Expired) {
+                    order.status = LedgerStatus::PaymentMismatch;
+                }
+                if order.channel.is_none() {
+                    order.channel = Some(channel.clone());
+                    order.provider_txn = Some(provider_txn.clone());
+                }
+            }
+            OrderEventKind::Refunded { manual, .. } => {
+                order.status = if *manual { LedgerStatus::RefundManual } else { LedgerStatus::Refunded };
+            }
+            OrderEventKind::Disputed { .. } => {
+                if !matches!(order.status, LedgerStatus::Refunded | LedgerStatus::RefundManual) {
+                    order.status = LedgerStatus::Disputed;
+                }
+            }
+            // Alarms only (see `payment_alarm`): the order stays as it was.
+            OrderEventKind::PaymentUnmatched { .. } => {}
             // Handled before: not about an order.
             OrderEventKind::Released { .. } => {}
         }
@@ -1087,6 +1137,35 @@ impl Coordinator {
         }
         orders.sort_by_key(|o| (o.created_at, o.order_id.to_string()));
         Ok(orders)
+    }
+}
+
+/// The alarm an event raises once in the ledger: money that needs an operator.
+fn payment_alarm(event: &OrderEvent) -> Option<(&'static str, String)> {
+    let order = event.order_id;
+    match &event.kind {
+        OrderEventKind::PaymentUnmatched { channel, provider_txn, amount_minor, currency, reason } => Some((
+            "payment_unmatched",
+            format!(
+                "order {order}: {channel} payment {provider_txn} of {amount_minor} {currency} matches none of the order's payments ({}); nothing delivered for it",
+                reason.as_str()
+            ),
+        )),
+        OrderEventKind::PaymentMismatch { channel, provider_txn, amount_minor, currency } => Some((
+            "payment_mismatch",
+            format!(
+                "order {order}: {channel} payment {provider_txn} of {amount_minor} {currency} does not match the order; nothing delivered for it"
+            ),
+        )),
+        OrderEventKind::Refunded { channel, amount_minor, currency, manual: true, .. } => Some((
+            "refund_manual",
+            format!("order {order}: refund {amount_minor} {currency} by hand at {channel} (it has no refund call); its keys are revoked"),
+        )),
+        OrderEventKind::Disputed { channel, provider_dispute, amount_minor, currency } => Some((
+            "payment_disputed",
+            format!("order {order}: dispute {provider_dispute} of {amount_minor} {currency} opened at {channel}"),
+        )),
+        _ => None,
     }
 }
 

@@ -497,7 +497,11 @@ impl Coordinator {
         let mut held = BTreeSet::new();
         for item in self.store.scan_prefix(b"o/") {
             let order: LedgerOrder = rec::decode("order", &item?.1)?;
-            if &order.node == node && matches!(order.status, LedgerStatus::Reserved | LedgerStatus::Paid) {
+            // A mismatched payment leaves the reservation open until it expires (then its keys
+            // are cleared from the ledger's order).
+            let open =
+                matches!(order.status, LedgerStatus::Reserved | LedgerStatus::Paid | LedgerStatus::PaymentMismatch);
+            if &order.node == node && open {
                 held.extend(order.key_ids.iter().map(|id| (order.sku.clone(), *id)));
             }
         }
@@ -598,7 +602,7 @@ impl Coordinator {
             let (slot, slice) = match record.state {
                 KeyState::Pool => continue,
                 KeyState::Granted { slice, .. } => (0, slice),
-                KeyState::Sold { slice, .. } => (1, slice),
+                KeyState::Sold { slice, .. } | KeyState::Revoked { slice, .. } => (1, slice),
                 KeyState::Quarantined { slice, .. } => (2, slice),
                 KeyState::WrittenOff { slice, .. } => (3, slice),
             };

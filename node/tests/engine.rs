@@ -317,6 +317,7 @@ async fn outbox_holds_every_change_in_order_until_acknowledged() {
                 edgecard_protocol::OrderEventKind::Expired { .. } => "expired",
                 edgecard_protocol::OrderEventKind::AwaitingStock { .. } => "awaiting",
                 edgecard_protocol::OrderEventKind::Released { .. } => "released",
+                _ => "other",
             })
             .collect();
         assert_eq!(kinds, vec!["reserved", "paid", "delivered", "reserved", "expired"]);

@@ -12,6 +12,7 @@
 pub mod envelope;
 pub mod event;
 pub mod event_v1;
+pub mod event_v2;
 pub mod grant;
 pub mod holdings;
 pub mod ids;
@@ -22,8 +23,9 @@ pub mod renewal;
 pub mod sync;
 
 pub use envelope::{decode, encode, peek_kind, Decodable, Encodable, EnvelopeError, MessageKind, MAX_PAYLOAD};
-pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind};
-pub use event_v1::{OrderEventV1, EVENT_RECORD_VERSION};
+pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind, UnmatchedReason};
+pub use event_v1::OrderEventV1;
+pub use event_v2::{OrderEventV2, EVENT_RECORD_VERSION, EVENT_RECORD_VERSION_V2};
 pub use grant::{GrantError, GrantedKey, SignedGrant, SliceGrant, GRANT_SIGNATURE_DOMAIN, MAX_GRANT_KEYS};
 pub use holdings::{Holdings, SliceHolding};
 pub use ids::{Epoch, IdError, IdKind, KeyId, NodeId, OrderId, OrderToken, Secret, Sku, SliceId, UnixMillis};

@@ -186,17 +186,18 @@ pub fn refused_key(seq: u64) -> Vec<u8> {
 }
 
 /// Outbox events are stored in their own record format, which changed when reservations began to
-/// carry their token's digest; events written before are read and converted.
+/// carry their token's digest (2) and again when payment problems, refunds and disputes became
+/// events (3); events written before are read and converted.
 pub fn encode_event(event: &edgecard_protocol::OrderEvent) -> Result<Vec<u8>, edgecard_store::StoreError> {
     edgecard_store::record::encode_versioned("outbox event", event, edgecard_protocol::EVENT_RECORD_VERSION)
 }
 
 pub fn decode_event(raw: &[u8]) -> Result<edgecard_protocol::OrderEvent, edgecard_store::StoreError> {
-    edgecard_store::record::decode_evolved::<edgecard_protocol::OrderEvent, edgecard_protocol::OrderEventV1>(
-        "outbox event",
-        raw,
-        edgecard_protocol::EVENT_RECORD_VERSION,
-    )
+    use edgecard_protocol::{OrderEventV1, OrderEventV2, EVENT_RECORD_VERSION, EVENT_RECORD_VERSION_V2};
+    use edgecard_store::record::{decode_evolved, decode_or_older};
+    decode_or_older("outbox event", raw, EVENT_RECORD_VERSION, |older| {
+        decode_evolved::<OrderEventV2, OrderEventV1>("outbox event", older, EVENT_RECORD_VERSION_V2).map(Into::into)
+    })
 }
 
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
@@ -284,6 +285,65 @@ mod tests {
         assert_eq!(parse_key_key(&b), Some((sku.clone(), KeyId(10))));
         assert!(a.starts_with(&key_prefix(&sku)));
         assert_eq!(parse_key_key(b"k/garbage"), None);
+    }
+
+    #[test]
+    fn outbox_events_of_every_layout_are_read() {
+        use edgecard_protocol::event_v1::{OrderEventKindV1, OrderEventV1};
+        use edgecard_protocol::event_v2::{OrderEventKindV2, OrderEventV2};
+        use edgecard_protocol::{NodeId, OrderEvent, OrderEventKind, UnmatchedReason};
+        let (node, order, sku) =
+            (NodeId::new("eu-1").unwrap(), OrderId::from_bytes([7; 16]), Sku::new("game").unwrap());
+        let v1 = OrderEventV1 {
+            node_id: node.clone(),
+            seq: 1,
+            at: UnixMillis(10),
+            order_id: order,
+            sku: sku.clone(),
+            kind: OrderEventKindV1::Paid {
+                channel: "stripe".into(),
+                provider_txn: "cs_1".into(),
+                amount_minor: 1000,
+                currency: "USD".into(),
+            },
+        };
+        let read = decode_event(&edgecard_store::record::encode("outbox event", &v1).unwrap()).unwrap();
+        assert!(matches!(read.kind, OrderEventKind::Paid { ref provider_txn, .. } if provider_txn == "cs_1"));
+        let v2 = OrderEventV2 {
+            node_id: node.clone(),
+            seq: 2,
+            at: UnixMillis(11),
+            order_id: order,
+            sku: sku.clone(),
+            kind: OrderEventKindV2::Reserved {
+                key_ids: vec![KeyId(3)],
+                quantity: 1,
+                amount_minor: 1000,
+                currency: "USD".into(),
+                expires_at: UnixMillis(99),
+                token_sha256: "ab".repeat(32),
+            },
+        };
+        let raw = edgecard_store::record::encode_versioned("outbox event", &v2, 2).unwrap();
+        let read = decode_event(&raw).unwrap();
+        assert!(matches!(read.kind, OrderEventKind::Reserved { ref token_sha256, .. } if token_sha256.len() == 64));
+        let v3 = OrderEvent {
+            node_id: node,
+            seq: 3,
+            at: UnixMillis(12),
+            order_id: order,
+            sku,
+            kind: OrderEventKind::PaymentUnmatched {
+                channel: "stripe".into(),
+                provider_txn: "cs_2".into(),
+                amount_minor: 1000,
+                currency: "USD".into(),
+                reason: UnmatchedReason::WrongChannel,
+            },
+        };
+        let raw = encode_event(&v3).unwrap();
+        assert_eq!(raw[1], 3, "written in the current layout");
+        assert_eq!(decode_event(&raw).unwrap(), v3);
     }
 
     #[test]

@@ -131,6 +131,11 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
                     batch.delete(record::key_key(&event.sku, *key));
                 }
             }
+            // Not written by this node yet.
+            OrderEventKind::PaymentUnmatched { .. }
+            | OrderEventKind::PaymentMismatch { .. }
+            | OrderEventKind::Refunded { .. }
+            | OrderEventKind::Disputed { .. } => {}
         }
     }
     let restored = orders.len();
