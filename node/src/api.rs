@@ -20,9 +20,7 @@ use crate::client_ip::ClientIpResolver;
 use crate::config::Currency;
 use crate::limiter::{LimitClass, Limiters};
 use crate::metrics::HttpMetrics;
-use crate::orders::{
-    CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentConfirmation, PaymentOutcome,
-};
+use crate::orders::{CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentOutcome};
 use crate::payments::return_link::ReturnLinks;
 use crate::payments::router::{RouteError, Router};
 use crate::payments::sandbox::SandboxChannel;
@@ -144,7 +142,8 @@ impl From<OrderError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_open_orders", message).retry_after(60)
             }
             OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", message),
-            OrderError::PaymentMismatch(_) => ApiError::new(StatusCode::BAD_REQUEST, "payment_mismatch", message),
+            OrderError::InvalidPayment(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_callback", message),
+            OrderError::TooManyAttempts { .. } => ApiError::new(StatusCode::CONFLICT, "too_many_attempts", message),
             OrderError::Store(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, "order refused: the store's disk is full");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "disk_full", "the node cannot record orders right now")
@@ -404,6 +403,7 @@ impl NodeApi {
                 provider_ref: created.provider_ref.clone(),
                 pay_url: Some(created.pay_url.clone()),
                 created_at: crate::orders::engine::now_millis(),
+                pays_until: None,
             };
             self.engine.record_payment_attempt(&record.id, attempt).await?;
         }
@@ -508,22 +508,15 @@ impl NodeApi {
             tracing::info!(channel = channel_name, order = %verified.order_id, "payment callback with a non-success status: nothing changes");
             return Ok(None);
         }
-        let outcome = self
-            .engine
-            .confirm_payment(PaymentConfirmation {
-                order_id: verified.order_id,
-                channel: channel.name().to_string(),
-                provider_txn: verified.provider_txn,
-                amount_minor: verified.amount_minor,
-                currency: verified.currency,
-            })
-            .await
-            .inspect_err(|e| {
-                if matches!(e, OrderError::PaymentMismatch(_) | OrderError::NotFound) {
-                    rejected();
-                    tracing::warn!(channel = channel_name, reason = %e, "payment callback refused");
-                }
-            })?;
+        let outcome = self.engine.confirm_payment(verified.confirmation(channel.name())).await.inspect_err(|e| {
+            if matches!(e, OrderError::InvalidPayment(_) | OrderError::NotFound) {
+                rejected();
+                tracing::warn!(channel = channel_name, reason = %e, "payment callback refused");
+            }
+        })?;
+        // A payment that paid nothing is acknowledged once it is durably recorded and raised (see
+        // `OrderEngine::confirm_payment`): retries would add nothing, and a provider disables a
+        // webhook endpoint that keeps failing.
         if let Some(m) = channel_metrics {
             m.callbacks_accepted.inc();
         }
@@ -542,7 +535,7 @@ impl NodeApi {
             OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"),
             other => other.into(),
         })?;
-        if order.channel != crate::payments::sandbox::NAME {
+        if order.binds(crate::payments::sandbox::NAME, None).is_err() {
             // Only orders whose payment was opened at the sandbox can be paid through it.
             return Err(ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"));
         }
@@ -611,6 +604,8 @@ fn outcome_name(outcome: PaymentOutcome) -> &'static str {
         PaymentOutcome::AwaitingStock => "paid_awaiting_stock",
         PaymentOutcome::AlreadyRecorded => "already_recorded",
         PaymentOutcome::DuplicatePayment => "duplicate_payment",
+        PaymentOutcome::Problem(kind) if kind.unmatched().is_some() => "payment_unmatched",
+        PaymentOutcome::Problem(_) => "payment_mismatch",
     }
 }
 

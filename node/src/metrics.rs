@@ -5,6 +5,8 @@
 
 pub use edgecard_store::metrics::*;
 
+use crate::orders::PaymentProblemKind;
+
 #[derive(Debug, Default)]
 pub struct OrderMetrics {
     pub created: Counter,
@@ -19,10 +21,45 @@ pub struct OrderMetrics {
     pub grants_installed: Counter,
     pub grants_refused: Counter,
     pub open_reservations: Gauge,
+    /// Verified payments that paid nothing, by (channel, kind); channel names come from the
+    /// node's configured channels only.
+    pub payment_problems: parking_lot::Mutex<std::collections::BTreeMap<(String, PaymentProblemKind), u64>>,
 }
 
 impl OrderMetrics {
+    pub fn payment_problem(&self, channel: &str, kind: PaymentProblemKind) {
+        *self.payment_problems.lock().entry((channel.to_string(), kind)).or_default() += 1;
+    }
+
+    /// Count of payment problems of `kind` at `channel`.
+    pub fn payment_problems_of(&self, channel: &str, kind: PaymentProblemKind) -> u64 {
+        self.payment_problems.lock().get(&(channel.to_string(), kind)).copied().unwrap_or(0)
+    }
+
+    fn render_payment_problems(&self, out: &mut String) {
+        let problems = self.payment_problems.lock().clone();
+        let families = [
+            (
+                "edgecard_payment_unmatched_total",
+                "Verified payments matching none of their order's attempts, or reusing another order's provider id: recorded, nothing delivered.",
+                true,
+            ),
+            (
+                "edgecard_payment_mismatch_total",
+                "Verified payments of another amount or currency than their order's: recorded, nothing delivered.",
+                false,
+            ),
+        ];
+        for (name, help, unmatched) in families {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for ((channel, kind), count) in problems.iter().filter(|((_, k), _)| k.unmatched().is_some() == unmatched) {
+                out.push_str(&format!("{name}{{channel=\"{channel}\",reason=\"{}\"}} {count}\n", kind.as_str()));
+            }
+        }
+    }
+
     pub fn render(&self, out: &mut String) {
+        self.render_payment_problems(out);
         render_counter(out, "edgecard_orders_created_total", "Orders reserved.", self.created.get());
         render_counter(
             out,

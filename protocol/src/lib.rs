@@ -23,7 +23,7 @@ pub mod renewal;
 pub mod sync;
 
 pub use envelope::{decode, encode, peek_kind, Decodable, Encodable, EnvelopeError, MessageKind, MAX_PAYLOAD};
-pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind, UnmatchedReason};
+pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind, UnmatchedReason, MAX_EVENT_TEXT};
 pub use event_v1::OrderEventV1;
 pub use event_v2::{OrderEventV2, EVENT_RECORD_VERSION, EVENT_RECORD_VERSION_V2};
 pub use grant::{GrantError, GrantedKey, SignedGrant, SliceGrant, GRANT_SIGNATURE_DOMAIN, MAX_GRANT_KEYS};

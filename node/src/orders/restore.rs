@@ -7,7 +7,7 @@
 //! What comes back: orders (with their token's digest, so the buyer's link works again; a
 //! restored order's payment channel is the one its payment names), keys taken or delivered (no
 //! longer on sale, delivered secrets moved into the order as a sale would), keys released to the
-//! coordinator (dropped). What cannot: the buyer's e-mail and address (events never carry them),
+//! coordinator (dropped), payments that paid nothing (recorded again). What cannot: the buyer's e-mail and address (events never carry them),
 //! and the secret of a key whose slice the older copy never received (the order is restored
 //! without it; its page says so).
 
@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use edgecard_protocol::{OrderEvent, OrderEventKind, OrderId, Secret};
 
-use super::record::{self, OrderRecord, OrderStatus, PaymentRecord};
+use super::record::{self, OrderRecord, OrderStatus, PaymentProblem, PaymentProblemKind, PaymentRecord};
 use crate::store::{Store, StoreError, WriteBatch};
 
 /// The store changes that restore `events` (ascending, all past the outbox's newest).
@@ -58,7 +58,9 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
                     secrets: Vec::new(),
                     payment: None,
                     delivered_at: None,
-                    payment_attempt: None,
+                    attempts: Vec::new(),
+                    refund: None,
+                    dispute: None,
                 });
                 batch.put(record::open_key(&order.id), expires_at.0.to_be_bytes().to_vec());
                 orders.insert(order.id, order);
@@ -74,6 +76,7 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
                     amount_minor: *amount_minor,
                     currency: currency.clone(),
                     paid_at: event.at,
+                    provider_payment: None,
                 });
                 orders.insert(order.id, order);
             }
@@ -131,11 +134,42 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
                     batch.delete(record::key_key(&event.sku, *key));
                 }
             }
+            OrderEventKind::PaymentUnmatched { channel, provider_txn, amount_minor, currency, reason } => {
+                let problem = PaymentProblem {
+                    order_id: event.order_id,
+                    channel: channel.clone(),
+                    provider_txn: provider_txn.clone(),
+                    amount_minor: *amount_minor,
+                    currency: currency.clone(),
+                    kind: (*reason).into(),
+                    at: event.at,
+                };
+                put_problem(&mut batch, &problem)?;
+                if let Some(order) = existing {
+                    orders.insert(order.id, order);
+                }
+            }
+            OrderEventKind::PaymentMismatch { channel, provider_txn, amount_minor, currency } => {
+                let Some(order) = existing else { continue };
+                let kind = if *amount_minor != order.amount_minor {
+                    PaymentProblemKind::AmountMismatch
+                } else {
+                    PaymentProblemKind::CurrencyMismatch
+                };
+                let problem = PaymentProblem {
+                    order_id: order.id,
+                    channel: channel.clone(),
+                    provider_txn: provider_txn.clone(),
+                    amount_minor: *amount_minor,
+                    currency: currency.clone(),
+                    kind,
+                    at: event.at,
+                };
+                put_problem(&mut batch, &problem)?;
+                orders.insert(order.id, order);
+            }
             // Not written by this node yet.
-            OrderEventKind::PaymentUnmatched { .. }
-            | OrderEventKind::PaymentMismatch { .. }
-            | OrderEventKind::Refunded { .. }
-            | OrderEventKind::Disputed { .. } => {}
+            OrderEventKind::Refunded { .. } | OrderEventKind::Disputed { .. } => {}
         }
     }
     let restored = orders.len();
@@ -143,6 +177,17 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
         record::ORDERS.put(&mut batch, order.id.as_bytes(), order)?;
     }
     Ok(Restored { batch, orders: restored, missing_secrets })
+}
+
+fn put_problem(batch: &mut WriteBatch, problem: &PaymentProblem) -> Result<(), StoreError> {
+    let id = record::problem_id(
+        &problem.channel,
+        &problem.provider_txn,
+        &problem.order_id,
+        problem.amount_minor,
+        &problem.currency,
+    );
+    record::PAYMENT_PROBLEMS.put(batch, &id, problem)
 }
 
 /// The queue seq of a paid order waiting for stock in the store (the queue is short).

@@ -16,7 +16,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::router::Router;
 use super::QueriedStatus;
 use crate::orders::engine::now_millis;
-use crate::orders::{OrderEngine, OrderError, OrderStatus, PaymentConfirmation};
+use crate::orders::{OrderEngine, OrderError, OrderStatus, PaymentOutcome};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompensationConfig {
@@ -172,63 +172,87 @@ async fn compensate(engine: &OrderEngine, router: &Router, id: OrderId, timeout:
         let _ = engine.drop_awaiting_confirmation(&id);
         return Outcome::Done;
     }
-    let channel_name = order.payment_attempt.as_ref().map_or(order.channel.as_str(), |a| a.channel.as_str());
-    let Some(channel) = router.channel(channel_name).cloned() else {
-        tracing::warn!(order = %id, channel = channel_name, "compensation: the order's channel is not configured");
-        return Outcome::Again { expires_at };
+    // Every attempt is asked (a buyer may have paid any of them); the first payment found is
+    // bound like a callback. The order is given up early only when every attempt failed for good.
+    let mut all_failed = true;
+    for attempt in order.attempts() {
+        match query_attempt(engine, router, &order, attempt, timeout).await {
+            AttemptStatus::Settled => return Outcome::Done,
+            AttemptStatus::Failed => {}
+            AttemptStatus::Open => all_failed = false,
+        }
+    }
+    if all_failed {
+        let _ = engine.drop_awaiting_confirmation(&id);
+        return Outcome::Done;
+    }
+    Outcome::Again { expires_at }
+}
+
+/// What one attempt's query found.
+enum AttemptStatus {
+    /// A payment, bound (or recorded as a problem) by the engine.
+    Settled,
+    /// Expired or failed at the provider: nothing will be paid through it.
+    Failed,
+    /// Not paid yet, or the query failed: ask again.
+    Open,
+}
+
+async fn query_attempt(
+    engine: &OrderEngine,
+    router: &Router,
+    order: &crate::orders::OrderRecord,
+    attempt: crate::orders::AttemptRef<'_>,
+    timeout: Duration,
+) -> AttemptStatus {
+    let id = order.id;
+    let Some(channel) = router.channel(attempt.channel).cloned() else {
+        tracing::warn!(order = %id, channel = attempt.channel, "compensation: the order's channel is not configured");
+        return AttemptStatus::Open;
     };
     let metrics = router.metrics().channel(channel.name());
     if let Some(m) = metrics {
         m.queries.inc();
     }
-    let result = match tokio::time::timeout(timeout, channel.query_payment(&order)).await {
+    let result = match tokio::time::timeout(timeout, channel.query_payment(order, attempt)).await {
         Ok(result) => result,
         Err(_) => Err(super::ChannelError::Timeout { channel: channel.name() }),
     };
     match result {
         Ok(QueriedStatus::Paid(payment)) if payment.order_id == order.id => {
-            let confirmation = PaymentConfirmation {
-                order_id: order.id,
-                channel: channel.name().to_string(),
-                provider_txn: payment.provider_txn,
-                amount_minor: payment.amount_minor,
-                currency: payment.currency,
-            };
-            match engine.confirm_payment(confirmation).await {
+            match engine.confirm_payment(payment.confirmation(channel.name())).await {
+                Ok(PaymentOutcome::Problem(kind)) => {
+                    // Recorded and raised by the engine; nothing more to find for this order.
+                    tracing::warn!(order = %id, channel = channel.name(), reason = kind.as_str(), "compensation: the provider's payment paid nothing; recorded");
+                    let _ = engine.drop_awaiting_confirmation(&id);
+                    AttemptStatus::Settled
+                }
                 Ok(outcome) => {
                     if let Some(m) = metrics {
                         m.compensated.inc();
                     }
                     tracing::info!(order = %id, channel = channel.name(), ?outcome, "compensation: payment found and confirmed");
-                    Outcome::Done
-                }
-                Err(OrderError::PaymentMismatch(what)) => {
-                    engine.metrics().callbacks_rejected.inc();
-                    tracing::error!(order = %id, channel = channel.name(), mismatch = what, "compensation: the provider's payment does not match the order; not delivered");
-                    let _ = engine.drop_awaiting_confirmation(&id);
-                    Outcome::Done
+                    AttemptStatus::Settled
                 }
                 Err(e) => {
                     tracing::error!(order = %id, error = %e, "compensation: recording the payment failed");
-                    Outcome::Again { expires_at }
+                    AttemptStatus::Open
                 }
             }
         }
         Ok(QueriedStatus::Paid(_)) => {
             tracing::error!(order = %id, "compensation: the provider answered about another order");
-            Outcome::Again { expires_at }
+            AttemptStatus::Open
         }
-        Ok(QueriedStatus::Failed) => {
-            let _ = engine.drop_awaiting_confirmation(&id);
-            Outcome::Done
-        }
-        Ok(QueriedStatus::Pending) => Outcome::Again { expires_at },
+        Ok(QueriedStatus::Failed) => AttemptStatus::Failed,
+        Ok(QueriedStatus::Pending) => AttemptStatus::Open,
         Err(e) => {
             if let Some(m) = metrics {
                 m.query_failed.inc();
             }
             tracing::info!(order = %id, error = %e, "compensation: query failed; will retry");
-            Outcome::Again { expires_at }
+            AttemptStatus::Open
         }
     }
 }

@@ -29,7 +29,7 @@ use super::{
     encode_form, format_money_2dp, parse_form, parse_money_2dp, AckStyle, BoxFuture, CallbackError, CallbackRequest,
     CallbackVerdict, ChannelError, CreatedPayment, PaymentChannel, ProviderStatus, QueriedStatus, VerifiedCallback,
 };
-use crate::orders::OrderRecord;
+use crate::orders::{AttemptRef, OrderRecord};
 
 pub const NAME: &str = "epay";
 
@@ -178,10 +178,16 @@ impl PaymentChannel for EpayChannel {
             amount_minor,
             currency: self.settings.currency.clone(),
             status,
+            provider_ref: None,
+            provider_payment: None,
         }))
     }
 
-    fn query_payment<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
+    fn query_payment<'a>(
+        &'a self,
+        order: &'a OrderRecord,
+        _attempt: AttemptRef<'a>,
+    ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
         Box::pin(async move {
             let query = encode_form(&[
                 ("act", "order".into()),
@@ -226,6 +232,8 @@ impl PaymentChannel for EpayChannel {
                 amount_minor,
                 currency: self.settings.currency.clone(),
                 status: ProviderStatus::Succeeded,
+                provider_ref: None,
+                provider_payment: None,
             }))
         })
     }

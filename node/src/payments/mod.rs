@@ -28,7 +28,7 @@ use std::pin::Pin;
 use edgecard_protocol::OrderId;
 use http::HeaderMap;
 
-use crate::orders::OrderRecord;
+use crate::orders::{AttemptRef, OrderRecord};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -42,6 +42,27 @@ pub struct VerifiedCallback {
     /// ISO 4217, upper case.
     pub currency: String,
     pub status: ProviderStatus,
+    /// The provider's reference of the payment it was made through (a Checkout Session), when it
+    /// gives one: it must be one of the order's payment attempts.
+    pub provider_ref: Option<String>,
+    /// The provider's id of the money movement when it differs from `provider_txn` (a
+    /// PaymentIntent), which refunds and disputes name.
+    pub provider_payment: Option<String>,
+}
+
+impl VerifiedCallback {
+    /// What the engine binds to the order, as paid through `channel`.
+    pub fn confirmation(self, channel: &str) -> crate::orders::PaymentConfirmation {
+        crate::orders::PaymentConfirmation {
+            order_id: self.order_id,
+            channel: channel.to_string(),
+            provider_txn: self.provider_txn,
+            amount_minor: self.amount_minor,
+            currency: self.currency,
+            provider_ref: self.provider_ref,
+            provider_payment: self.provider_payment,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,8 +184,13 @@ pub trait PaymentChannel: Send + Sync {
         now_unix_secs: u64,
     ) -> Result<CallbackVerdict, CallbackError>;
 
-    /// Asks the provider about `order`'s payment (compensation for lost callbacks).
-    fn query_payment<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>>;
+    /// Asks the provider about the payment of `order` opened through `attempt` (compensation for
+    /// lost callbacks).
+    fn query_payment<'a>(
+        &'a self,
+        order: &'a OrderRecord,
+        attempt: AttemptRef<'a>,
+    ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>>;
 
     fn ack_style(&self) -> AckStyle {
         AckStyle::Json
@@ -179,8 +205,7 @@ pub trait PaymentChannel: Send + Sync {
     /// one derivable from the order; empty when neither exists.
     fn pay_url(&self, order: &OrderRecord, public_url: &str) -> String {
         order
-            .payment_attempt
-            .as_ref()
+            .latest_attempt()
             .and_then(|a| a.pay_url.clone())
             .or_else(|| self.local_pay_url(order, public_url))
             .unwrap_or_default()

@@ -335,7 +335,11 @@ mod tests {
         fn verify_callback(&self, _: &CallbackRequest<'_>, _: u64) -> Result<CallbackVerdict, CallbackError> {
             Err(CallbackError::MissingSignature)
         }
-        fn query_payment<'a>(&'a self, _: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
+        fn query_payment<'a>(
+            &'a self,
+            _: &'a OrderRecord,
+            _: crate::orders::AttemptRef<'a>,
+        ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
             Box::pin(async { Ok(QueriedStatus::Pending) })
         }
     }

@@ -21,7 +21,7 @@ use super::{
     BoxFuture, CallbackError, CallbackRequest, CallbackVerdict, ChannelError, CreatedPayment, PaymentChannel,
     ProviderStatus, QueriedStatus, VerifiedCallback,
 };
-use crate::orders::OrderRecord;
+use crate::orders::{AttemptRef, OrderRecord};
 
 pub const SIGNATURE_HEADER: &str = "edgecard-sandbox-signature";
 pub const NAME: &str = "sandbox";
@@ -199,10 +199,16 @@ impl PaymentChannel for SandboxChannel {
             amount_minor: parsed.amount_minor,
             currency: parsed.currency,
             status: if parsed.status == "succeeded" { ProviderStatus::Succeeded } else { ProviderStatus::NotSucceeded },
+            provider_ref: None,
+            provider_payment: None,
         }))
     }
 
-    fn query_payment<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
+    fn query_payment<'a>(
+        &'a self,
+        order: &'a OrderRecord,
+        _attempt: AttemptRef<'a>,
+    ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
         let paid = self.paid.lock().get(&order.id).cloned();
         Box::pin(async move {
             Ok(match paid {
@@ -212,6 +218,8 @@ impl PaymentChannel for SandboxChannel {
                     amount_minor,
                     currency,
                     status: ProviderStatus::Succeeded,
+                    provider_ref: None,
+                    provider_payment: None,
                 }),
                 None => QueriedStatus::Pending,
             })
@@ -284,9 +292,9 @@ mod fault_tests {
         let faults = SandboxFaults { callback_delay: Duration::ZERO, callback_failure_rate: 1.0 };
         let channel = SandboxChannel::with_faults(b"0123456789abcdef", 300, faults).unwrap();
         let order = order();
-        assert_eq!(channel.query_payment(&order).await.unwrap(), QueriedStatus::Pending);
+        assert_eq!(channel.query_payment(&order, order.attempts()[0]).await.unwrap(), QueriedStatus::Pending);
         assert!(channel.pay(&order, || 1_000).await.is_none(), "callback dropped");
-        match channel.query_payment(&order).await.unwrap() {
+        match channel.query_payment(&order, order.attempts()[0]).await.unwrap() {
             QueriedStatus::Paid(v) => {
                 assert_eq!((v.order_id, v.amount_minor, v.currency.as_str()), (order.id, 700, "EUR"));
                 assert_eq!(v.provider_txn, format!("sbx_{}", order.id), "same id as the callback would carry");
@@ -294,7 +302,7 @@ mod fault_tests {
             other => panic!("{other:?}"),
         }
         channel.settled(&order.id);
-        assert_eq!(channel.query_payment(&order).await.unwrap(), QueriedStatus::Pending);
+        assert_eq!(channel.query_payment(&order, order.attempts()[0]).await.unwrap(), QueriedStatus::Pending);
     }
 
     #[tokio::test]

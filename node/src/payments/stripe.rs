@@ -30,7 +30,7 @@ use super::{
     encode_form, BoxFuture, CallbackError, CallbackRequest, CallbackVerdict, ChannelError, CreatedPayment,
     PaymentChannel, ProviderStatus, QueriedStatus, VerifiedCallback,
 };
-use crate::orders::OrderRecord;
+use crate::orders::{AttemptRef, OrderRecord};
 
 pub const NAME: &str = "stripe";
 pub const SIGNATURE_HEADER: &str = "stripe-signature";
@@ -185,12 +185,16 @@ impl StripeChannel {
             .and_then(Value::as_str)
             .filter(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_alphabetic()))
             .ok_or_else(|| CallbackError::MalformedBody("currency".into()))?;
+        // Present once the session is paid (or processing an asynchronous payment).
+        let payment_intent = session.get("payment_intent").and_then(Value::as_str).map(str::to_string);
         Ok(CallbackVerdict::Payment(VerifiedCallback {
             order_id,
             provider_txn: session_id.to_string(),
             amount_minor,
             currency: currency.to_ascii_uppercase(),
             status,
+            provider_ref: Some(session_id.to_string()),
+            provider_payment: payment_intent,
         }))
     }
 }
@@ -281,9 +285,13 @@ impl PaymentChannel for StripeChannel {
         self.session_payment(session, status)
     }
 
-    fn query_payment<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
+    fn query_payment<'a>(
+        &'a self,
+        order: &'a OrderRecord,
+        attempt: AttemptRef<'a>,
+    ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
         Box::pin(async move {
-            let Some(session_id) = order.payment_attempt.as_ref().and_then(|a| a.provider_ref.clone()) else {
+            let Some(session_id) = attempt.provider_ref else {
                 // No session was ever created for this order: nothing can have been paid.
                 return Ok(QueriedStatus::Pending);
             };
