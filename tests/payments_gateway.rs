@@ -676,6 +676,7 @@ async fn a_reused_provider_id_and_a_wrong_channel_callback_are_recorded_and_alar
         paid: true,
         success_url: String::new(),
         cancel_url: String::new(),
+        expires_at: unix_secs() + 3600,
     };
     let body = gateway.stripe_event("checkout.session.completed", &session, "paid");
     let (status, text) =

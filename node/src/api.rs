@@ -380,34 +380,20 @@ impl NodeApi {
         Ok(json_response(StatusCode::CREATED, &body, NO_STORE))
     }
 
-    /// Creates the payment of a freshly reserved order through its route (`plan`), falling
-    /// through channels as the router decides, and records it on the order when the channel has a
-    /// handle of its own or differs from the one first chosen. Returns (channel, pay link). When
-    /// no channel can take it, the reservation is cancelled at once, so its keys are not frozen.
+    /// Opens the payment of a freshly reserved order through its route (`plan`; see
+    /// [`crate::payments::open_payment`]). Returns (channel, pay link). When no channel can take
+    /// it, the reservation is cancelled at once, so its keys are not frozen.
     pub async fn open_payment(&self, record: &OrderRecord, plan: &[usize]) -> Result<(String, String), ApiError> {
-        let (channel, created) = match self.router.create(record, &self.public_url, plan).await {
-            Ok(created) => created,
-            Err(e) => {
+        match crate::payments::open_payment(&self.engine, &self.router, record, &self.public_url, plan).await {
+            Ok((channel, created)) => Ok((channel.name().to_string(), created.pay_url)),
+            Err(crate::payments::OpenError::Route(e)) => {
                 if let Err(cancel) = self.engine.cancel_unpaid(&record.id).await {
                     tracing::error!(order = %record.id, error = %cancel, "cancelling an order without a payment failed");
                 }
-                return Err(route_error(e));
+                Err(route_error(e))
             }
-        };
-        let needs_record = created.provider_ref.is_some()
-            || channel.name() != record.channel
-            || channel.local_pay_url(record, &self.public_url).as_deref() != Some(created.pay_url.as_str());
-        if needs_record {
-            let attempt = crate::orders::PaymentAttempt {
-                channel: channel.name().to_string(),
-                provider_ref: created.provider_ref.clone(),
-                pay_url: Some(created.pay_url.clone()),
-                created_at: crate::orders::engine::now_millis(),
-                pays_until: None,
-            };
-            self.engine.record_payment_attempt(&record.id, attempt).await?;
+            Err(crate::payments::OpenError::Order(e)) => Err(e.into()),
         }
-        Ok((channel.name().to_string(), created.pay_url))
     }
 
     async fn get_order(&self, id: &OrderId, headers: &HeaderMap) -> Result<HttpResponse, ApiError> {

@@ -60,6 +60,14 @@ pub struct Session {
     /// Where Checkout sends the browser after paying, and after cancelling.
     pub success_url: String,
     pub cancel_url: String,
+    /// Unix seconds after which the session takes no payment (Stripe's default: 24 h).
+    pub expires_at: u64,
+}
+
+impl Session {
+    pub fn expired(&self) -> bool {
+        !self.paid && unix_secs() > self.expires_at
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -202,7 +210,8 @@ impl State {
             "metadata": { "order_id": s.order_id, "node_id": s.node_id },
             "mode": "payment",
             "payment_status": if s.paid { "paid" } else { "unpaid" },
-            "status": if s.paid { "complete" } else { "open" },
+            "status": if s.paid { "complete" } else if s.expired() { "expired" } else { "open" },
+            "expires_at": s.expires_at,
         })
     }
 
@@ -273,6 +282,19 @@ impl State {
                     );
                 };
                 let quantity: u64 = get(&form, "line_items[0][quantity]").and_then(|q| q.parse().ok()).unwrap_or(1);
+                // Stripe's rule: 30 minutes to 24 hours after the session's creation.
+                let now = unix_secs();
+                let expires_at = match get(&form, "expires_at").map(str::parse::<u64>) {
+                    None => now + 86_400,
+                    Some(Ok(at)) if (now + 1_800..=now + 86_400).contains(&at) => at,
+                    Some(_) => {
+                        let message = "The `expires_at` timestamp must be between 30 minutes and 24 hours from Checkout Session creation.";
+                        return json_response(
+                            StatusCode::BAD_REQUEST,
+                            &json!({ "error": { "message": message, "param": "expires_at", "type": "invalid_request_error" } }),
+                        );
+                    }
+                };
                 let session = Session {
                     id: format!("cs_test_{}", self.next.fetch_add(1, Ordering::Relaxed)),
                     order_id: order_id.to_string(),
@@ -282,6 +304,7 @@ impl State {
                     paid: false,
                     success_url: get(&form, "success_url").unwrap_or("").to_string(),
                     cancel_url: get(&form, "cancel_url").unwrap_or("").to_string(),
+                    expires_at,
                 };
                 self.counters.sessions_created.fetch_add(1, Ordering::Relaxed);
                 self.sessions.lock().insert(session.id.clone(), session.clone());
@@ -446,11 +469,13 @@ impl FakeGateway {
     }
 
     /// The buyer completes Checkout for `session_id`: the session becomes paid and
-    /// `checkout.session.completed` is sent (subject to faults).
+    /// `checkout.session.completed` is sent (subject to faults). An expired session takes no
+    /// payment (a test error).
     pub async fn pay_stripe(&self, session_id: &str) -> Vec<u16> {
         let session = {
             let mut sessions = self.state.sessions.lock();
             let session = sessions.get_mut(session_id).expect("unknown session");
+            assert!(!session.expired(), "session {session_id} has expired: Checkout takes no payment");
             session.paid = true;
             session.clone()
         };

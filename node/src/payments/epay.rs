@@ -122,7 +122,11 @@ impl PaymentChannel for EpayChannel {
         order: &'a OrderRecord,
         public_url: &'a str,
     ) -> BoxFuture<'a, Result<CreatedPayment, ChannelError>> {
-        let created = self.submit_url(order, public_url).map(|pay_url| CreatedPayment { pay_url, provider_ref: None });
+        let created = self.submit_url(order, public_url).map(|pay_url| CreatedPayment {
+            pay_url,
+            provider_ref: None,
+            pays_until: None,
+        });
         Box::pin(async move { created })
     }
 

@@ -125,6 +125,9 @@ pub struct CreatedPayment {
     /// Checkout Session id); recorded on the order and used to query it. `None` for channels
     /// that key payments by our order id.
     pub provider_ref: Option<String>,
+    /// Until when the provider takes this payment (a Checkout Session's `expires_at`); `None`
+    /// when it does not expire.
+    pub pays_until: Option<edgecard_protocol::UnixMillis>,
 }
 
 /// What the provider says about an order's payment, for compensation.
@@ -196,6 +199,13 @@ pub trait PaymentChannel: Send + Sync {
         AckStyle::Json
     }
 
+    /// Until when the provider takes the payment opened through `attempt` (compensation queries
+    /// until then, plus a grace period); `None` when it never expires (compensation's cap
+    /// applies).
+    fn pays_until(&self, _order: &OrderRecord, attempt: AttemptRef<'_>) -> Option<edgecard_protocol::UnixMillis> {
+        attempt.pays_until
+    }
+
     /// Whether this channel can take an amount in `currency` at all.
     fn takes_currency(&self, _currency: &str) -> bool {
         true
@@ -210,6 +220,46 @@ pub trait PaymentChannel: Send + Sync {
             .or_else(|| self.local_pay_url(order, public_url))
             .unwrap_or_default()
     }
+}
+
+/// Why a payment could not be opened for an order.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No channel of the route took it.
+    #[error("{0}")]
+    Route(#[from] router::RouteError),
+    /// Recording the attempt on the order failed.
+    #[error("{0}")]
+    Order(#[from] crate::orders::OrderError),
+}
+
+/// Creates the payment of a freshly reserved order through `plan`, falling through channels as
+/// the router decides, and records it on the order (durably, before the pay link is shown) when
+/// the channel has a handle or a payment window of its own, a pay link it cannot derive, or is
+/// not the one first chosen. Returns the channel that took it and what it created.
+pub async fn open_payment(
+    engine: &crate::orders::OrderEngine,
+    router: &router::Router,
+    record: &OrderRecord,
+    public_url: &str,
+    plan: &[usize],
+) -> Result<(std::sync::Arc<dyn PaymentChannel>, CreatedPayment), OpenError> {
+    let (channel, created) = router.create(record, public_url, plan).await?;
+    let needs_record = created.provider_ref.is_some()
+        || created.pays_until.is_some()
+        || channel.name() != record.channel
+        || channel.local_pay_url(record, public_url).as_deref() != Some(created.pay_url.as_str());
+    if needs_record {
+        let attempt = crate::orders::PaymentAttempt {
+            channel: channel.name().to_string(),
+            provider_ref: created.provider_ref.clone(),
+            pay_url: Some(created.pay_url.clone()),
+            created_at: crate::orders::engine::now_millis(),
+            pays_until: created.pays_until,
+        };
+        engine.record_payment_attempt(&record.id, attempt).await?;
+    }
+    Ok((channel, created))
 }
 
 /// The payment side of a node, built from its config: channels, router, sandbox handle.
@@ -279,6 +329,7 @@ pub fn build(config: &crate::config::NodeConfig, return_links: &return_link::Ret
                     request_timeout: timeout,
                     node_id: config.node_id.to_string(),
                     return_links: return_links.clone(),
+                    session_ttl_secs: p.stripe.session_ttl_secs,
                 };
                 let channel = stripe::StripeChannel::new(settings, client.clone())
                     .map_err(|e| format!("payments.stripe.webhook_secret: {e}"))?;
@@ -346,6 +397,7 @@ pub fn build(config: &crate::config::NodeConfig, return_links: &return_link::Ret
         first_query_after_ms: p.compensation.first_query_after_ms,
         max_backoff_ms: p.compensation.max_backoff_ms,
         grace_ms: p.compensation.grace_secs.saturating_mul(1000),
+        max_window_ms: p.compensation.max_window_hours.saturating_mul(3_600_000),
         scan_every_ms: p.compensation.scan_every_ms,
         concurrency: p.compensation.concurrency,
         query_timeout_ms: p.create_timeout_ms,

@@ -325,7 +325,11 @@ mod tests {
             let result = if n < self.failures {
                 Err(self.error.clone())
             } else {
-                Ok(CreatedPayment { pay_url: format!("https://{}/pay", self.name), provider_ref: None })
+                Ok(CreatedPayment {
+                    pay_url: format!("https://{}/pay", self.name),
+                    provider_ref: None,
+                    pays_until: None,
+                })
             };
             Box::pin(async move { result })
         }

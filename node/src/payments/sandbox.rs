@@ -152,7 +152,7 @@ impl PaymentChannel for SandboxChannel {
         public_url: &'a str,
     ) -> BoxFuture<'a, Result<CreatedPayment, ChannelError>> {
         let pay_url = format!("{public_url}/pay/sandbox/{}", order.id);
-        Box::pin(async move { Ok(CreatedPayment { pay_url, provider_ref: None }) })
+        Box::pin(async move { Ok(CreatedPayment { pay_url, provider_ref: None, pays_until: None }) })
     }
 
     fn local_pay_url(&self, order: &OrderRecord, public_url: &str) -> Option<String> {

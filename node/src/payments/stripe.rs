@@ -31,6 +31,7 @@ use super::{
     PaymentChannel, ProviderStatus, QueriedStatus, VerifiedCallback,
 };
 use crate::orders::{AttemptRef, OrderRecord};
+use edgecard_protocol::UnixMillis;
 
 pub const NAME: &str = "stripe";
 pub const SIGNATURE_HEADER: &str = "stripe-signature";
@@ -48,6 +49,8 @@ pub struct StripeSettings {
     pub node_id: String,
     /// Where Checkout sends the buyer back (success and cancel alike): the order's return link.
     pub return_links: ReturnLinks,
+    /// How long after the order's creation its Checkout Session takes payment (`expires_at`).
+    pub session_ttl_secs: u64,
 }
 
 impl std::fmt::Debug for StripeSettings {
@@ -88,7 +91,15 @@ impl StripeChannel {
             ("line_items[0][price_data][product_data][name]", format!("{} x {}", order.sku, order.quantity)),
             ("success_url", order_page.clone()),
             ("cancel_url", order_page),
+            ("expires_at", self.session_expires_at(order).to_string()),
         ])
+    }
+
+    /// When an order's Checkout Session stops taking payment (unix seconds): the order's creation
+    /// plus `session_ttl_secs`. Derived from the order, so a retried creation sends the same
+    /// parameters under the same idempotency key.
+    pub fn session_expires_at(&self, order: &OrderRecord) -> u64 {
+        (order.created_at.0 / 1000).saturating_add(self.settings.session_ttl_secs)
     }
 
     async fn call(
@@ -249,7 +260,8 @@ impl PaymentChannel for StripeChannel {
             if session.get("amount_total").and_then(Value::as_u64) != Some(order.amount_minor) {
                 return Err(bad("session amount differs from the order"));
             }
-            Ok(CreatedPayment { pay_url: url.to_string(), provider_ref: Some(id.to_string()) })
+            let pays_until = Some(UnixMillis(self.session_expires_at(order).saturating_mul(1000)));
+            Ok(CreatedPayment { pay_url: url.to_string(), provider_ref: Some(id.to_string()), pays_until })
         })
     }
 
@@ -347,6 +359,7 @@ mod tests {
                 request_timeout: Duration::from_secs(1),
                 node_id: "eu-1".into(),
                 return_links: ReturnLinks::new(b"return-link key for tests", 3600).unwrap(),
+                session_ttl_secs: 3600,
             },
             OutboundClient::new(None).unwrap(),
         )
@@ -468,5 +481,11 @@ mod tests {
         assert!(back.starts_with(&format!("https://shop.example/order/{}/return/", order.id)), "{back}");
         assert_eq!((get("success_url"), get("cancel_url")), (Some(back.as_str()), Some(back.as_str())));
         assert_eq!(StripeChannel::idempotency_key(&order), format!("edgecard-checkout-{}", order.id));
+        let mut later = order.clone();
+        later.created_at = UnixMillis(1_700_000_000_123);
+        let form = channel().create_form(&later, "https://shop.example");
+        let pairs = super::super::parse_form(&form).unwrap();
+        let expires = pairs.iter().find(|(n, _)| n == "expires_at").map(|(_, v)| v.as_str());
+        assert_eq!(expires, Some("1700003600"), "the order's creation plus session_ttl_secs, in seconds");
     }
 }
