@@ -8,6 +8,7 @@ pub mod layout;
 pub mod pki;
 pub mod quic;
 pub mod records;
+pub mod refunds;
 pub mod runtime;
 pub mod service;
 pub mod slices;

@@ -16,6 +16,7 @@
 //! | `o/` | order id (16 bytes) | [`LedgerOrder`]: the order as the ledger sees it |
 //! | `a/` | alarm seq (8 bytes BE) | [`Alarm`] |
 //! | `t/` | ticket (8 bytes BE) | [`MoveRecord`]: a shrink or close sent to a node, and its outcome |
+//! | `u/` | order id (16 bytes) | [`RefundRequest`]: a refund asked of the order's node, and its outcome |
 //! | `r/staged` | | [`StagedLayout`]: the operator's staged changes |
 //! | `m/…` | counter name | next id (8 bytes BE) |
 
@@ -403,6 +404,47 @@ pub struct Alarm {
     pub node: NodeId,
     pub kind: String,
     pub detail: String,
+}
+
+/// A refund an operator asked for (or one the node reported on its own: made in the provider's
+/// dashboard), and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RefundRequest {
+    pub order_id: OrderId,
+    pub node: NodeId,
+    pub reason: String,
+    pub requested_at: UnixMillis,
+    /// The control message that carries it to the node (0 for a refund the node reported).
+    pub control_seq: u64,
+    pub state: RefundRequestState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum RefundRequestState {
+    /// Queued for the node, or being carried out there.
+    Requested,
+    /// The provider refunded the payment (`provider_refund` names it).
+    Refunded { provider_refund: String, at: UnixMillis },
+    /// The channel has no refund call: to be refunded by hand at the provider.
+    Manual { at: UnixMillis },
+    /// The node refused it for good (the order was never paid there).
+    Refused { reason: String },
+}
+
+impl RefundRequestState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RefundRequestState::Requested => "requested",
+            RefundRequestState::Refunded { .. } => "refunded",
+            RefundRequestState::Manual { .. } => "manual",
+            RefundRequestState::Refused { .. } => "refused",
+        }
+    }
+}
+
+pub fn refund_key(order: &OrderId) -> Vec<u8> {
+    cat(&[b"u/", order.as_bytes()])
 }
 
 /// Which data dir of a node the coordinator syncs with, and whether it is fenced off. Kept apart

@@ -46,6 +46,12 @@ pub enum CoordinatorError {
     NotReclaimed(String),
     #[error("{0}")]
     Plan(#[from] edgecard_protocol::rebalance::PlanError),
+    #[error("unknown order {0}")]
+    UnknownOrder(String),
+    #[error("order {order} is {status}: only a paid order can be refunded")]
+    NotRefundable { order: String, status: &'static str },
+    #[error("invalid refund reason: at most 200 bytes, no control characters")]
+    BadRefundReason,
     #[error("the staged layout is version {staged}, not {given}; run `edgecard slices show` and apply that version")]
     StaleLayout { staged: u64, given: u64 },
     #[error("nothing is staged")]
@@ -161,6 +167,7 @@ pub(crate) const CONTROL_GRANT: u8 = 1;
 pub(crate) const CONTROL_CATALOG: u8 = 2;
 pub(crate) const CONTROL_RENEW: u8 = 3;
 pub(crate) const CONTROL_SHRINK: u8 = 4;
+pub(crate) const CONTROL_REFUND: u8 = 5;
 
 pub struct Coordinator {
     pub(crate) store: Arc<Store>,
@@ -529,6 +536,7 @@ impl Coordinator {
             let mut keys: HashMap<(Sku, KeyId), KeyRecord> = HashMap::new();
             let mut orders: HashMap<edgecard_protocol::OrderId, LedgerOrder> = HashMap::new();
             let mut releases = ReleaseOverlay::default();
+            let mut refunds: Vec<OrderEvent> = Vec::new();
             let mut diverged_at = None;
             for event in upload.events {
                 if event.seq <= node.events_high_water {
@@ -575,6 +583,9 @@ impl Coordinator {
                 match self.check_event(&node, &event, &mut keys)? {
                     Ok(()) => {
                         self.apply_to_order(&event, &mut orders)?;
+                        if let OrderEventKind::Refunded { .. } = &event.kind {
+                            refunds.push(event.clone());
+                        }
                         batch.put(rec::ledger_key(node_id, event.seq), rec::encode_event(&event)?);
                         if let Some((kind, detail)) = payment_alarm(&event) {
                             self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail)?;
@@ -611,6 +622,7 @@ impl Coordinator {
             for (id, order) in orders {
                 batch.put(rec::order_key(&id), rec::encode(&order)?);
             }
+            self.record_refunds(&mut batch, &refunds)?;
             for item in self.store.scan_prefix(&rec::control_prefix(node_id)) {
                 let (key, _) = item?;
                 if rec::trailing_u64(&key).is_some_and(|seq| seq <= upload.control_applied) {
@@ -1104,6 +1116,10 @@ impl Coordinator {
                     ControlBody::Catalog { products: products.iter().map(catalog_product).collect() }
                 }
                 Some((&CONTROL_RENEW, payload)) => ControlBody::Renew { signed_renewal: payload.to_vec() },
+                Some((&CONTROL_REFUND, payload)) => {
+                    let refund: crate::refunds::RefundOrder = rec::decode("refund", payload)?;
+                    ControlBody::Refund { order_id: refund.order_id, reason: refund.reason }
+                }
                 Some((&CONTROL_SHRINK, payload)) => {
                     let shrink: ShrinkOrder = rec::decode("shrink", payload)?;
                     ControlBody::Shrink {

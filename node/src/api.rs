@@ -144,6 +144,7 @@ impl From<OrderError> for ApiError {
             OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", message),
             OrderError::InvalidPayment(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_callback", message),
             OrderError::TooManyAttempts { .. } => ApiError::new(StatusCode::CONFLICT, "too_many_attempts", message),
+            OrderError::NotRefundable(_) => ApiError::new(StatusCode::CONFLICT, "not_refundable", message),
             OrderError::Store(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, "order refused: the store's disk is full");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "disk_full", "the node cannot record orders right now")
@@ -479,6 +480,25 @@ impl NodeApi {
         })?;
         let verified = match verdict {
             CallbackVerdict::Payment(verified) => verified,
+            CallbackVerdict::Refund(refund) => {
+                let report = self
+                    .engine
+                    .record_provider_refund(channel.name(), &refund.provider_payment, &refund.provider_refund)
+                    .await?;
+                tracing::info!(channel = channel_name, ?report, "refund reported by the provider");
+                return Ok(None);
+            }
+            CallbackVerdict::Dispute(dispute) => {
+                let record = crate::orders::DisputeRecord {
+                    provider_dispute: dispute.provider_dispute,
+                    amount_minor: dispute.amount_minor,
+                    currency: dispute.currency,
+                    at: crate::orders::engine::now_millis(),
+                };
+                let report = self.engine.record_dispute(channel.name(), &dispute.provider_payment, record).await?;
+                tracing::info!(channel = channel_name, ?report, "dispute reported by the provider");
+                return Ok(None);
+            }
             CallbackVerdict::Ignored(why) => {
                 if let Some(m) = channel_metrics {
                     m.callbacks_ignored.inc();

@@ -17,6 +17,8 @@ pub struct OrderMetrics {
     pub window_full: Counter,
     pub reservation_cap_hits: Counter,
     pub duplicate_payments: Counter,
+    /// Orders refunded (through their channel, by hand, or at the provider).
+    pub refunded: Counter,
     pub callbacks_rejected: Counter,
     pub grants_installed: Counter,
     pub grants_refused: Counter,
@@ -97,6 +99,12 @@ impl OrderMetrics {
             "edgecard_duplicate_payments_total",
             "Second payments for an already settled order (refund needed).",
             self.duplicate_payments.get(),
+        );
+        render_counter(
+            out,
+            "edgecard_orders_refunded_total",
+            "Orders refunded (their keys revoked): through their channel, marked for a refund by hand, or refunded at the provider.",
+            self.refunded.get(),
         );
         render_counter(
             out,
@@ -182,6 +190,10 @@ pub struct ChannelMetrics {
     pub query_failed: Counter,
     /// Orders confirmed by compensation (their callback never came, or came later).
     pub compensated: Counter,
+    /// Refunds carried out (or marked for a refund by hand) through this channel.
+    pub refunds: Counter,
+    /// Refund calls that failed (retried).
+    pub refund_failed: Counter,
     /// 0 closed, 1 half-open, 2 open.
     pub breaker_state: Gauge,
 }
@@ -221,7 +233,7 @@ impl PaymentMetrics {
 
     pub fn render(&self, out: &mut String) {
         type Get = fn(&ChannelMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 10] = [
+        let families: [(&str, &str, &str, Get); 12] = [
             ("edgecard_payment_create_ok_total", "counter", "Payments created at the provider.", |m| {
                 m.create_ok.get() as i64
             }),
@@ -261,6 +273,18 @@ impl PaymentMetrics {
                 "counter",
                 "Orders confirmed by compensation rather than by their callback.",
                 |m| m.compensated.get() as i64,
+            ),
+            (
+                "edgecard_payment_refunds_total",
+                "counter",
+                "Refunds recorded through this channel (made, or marked for a refund by hand).",
+                |m| m.refunds.get() as i64,
+            ),
+            (
+                "edgecard_payment_refund_failed_total",
+                "counter",
+                "Refund calls to the provider that failed (retried).",
+                |m| m.refund_failed.get() as i64,
             ),
             (
                 "edgecard_payment_breaker_state",

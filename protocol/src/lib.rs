@@ -32,7 +32,7 @@ pub use ids::{Epoch, IdError, IdKind, KeyId, NodeId, OrderId, OrderToken, Secret
 pub use keyfile::{decode_signing_key, decode_verifying_key, encode_signing_key, encode_verifying_key, KeyFileError};
 pub use renewal::{LeaseRenewal, SignedRenewal, RENEWAL_SIGNATURE_DOMAIN};
 pub use sync::{
-    AckOutcome, CatalogProduct, ControlBody, ControlMessage, RefusedControl, SliceStock, SyncAck, SyncClient,
-    SyncError, SyncErrorCode, SyncTiming, SyncUpload, UploadPlan, MAX_REFUSAL_TEXT, MAX_REFUSED_CONTROL,
-    MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,
+    valid_refund_reason, AckOutcome, CatalogProduct, ControlBody, ControlMessage, RefusedControl, SliceStock, SyncAck,
+    SyncClient, SyncError, SyncErrorCode, SyncTiming, SyncUpload, UploadPlan, MAX_REFUND_REASON, MAX_REFUSAL_TEXT,
+    MAX_REFUSED_CONTROL, MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,
 };

@@ -56,6 +56,8 @@ pub enum OrderError {
     InvalidPayment(&'static str),
     #[error("the order already has {max} payment attempts")]
     TooManyAttempts { max: usize },
+    #[error("cannot refund this order: {0}")]
+    NotRefundable(&'static str),
     /// The node restarted and the coordinator has not yet confirmed its data dir: it writes no
     /// events (no sales, payments or expiries) until then, so that a data dir restored from an
     /// older copy cannot resell keys. Retry shortly.
@@ -142,14 +144,14 @@ struct OpenReservation {
 }
 
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     holdings: Holdings,
     open: HashMap<OrderId, OpenReservation>,
     expiry: BTreeSet<(UnixMillis, OrderId)>,
     open_per_ip: HashMap<LimitKey, u32>,
     open_per_email: HashMap<String, u32>,
     /// PaidAwaitingStock orders per sku, oldest first: (queue seq, order).
-    awaiting: HashMap<Sku, VecDeque<(u64, OrderId)>>,
+    pub(super) awaiting: HashMap<Sku, VecDeque<(u64, OrderId)>>,
     next_seq: u64,
     /// Whether events may be written: always for a standalone node; for a node with a coordinator,
     /// once it has confirmed this data dir since the process started.
@@ -182,7 +184,7 @@ impl State {
 
     /// Appends an outbox event about `order` to `batch`; the caller applies the batch under the
     /// same lock. Returns the event's seq.
-    fn push_event(
+    pub(super) fn push_event(
         &mut self,
         batch: &mut WriteBatch,
         node: &NodeId,
@@ -266,14 +268,14 @@ pub fn hash_token(token: &OrderToken) -> String {
 }
 
 pub struct OrderEngine {
-    node_id: NodeId,
-    store: Arc<Store>,
+    pub(super) node_id: NodeId,
+    pub(super) store: Arc<Store>,
     catalog: Arc<Catalog>,
     config: OrdersConfig,
-    state: Mutex<State>,
+    pub(super) state: Mutex<State>,
     /// Delivered orders whose batch is applied but maybe not yet durable: lookups wait for them.
     pending_durable: Mutex<HashSet<OrderId>>,
-    metrics: Arc<OrderMetrics>,
+    pub(super) metrics: Arc<OrderMetrics>,
     /// Origin of the node's monotonic milliseconds, which leases are measured on.
     clock_base: Instant,
     /// The data dir's id, made when it was created (see `edgecard_protocol::sync`).
@@ -355,7 +357,7 @@ impl OrderEngine {
         self.state.lock().confirmed
     }
 
-    fn ensure_confirmed(&self) -> Result<(), OrderError> {
+    pub(super) fn ensure_confirmed(&self) -> Result<(), OrderError> {
         if self.is_confirmed() {
             Ok(())
         } else {
@@ -648,6 +650,10 @@ impl OrderEngine {
         let now = now_millis();
         let mut batch = WriteBatch::default();
         batch.put(callback_key, order.id.as_bytes().to_vec());
+        if let Some(provider_payment) = &payment.provider_payment {
+            // Refunds and disputes reported by the provider name this id.
+            batch.put(record::provider_payment_key(&payment.channel, provider_payment), order.id.as_bytes().to_vec());
+        }
         let paid = PaymentRecord {
             channel: payment.channel.clone(),
             provider_txn: payment.provider_txn.clone(),

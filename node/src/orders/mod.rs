@@ -5,6 +5,7 @@ pub mod binding;
 pub mod engine;
 pub mod record;
 mod record_v1;
+pub mod refunds;
 mod restore;
 
 pub use engine::{
@@ -12,6 +13,7 @@ pub use engine::{
     PaymentOutcome, SliceStatus, Startup,
 };
 pub use record::{
-    AttemptRef, OrderRecord, OrderStatus, PaymentAttempt, PaymentProblem, PaymentProblemKind, RefundRecord,
-    RefundState, MAX_PAYMENT_ATTEMPTS,
+    AttemptRef, DisputeRecord, OrderRecord, OrderStatus, PaymentAttempt, PaymentProblem, PaymentProblemKind,
+    RefundRecord, RefundState, MAX_PAYMENT_ATTEMPTS,
 };
+pub use refunds::{ProviderReport, RefundStart};

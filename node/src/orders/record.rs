@@ -12,6 +12,8 @@
 //! | `g/` | slice id (8 bytes BE) | [`SliceMeta`] (a store record) |
 //! | `c/` | channel, 0, provider transaction id | order id: callback idempotency |
 //! | `v/` | channel, 0, provider transaction id, 0, order id, amount (8 bytes BE), currency | [`PaymentProblem`]: a verified payment that paid nothing (matched no attempt, or the wrong amount) |
+//! | `i/` | channel, 0, provider payment id | order id: the order a provider's refund or dispute is about (a Stripe PaymentIntent) |
+//! | `u/` | order id | asked at, unix ms BE: a refund waiting for the provider (the refund worker's index) |
 //! | `p/` | order id | created at, unix ms BE: awaiting payment confirmation (compensation index) |
 //! | `e/` | event seq (8 bytes BE) | outbox: an `OrderEvent` for the coordinator (a store record) |
 //! | `m/next_seq` | | next outbox sequence number |
@@ -370,6 +372,8 @@ pub const SOLD: &[u8] = b"s/";
 pub const SLICE: &[u8] = b"g/";
 pub const CALLBACK: &[u8] = b"c/";
 pub const PROBLEM: &[u8] = b"v/";
+pub const PROVIDER_PAYMENT: &[u8] = b"i/";
+pub const REFUND_PENDING: &[u8] = b"u/";
 pub const OUTBOX: &[u8] = b"e/";
 pub const CONFIRM: &[u8] = b"p/";
 pub const NEXT_SEQ: &[u8] = b"m/next_seq";
@@ -448,6 +452,14 @@ pub fn problem_id(channel: &str, provider_txn: &str, order: &OrderId, amount_min
         &amount_minor.to_be_bytes(),
         currency.as_bytes(),
     ])
+}
+
+pub fn provider_payment_key(channel: &str, provider_payment: &str) -> Vec<u8> {
+    cat(&[PROVIDER_PAYMENT, channel.as_bytes(), &[0], provider_payment.as_bytes()])
+}
+
+pub fn refund_pending_key(id: &OrderId) -> Vec<u8> {
+    cat(&[REFUND_PENDING, id.as_bytes()])
 }
 
 pub fn confirm_key(id: &OrderId) -> Vec<u8> {

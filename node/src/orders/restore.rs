@@ -7,7 +7,8 @@
 //! What comes back: orders (with their token's digest, so the buyer's link works again; a
 //! restored order's payment channel is the one its payment names), keys taken or delivered (no
 //! longer on sale, delivered secrets moved into the order as a sale would), keys released to the
-//! coordinator (dropped), payments that paid nothing (recorded again). What cannot: the buyer's e-mail and address (events never carry them),
+//! coordinator (dropped), payments that paid nothing (recorded again), refunds (the order refunded,
+//! its keys not shown) and disputes. What cannot: the buyer's e-mail and address (events never carry them),
 //! and the secret of a key whose slice the older copy never received (the order is restored
 //! without it; its page says so).
 
@@ -16,7 +17,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use edgecard_protocol::{OrderEvent, OrderEventKind, OrderId, Secret};
 
-use super::record::{self, OrderRecord, OrderStatus, PaymentProblem, PaymentProblemKind, PaymentRecord};
+use super::record::{
+    self, DisputeRecord, OrderRecord, OrderStatus, PaymentProblem, PaymentProblemKind, PaymentRecord, RefundRecord,
+    RefundState,
+};
 use crate::store::{Store, StoreError, WriteBatch};
 
 /// The store changes that restore `events` (ascending, all past the outbox's newest).
@@ -168,8 +172,40 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
                 put_problem(&mut batch, &problem)?;
                 orders.insert(order.id, order);
             }
-            // Not written by this node yet.
-            OrderEventKind::Refunded { .. } | OrderEventKind::Disputed { .. } => {}
+            OrderEventKind::Refunded { provider_refund, manual, .. } => {
+                let Some(mut order) = existing else { continue };
+                if order.status == OrderStatus::PaidAwaitingStock {
+                    let queued = match awaiting.remove(&order.id) {
+                        Some(seq) => Some(seq),
+                        None => awaiting_seq_in_store(store, &order.id)?,
+                    };
+                    if let Some(seq) = queued {
+                        batch.delete(record::awaiting_key(seq));
+                    }
+                }
+                batch.delete(record::refund_pending_key(&order.id));
+                let reason = order.refund.take().map_or_else(|| "restored from the ledger".to_string(), |r| r.reason);
+                order.refund = Some(RefundRecord {
+                    state: if *manual { RefundState::Manual } else { RefundState::Refunded },
+                    reason,
+                    requested_at: event.at,
+                    provider_refund: (!provider_refund.is_empty()).then(|| provider_refund.clone()),
+                    settled_at: Some(event.at),
+                });
+                order.status = OrderStatus::Refunded;
+                order.secrets.clear();
+                orders.insert(order.id, order);
+            }
+            OrderEventKind::Disputed { provider_dispute, amount_minor, currency, .. } => {
+                let Some(mut order) = existing else { continue };
+                order.dispute = Some(DisputeRecord {
+                    provider_dispute: provider_dispute.clone(),
+                    amount_minor: *amount_minor,
+                    currency: currency.clone(),
+                    at: event.at,
+                });
+                orders.insert(order.id, order);
+            }
         }
     }
     let restored = orders.len();

@@ -16,6 +16,7 @@ pub mod breaker;
 pub mod compensation;
 pub mod epay;
 pub mod http_client;
+pub mod refunds;
 pub mod return_link;
 pub mod route_table;
 pub mod router;
@@ -72,11 +73,34 @@ pub enum ProviderStatus {
     NotSucceeded,
 }
 
+/// A refund made at the provider (its dashboard, or its API by anyone), as its webhook reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderRefund {
+    /// The payment refunded (a Stripe PaymentIntent), which finds the order.
+    pub provider_payment: String,
+    /// The provider's refund id.
+    pub provider_refund: String,
+}
+
+/// A dispute (chargeback) opened at the provider, as its webhook reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderDispute {
+    pub provider_payment: String,
+    pub provider_dispute: String,
+    pub amount_minor: u64,
+    /// ISO 4217, upper case.
+    pub currency: String,
+}
+
 /// The outcome of checking a callback that is authentic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallbackVerdict {
     /// About a payment of one of our orders.
     Payment(VerifiedCallback),
+    /// A payment was refunded in full at the provider.
+    Refund(ProviderRefund),
+    /// A payment was disputed at the provider.
+    Dispute(ProviderDispute),
     /// Authentic but not for us to act on (another event type, another node's order):
     /// acknowledged so the provider stops retrying, nothing changes.
     Ignored(&'static str),
@@ -141,6 +165,15 @@ pub enum QueriedStatus {
     Failed,
 }
 
+/// A refund carried out at the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundResult {
+    /// The provider took it; `provider_refund` names it.
+    Refunded { provider_refund: String },
+    /// The channel has no refund call: the merchant refunds by hand at the provider.
+    Manual,
+}
+
 /// Failures talking to a provider. `retryable` says whether the same call may succeed later.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ChannelError {
@@ -186,6 +219,13 @@ pub trait PaymentChannel: Send + Sync {
         request: &CallbackRequest<'_>,
         now_unix_secs: u64,
     ) -> Result<CallbackVerdict, CallbackError>;
+
+    /// Refunds `order`'s payment in full at the provider. Must be idempotent per order: asking
+    /// again after a crash or a timeout (the provider may have refunded already) gives the same
+    /// refund, never a second one. Channels without a refund call answer `Manual`.
+    fn refund<'a>(&'a self, _order: &'a OrderRecord) -> BoxFuture<'a, Result<RefundResult, ChannelError>> {
+        Box::pin(async { Ok(RefundResult::Manual) })
+    }
 
     /// Asks the provider about the payment of `order` opened through `attempt` (compensation for
     /// lost callbacks).

@@ -19,7 +19,7 @@ use sha2::Sha256;
 
 use super::{
     BoxFuture, CallbackError, CallbackRequest, CallbackVerdict, ChannelError, CreatedPayment, PaymentChannel,
-    ProviderStatus, QueriedStatus, VerifiedCallback,
+    ProviderStatus, QueriedStatus, RefundResult, VerifiedCallback,
 };
 use crate::orders::{AttemptRef, OrderRecord};
 
@@ -44,6 +44,8 @@ pub struct SandboxChannel {
     faults: SandboxFaults,
     /// The provider's own record: orders paid, with what was paid.
     paid: Mutex<HashMap<OrderId, (u64, String)>>,
+    /// Orders refunded (in memory, like `paid`).
+    refunded: Mutex<std::collections::HashSet<OrderId>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -75,6 +77,7 @@ impl SandboxChannel {
             tolerance_secs,
             faults,
             paid: Mutex::new(HashMap::new()),
+            refunded: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -133,6 +136,11 @@ impl SandboxChannel {
             return None;
         }
         Some(self.signed_callback(order, now_unix_secs()))
+    }
+
+    /// Whether the sandbox refunded `order` (for tests).
+    pub fn was_refunded(&self, order: &OrderId) -> bool {
+        self.refunded.lock().contains(order)
     }
 
     /// Forgets a payment whose confirmation the node has recorded.
@@ -204,6 +212,14 @@ impl PaymentChannel for SandboxChannel {
         }))
     }
 
+    /// The sandbox refunds at once; its refund id is derived from the order, so asking twice is
+    /// one refund.
+    fn refund<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<RefundResult, ChannelError>> {
+        let provider_refund = format!("sbx_refund_{}", order.id);
+        self.refunded.lock().insert(order.id);
+        Box::pin(async move { Ok(RefundResult::Refunded { provider_refund }) })
+    }
+
     fn query_payment<'a>(
         &'a self,
         order: &'a OrderRecord,
@@ -244,7 +260,7 @@ mod tests {
     ) -> Result<VerifiedCallback, CallbackError> {
         match channel.verify_callback(&CallbackRequest { headers, query: None, body }, now)? {
             CallbackVerdict::Payment(v) => Ok(v),
-            CallbackVerdict::Ignored(why) => panic!("ignored: {why}"),
+            other => panic!("not a payment: {other:?}"),
         }
     }
 

@@ -649,7 +649,8 @@ fn engine_error(ctx: &Ctx, e: OrderError, sku: Option<&Sku>) -> HttpResponse {
         | OrderError::UnknownChannel(_)
         | OrderError::BadEmail
         | OrderError::InvalidPayment(_)
-        | OrderError::TooManyAttempts { .. } => {
+        | OrderError::TooManyAttempts { .. }
+        | OrderError::NotRefundable(_) => {
             (StatusCode::BAD_REQUEST, error_page_for(Msg::ErrorBadRequestTitle, lang.t(Msg::ErrorBadRequestBody)), None)
         }
     };

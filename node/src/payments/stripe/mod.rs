@@ -16,6 +16,11 @@
 //! - **Query**: `GET {api_base}/v1/checkout/sessions/{id}`.
 //! - **Return**: `success_url` and `cancel_url` are the order's return link
 //!   ([`super::return_link`]): the buyer comes back to the order page without its token.
+//! - **Refunds and disputes**: see [`refunds`].
+
+mod refunds;
+
+pub use refunds::refund_idempotency_key;
 
 use std::time::Duration;
 
@@ -28,7 +33,7 @@ use super::http_client::{OutboundClient, OutboundError, OutboundResponse};
 use super::return_link::ReturnLinks;
 use super::{
     encode_form, BoxFuture, CallbackError, CallbackRequest, CallbackVerdict, ChannelError, CreatedPayment,
-    PaymentChannel, ProviderStatus, QueriedStatus, VerifiedCallback,
+    PaymentChannel, ProviderStatus, QueriedStatus, RefundResult, VerifiedCallback,
 };
 use crate::orders::{AttemptRef, OrderRecord};
 use edgecard_protocol::UnixMillis;
@@ -85,6 +90,9 @@ impl StripeChannel {
             ("client_reference_id", order.id.to_string()),
             ("metadata[order_id]", order.id.to_string()),
             ("metadata[node_id]", self.settings.node_id.clone()),
+            // So the payment (and its charge, refunds, disputes) names the order in Stripe's dashboard.
+            ("payment_intent_data[metadata][order_id]", order.id.to_string()),
+            ("payment_intent_data[metadata][node_id]", self.settings.node_id.clone()),
             ("line_items[0][quantity]", "1".into()),
             ("line_items[0][price_data][currency]", order.currency.to_ascii_lowercase()),
             ("line_items[0][price_data][unit_amount]", order.amount_minor.to_string()),
@@ -109,6 +117,18 @@ impl StripeChannel {
         body: Option<String>,
         idempotency_key: Option<String>,
     ) -> Result<Value, ChannelError> {
+        classify(self.call_response(method, path, body, idempotency_key).await?)
+    }
+
+    /// [`StripeChannel::call`] without reading the answer: for callers that look at an error's
+    /// code.
+    async fn call_response(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        idempotency_key: Option<String>,
+    ) -> Result<OutboundResponse, ChannelError> {
         let url = format!("{}{path}", self.settings.api_base);
         let mut headers: Vec<(&'static str, String)> =
             vec![("authorization", format!("Bearer {}", self.settings.secret_key))];
@@ -118,12 +138,10 @@ impl StripeChannel {
         if body.is_some() {
             headers.push(("content-type", "application/x-www-form-urlencoded".into()));
         }
-        let response = self
-            .client
+        self.client
             .send(method, &url, &headers, body.unwrap_or_default().into_bytes(), self.settings.request_timeout)
             .await
-            .map_err(outbound_error)?;
-        classify(response)
+            .map_err(outbound_error)
     }
 
     fn verify_signature(&self, header: &str, body: &[u8], now_unix_secs: u64) -> Result<(), CallbackError> {
@@ -291,10 +309,24 @@ impl PaymentChannel for StripeChannel {
             }
             "checkout.session.async_payment_succeeded" => ProviderStatus::Succeeded,
             "checkout.session.async_payment_failed" => ProviderStatus::NotSucceeded,
+            "charge.refunded" => {
+                return refunds::charge_refunded(
+                    session.ok_or_else(|| CallbackError::MalformedBody("data.object".into()))?,
+                )
+            }
+            "charge.dispute.created" => {
+                return refunds::dispute_created(
+                    session.ok_or_else(|| CallbackError::MalformedBody("data.object".into()))?,
+                )
+            }
             _ => return Ok(CallbackVerdict::Ignored("event type not handled")),
         };
         let session = session.ok_or_else(|| CallbackError::MalformedBody("data.object".into()))?;
         self.session_payment(session, status)
+    }
+
+    fn refund<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<RefundResult, ChannelError>> {
+        Box::pin(self.refund_payment(order))
     }
 
     fn query_payment<'a>(
