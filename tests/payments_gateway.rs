@@ -688,6 +688,20 @@ async fn a_reused_provider_id_and_a_wrong_channel_callback_are_recorded_and_alar
     assert_eq!(node.metric(wrong_channel).await, 1.0);
 
     assert_eq!(node.metric("edgecard_purchases_total").await, 1.0, "only E's payment delivered");
+    let status = node.status().await;
+    let mut recorded: Vec<(String, String)> = status["payment_problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["order_id"].as_str().unwrap().to_string(), p["reason"].as_str().unwrap().to_string()))
+        .collect();
+    recorded.sort();
+    let mut expected = vec![
+        (f.order_id.clone(), "provider_txn_reused".to_string()),
+        (g.order_id.clone(), "wrong_channel".to_string()),
+    ];
+    expected.sort();
+    assert_eq!(recorded, expected, "recorded for the operator: {status}");
     assert_eq!(client.stock().await, 2, "F and G still hold their reservations");
     let log = node.stderr();
     for order in [&f.order_id, &g.order_id] {
