@@ -145,7 +145,8 @@ pub enum ExportFormat {
 
 #[derive(Args, Debug, Clone)]
 pub struct OrderFilterArgs {
-    /// reserved, paid, delivered, expired, paid_awaiting_stock
+    /// reserved, paid, delivered, expired, paid_awaiting_stock, payment_mismatch, refunded,
+    /// refund_manual, disputed
     #[arg(long)]
     pub status: Option<String>,
     #[arg(long)]
@@ -170,6 +171,17 @@ pub enum OrdersCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Refund an order's payment through the channel that took it (its node carries it out; the
+    /// order's keys are revoked). Asking again for the same order changes nothing.
+    Refund {
+        /// The order id.
+        order: String,
+        /// Why, for the ledger and the provider's records (at most 200 bytes).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Refunds asked for or reported, with their state.
+    Refunds,
 }
 
 fn print(args: &AdminArgs, value: &Value, table: impl FnOnce(&Value)) -> Result<()> {
@@ -641,8 +653,50 @@ pub async fn orders(args: &AdminArgs, command: OrdersCommand) -> Result<()> {
                 None => print!("{rendered}"),
             }
         }
+        OrdersCommand::Refund { order, reason } => {
+            let order: edgecard_protocol::OrderId =
+                order.parse().map_err(|_| anyhow::anyhow!("{order:?} is not an order id (32 hex digits)"))?;
+            let body = serde_json::json!({ "reason": reason.unwrap_or_default() });
+            let refund = client.post_json(&format!("/v1/orders/{order}/refund"), &body).await?;
+            print(args, &refund, |r| {
+                println!(
+                    "refund of order {} {} (node {}, {})",
+                    text(&r["order_id"]),
+                    refund_state_words(&r["state"]),
+                    text(&r["node"]),
+                    text(&r["state"]["state"])
+                );
+            })?;
+        }
+        OrdersCommand::Refunds => {
+            let refunds = client.get("/v1/refunds").await?;
+            print(args, &refunds, |refunds| {
+                println!("{:<32} {:<10} {:<10} {:<28} reason", "order", "node", "state", "provider refund");
+                for r in refunds.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<32} {:<10} {:<10} {:<28} {}",
+                        text(&r["order_id"]),
+                        text(&r["node"]),
+                        text(&r["state"]["state"]),
+                        text(&r["state"]["provider_refund"]),
+                        text(&r["reason"])
+                    );
+                }
+            })?;
+        }
     }
     Ok(())
+}
+
+/// What an operator should read in a refund's state.
+fn refund_state_words(state: &Value) -> &'static str {
+    match state["state"].as_str() {
+        Some("requested") => "requested: its node carries it out at its next sync",
+        Some("refunded") => "done",
+        Some("manual") => "to be refunded by hand at the provider (its channel has no refund call); keys revoked",
+        Some("refused") => "refused by its node",
+        _ => "in an unknown state",
+    }
 }
 
 pub async fn status(args: &AdminArgs) -> Result<()> {

@@ -1,11 +1,14 @@
 //! Secrets stay secret: with logging at its most verbose, a node that installs grants, sells keys
-//! and serves lookups never writes a card key, an order token or its admin token to its output.
+//! and serves lookups never writes a card key, an order token or its admin token to its output;
+//! nor do a node and its coordinator that refund orders (asked through the operator CLI, carried
+//! over the sync link, reported back to the ledger).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::time::Duration;
 
+use common::coordinator::*;
 use common::*;
 use edgecard::https_client::Request;
 use serde_json::json;
@@ -143,4 +146,77 @@ async fn json_trace_logs_hold_no_keys_or_tokens() {
     let parsed: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
     assert!(parsed["level"].is_string(), "{first}");
     assert!(stderr.contains("\"level\":\"TRACE\""), "logging was not at trace level");
+}
+
+/// Every spelling of every secret in `secrets` that appears in `output`, as (what, form).
+fn leaks<'a>(output: &str, secrets: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<(String, &'static str)> {
+    let mut found = Vec::new();
+    for (what, bytes) in secrets {
+        for (form, needle) in spellings(bytes) {
+            if output.contains(&needle) {
+                found.push((what.to_string(), form));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_logs_hold_no_keys_or_tokens() {
+    let trace = [("EDGECARD_LOG", "trace")];
+    let lab = Lab::start_with_env(Ports::Any, &trace).await;
+    lab.add_product(SKU, PRICE_MINOR).await;
+    let secrets = make_secrets(4);
+    lab.import(SKU, &secrets).await;
+    let config = lab.add_node("eu-1", "eu").await;
+    lab.allocate(SKU, "eu-1", 4).await;
+    let env: Vec<(String, String)> = trace.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let node_config = config.clone();
+    let mut node = blocking(move || NodeProcess::start(&node_config, &env)).await;
+    wait_for_stock(&node, 4).await;
+    let mut client = node.client().await;
+    let mut tokens = Vec::new();
+    let mut refunded = Vec::new();
+    for _ in 0..2 {
+        let (order, keys) = client.buy(1).await;
+        assert_eq!(keys.len(), 1);
+        tokens.push(order.token.clone());
+        refunded.push(order);
+    }
+    bounded("refunds", LIMIT, async {
+        for order in &refunded {
+            lab.wait_for_ledger("the sale", LIMIT, |o| {
+                o.iter().any(|o| o["order_id"] == order.order_id && o["status"] == "delivered")
+            })
+            .await;
+            lab.ok(&["orders", "refund", &order.order_id, "--reason", "log test"]).await;
+            lab.ok(&["orders", "refund", &order.order_id]).await;
+        }
+        for order in &refunded {
+            lab.wait_for_ledger("the refund", LIMIT, |o| {
+                o.iter().any(|o| o["order_id"] == order.order_id && o["status"] == "refunded")
+            })
+            .await;
+            assert_eq!(client.fetch_ok(order).await["status"], "refunded");
+        }
+    })
+    .await;
+    let status = node.terminate();
+    assert!(status.success(), "node exited with {status}: {}", node.stderr());
+    let node_log = format!("{}{}", node.stdout(), node.stderr());
+    let coordinator_log = lab.coordinator.logs();
+    assert!(
+        node_log.contains("refund requested") && node_log.contains("TRACE"),
+        "refund logs at trace level are missing"
+    );
+    for (who, log) in [("node", &node_log), ("coordinator", &coordinator_log)] {
+        let secrets = secrets.iter().map(|s| ("a key", s.as_bytes()));
+        let tokens = tokens.iter().map(|t| ("an order token", t.as_bytes()));
+        let admin = [
+            ("the node's admin token", ADMIN_TOKEN.as_bytes()),
+            ("the coordinator's admin token", lab.token.as_bytes()),
+        ];
+        let found = leaks(log, secrets.chain(tokens).chain(admin));
+        assert!(found.is_empty(), "the {who}'s log holds {found:?}");
+    }
 }

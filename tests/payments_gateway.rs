@@ -143,18 +143,27 @@ async fn stripe_forged_mismatched_and_replayed_webhooks_deliver_nothing_wrongly(
     assert_eq!(gateway.post_stripe_webhook(&body, &stale).await.0, 400, "stale timestamp");
     assert_eq!(gateway.post_stripe_webhook(&body, "").await.0, 400, "no signature");
 
-    // Genuinely signed, but wrong amount, wrong currency, unknown order.
+    // Genuinely signed, but wrong amount, wrong currency: recorded and acknowledged, nothing
+    // delivered; an unknown order: refused.
     let mut cheap = paid.clone();
     cheap.amount_total = 1;
     let (status, text) = {
         let b = gateway.stripe_event("checkout.session.completed", &cheap, "paid");
         gateway.post_stripe_webhook(&b, &stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs(), &b)).await
     };
-    assert_eq!(status, 400, "wrong amount: {text}");
+    assert_eq!(status, 200, "wrong amount: {text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["outcome"], "payment_mismatch", "{text}");
     let mut euros = paid.clone();
     euros.currency = "eur".into();
     let b = gateway.stripe_event("checkout.session.completed", &euros, "paid");
-    assert_eq!(gateway.post_stripe_webhook(&b, &stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs(), &b)).await.0, 400);
+    let (status, text) =
+        gateway.post_stripe_webhook(&b, &stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs(), &b)).await;
+    assert_eq!((status, text.contains("payment_mismatch")), (200, true), "wrong currency: {text}");
+    let mismatches = node.metrics_text().await;
+    for reason in ["amount", "currency"] {
+        let line = format!("edgecard_payment_mismatch_total{{channel=\"stripe\",reason=\"{reason}\"}} 1");
+        assert!(mismatches.contains(&line), "{line} in {mismatches}");
+    }
     let mut stranger = paid.clone();
     stranger.order_id = edgecard_protocol::OrderId::random().to_string();
     let b = gateway.stripe_event("checkout.session.completed", &stranger, "paid");
@@ -232,9 +241,11 @@ async fn epay_notifies_are_verified_and_answered_success_only_once_recorded() {
     let notify_url = template.notify_url.clone();
     let forged = gateway.epay_notify(&template, "TRADE_SUCCESS", "not-the-key");
     assert_eq!(gateway.send_epay_notify(&notify_url, &forged, true).await, (400, "fail".into()));
+    // A wrong amount is recorded, then acknowledged (retries would add nothing).
     let cheap = fake_gateway::EpayOrder { money: "0.01".into(), ..template.clone() };
     let cheap = gateway.epay_notify(&cheap, "TRADE_SUCCESS", EPAY_KEY);
-    assert_eq!(gateway.send_epay_notify(&notify_url, &cheap, false).await, (400, "fail".into()));
+    assert_eq!(gateway.send_epay_notify(&notify_url, &cheap, false).await, (200, "success".into()));
+    assert_eq!(node.metric("edgecard_payment_mismatch_total{channel=\"epay\",reason=\"amount\"}").await, 1.0);
     let mut foreign = gateway.epay_notify(&template, "TRADE_SUCCESS", EPAY_KEY);
     foreign.retain(|(k, _)| k != "sign" && k != "sign_type");
     foreign[0].1 = "9999".into();
@@ -615,4 +626,90 @@ async fn after_paying_at_epay_the_buyer_returns_to_a_page_with_the_keys() {
     assert_eq!(back.status, 200, "{}", back.text());
     assert!(back.text().contains(&keys[0]), "the return page shows the key: {}", back.text());
     assert!(!back.text().contains(&created.token));
+}
+
+/// A node taking USD through Stripe and EUR through EPay, both at the fake gateway.
+async fn stripe_and_epay_node(env: &TestEnv, keys: usize) -> (FakeGateway, NodeProcess) {
+    let gateway = FakeGateway::start().await;
+    let ca = gateway.write_ca(&env.path("gateway-ca.pem"));
+    let epay = format!(
+        "\n[payments.epay]\nenabled = true\ngateway_url = \"{}\"\npid = \"{EPAY_PID}\"\nkey = \"{EPAY_KEY}\"\ncurrency = \"EUR\"\n[payments.routes]\nUSD = [\"stripe\"]\nEUR = [\"epay\"]\n",
+        gateway.url
+    );
+    let node = start_node(env, keys, &format!("{}{epay}", stripe_toml(&gateway, &ca)), Sandbox::Off);
+    gateway.set_node(node.api.clone());
+    (gateway, node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_provider_id_and_a_wrong_channel_callback_are_recorded_and_alarmed() {
+    let env = TestEnv::new();
+    let (gateway, node) = stripe_and_epay_node(&env, 5).await;
+    let mut client = node.client().await;
+
+    // E is paid at EPay.
+    let e = order(&node, json!({ "sku": SKU, "currency": "EUR" })).await;
+    assert_eq!(gateway.pay_epay(&e.pay_url, true).await, vec![(200, "success".to_string())]);
+    assert_eq!(view(&node, &e).await["status"], "delivered");
+    let paid_e = gateway.epay_order(&e.order_id).unwrap();
+
+    // F's notify, signed with the merchant key, carries the trade_no that paid E.
+    let f = order(&node, json!({ "sku": SKU, "currency": "EUR" })).await;
+    let reused = fake_gateway::EpayOrder { out_trade_no: f.order_id.clone(), ..paid_e.clone() };
+    let notify = gateway.epay_notify(&reused, "TRADE_SUCCESS", EPAY_KEY);
+    for _ in 0..2 {
+        assert_eq!(gateway.send_epay_notify(&paid_e.notify_url, &notify, false).await, (200, "success".into()));
+    }
+    assert_eq!(view(&node, &f).await["status"], "reserved", "nothing delivered for it");
+    let reused_metric = "edgecard_payment_unmatched_total{channel=\"epay\",reason=\"provider_txn_reused\"}";
+    assert_eq!(node.metric(reused_metric).await, 1.0, "raised once, however often the provider repeats it");
+
+    // A Stripe-signed webhook delivering G, whose payment was opened at EPay.
+    let g = order(&node, json!({ "sku": SKU, "currency": "EUR" })).await;
+    assert_eq!(g.body["channel"], "epay");
+    let session = fake_gateway::Session {
+        id: "cs_test_not_for_g".into(),
+        order_id: g.order_id.clone(),
+        node_id: "eu-1".into(),
+        amount_total: 900,
+        currency: "eur".into(),
+        paid: true,
+        success_url: String::new(),
+        cancel_url: String::new(),
+        expires_at: unix_secs() + 3600,
+    };
+    let body = gateway.stripe_event("checkout.session.completed", &session, "paid");
+    let (status, text) =
+        gateway.post_stripe_webhook(&body, &stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs(), &body)).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["outcome"], "payment_unmatched", "{text}");
+    assert_eq!(view(&node, &g).await["status"], "reserved");
+    let wrong_channel = "edgecard_payment_unmatched_total{channel=\"stripe\",reason=\"wrong_channel\"}";
+    assert_eq!(node.metric(wrong_channel).await, 1.0);
+
+    assert_eq!(node.metric("edgecard_purchases_total").await, 1.0, "only E's payment delivered");
+    let status = node.status().await;
+    let mut recorded: Vec<(String, String)> = status["payment_problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["order_id"].as_str().unwrap().to_string(), p["reason"].as_str().unwrap().to_string()))
+        .collect();
+    recorded.sort();
+    let mut expected = vec![
+        (f.order_id.clone(), "provider_txn_reused".to_string()),
+        (g.order_id.clone(), "wrong_channel".to_string()),
+    ];
+    expected.sort();
+    assert_eq!(recorded, expected, "recorded for the operator: {status}");
+    assert_eq!(client.stock().await, 2, "F and G still hold their reservations");
+    let log = node.stderr();
+    for order in [&f.order_id, &g.order_id] {
+        let line = log
+            .lines()
+            .find(|l| l.contains("paid nothing") && l.contains(order.as_str()))
+            .unwrap_or_else(|| panic!("no error log for {order}: {log}"));
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(!line.contains(&f.token) && !line.contains(&g.token), "{line}");
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use edgecard_protocol::rebalance::StagedChange;
-use edgecard_protocol::{NodeId, Sku, SliceId, UnixMillis};
+use edgecard_protocol::{NodeId, OrderId, Sku, SliceId, UnixMillis};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -48,9 +48,11 @@ impl From<CoordinatorError> for ApiError {
     fn from(e: CoordinatorError) -> Self {
         let message = e.to_string();
         let (status, code) = match e {
-            CoordinatorError::UnknownSku(_) | CoordinatorError::UnknownNode(_) | CoordinatorError::UnknownSlice(_) => {
-                (StatusCode::NOT_FOUND, "not_found")
-            }
+            CoordinatorError::UnknownSku(_)
+            | CoordinatorError::UnknownNode(_)
+            | CoordinatorError::UnknownSlice(_)
+            | CoordinatorError::UnknownOrder(_) => (StatusCode::NOT_FOUND, "not_found"),
+            CoordinatorError::NotRefundable { .. } => (StatusCode::CONFLICT, "not_refundable"),
             CoordinatorError::NotReclaimed(_) => (StatusCode::CONFLICT, "not_reclaimed"),
             CoordinatorError::Plan(_) => (StatusCode::CONFLICT, "plan_refused"),
             CoordinatorError::StaleLayout { .. } => (StatusCode::CONFLICT, "stale_layout"),
@@ -59,7 +61,7 @@ impl From<CoordinatorError> for ApiError {
             CoordinatorError::NotEnoughKeys { .. } => (StatusCode::CONFLICT, "not_enough_keys"),
             CoordinatorError::NodeRevoked(_) => (StatusCode::CONFLICT, "node_revoked"),
             CoordinatorError::ForeignIncarnation { .. } => (StatusCode::CONFLICT, "foreign_incarnation"),
-            CoordinatorError::InvalidProduct(_) | CoordinatorError::ZeroCount => {
+            CoordinatorError::InvalidProduct(_) | CoordinatorError::ZeroCount | CoordinatorError::BadRefundReason => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
             CoordinatorError::ImportRefused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "import_refused"),
@@ -95,6 +97,13 @@ struct NewNode {
 #[serde(deny_unknown_fields)]
 struct ApplyLayout {
     version: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefundBody {
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -269,6 +278,13 @@ impl AdminApi {
                 };
                 Ok(ok(json!(c.orders(&filter).map_err(CoordinatorError::from)?)))
             }
+            (Method::POST, ["v1", "orders", id, "refund"]) => {
+                let id: OrderId = id.parse().map_err(|_| bad_request("order id is 32 hex digits"))?;
+                let body: RefundBody = read_json(request).await?;
+                let refund = c.request_refund(&id, body.reason.as_deref().unwrap_or("")).await?;
+                Ok(respond(StatusCode::ACCEPTED, &json!(refund)))
+            }
+            (Method::GET, ["v1", "refunds"]) => Ok(ok(json!(c.refunds().map_err(CoordinatorError::from)?))),
             (Method::GET, ["v1", "alarms"]) => Ok(ok(json!(c.alarms().map_err(CoordinatorError::from)?))),
             (Method::GET, ["v1", "status"]) => Ok(ok(self.status()?)),
             _ => Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"))),
@@ -353,13 +369,9 @@ fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
 }
 
 fn parse_status(raw: &str) -> Result<LedgerStatus, ApiError> {
-    Ok(match raw {
-        "reserved" => LedgerStatus::Reserved,
-        "paid" => LedgerStatus::Paid,
-        "delivered" => LedgerStatus::Delivered,
-        "expired" => LedgerStatus::Expired,
-        "paid_awaiting_stock" => LedgerStatus::PaidAwaitingStock,
-        other => return Err(bad_request(format!("unknown status {other:?}"))),
+    LedgerStatus::parse(raw).ok_or_else(|| {
+        let known: Vec<&str> = LedgerStatus::ALL.iter().map(|s| s.as_str()).collect();
+        bad_request(format!("unknown status {raw:?}; one of {}", known.join(", ")))
     })
 }
 

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod pki;
 pub mod quic;
 pub mod records;
+pub mod refunds;
 pub mod runtime;
 pub mod service;
 pub mod slices;

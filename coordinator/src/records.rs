@@ -11,17 +11,19 @@
 //! | `s/` | slice id (8 bytes BE) | [`SliceRecord`] |
 //! | `n/` | node id | [`NodeRecord`] |
 //! | `q/` | node id, 0, control seq (8 bytes BE) | a queued control message for the node |
-//! | `l/` | node id, 0, event seq (8 bytes BE) | the ledger: an `OrderEvent` (record format 2) |
+//! | `l/` | node id, 0, event seq (8 bytes BE) | the ledger: an `OrderEvent` (record format 3) |
 //! | `i/` | node id | [`NodeLineage`]: the node's data-dir incarnation and fence |
 //! | `o/` | order id (16 bytes) | [`LedgerOrder`]: the order as the ledger sees it |
 //! | `a/` | alarm seq (8 bytes BE) | [`Alarm`] |
 //! | `t/` | ticket (8 bytes BE) | [`MoveRecord`]: a shrink or close sent to a node, and its outcome |
+//! | `u/` | order id (16 bytes) | [`RefundRequest`]: a refund asked of the order's node, and its outcome |
 //! | `r/staged` | | [`StagedLayout`]: the operator's staged changes |
 //! | `m/…` | counter name | next id (8 bytes BE) |
 
 use edgecard_protocol::rebalance::{Destination, StagedChange};
 use edgecard_protocol::{
-    Epoch, KeyId, NodeId, OrderEvent, OrderEventV1, OrderId, Secret, Sku, SliceId, UnixMillis, EVENT_RECORD_VERSION,
+    Epoch, KeyId, NodeId, OrderEvent, OrderEventV1, OrderEventV2, OrderId, Secret, Sku, SliceId, UnixMillis,
+    EVENT_RECORD_VERSION, EVENT_RECORD_VERSION_V2,
 };
 use edgecard_store::{Storable, StoreError};
 use serde::{Deserialize, Serialize};
@@ -78,6 +80,14 @@ pub enum KeyState {
         slice: SliceId,
         node_index: u32,
     },
+    /// Sold to `order`, whose payment was then refunded: revoked (the merchant disables it at its
+    /// issuer), never shown or sold again. Added after the other variants and no larger than
+    /// `Sold`, so the archived layout of key records is unchanged.
+    Revoked {
+        slice: SliceId,
+        node_index: u32,
+        order: OrderId,
+    },
 }
 
 impl KeyState {
@@ -88,7 +98,8 @@ impl KeyState {
             KeyState::Granted { slice, node_index }
             | KeyState::Sold { slice, node_index, .. }
             | KeyState::Quarantined { slice, node_index }
-            | KeyState::WrittenOff { slice, node_index } => Some((slice, node_index)),
+            | KeyState::WrittenOff { slice, node_index }
+            | KeyState::Revoked { slice, node_index, .. } => Some((slice, node_index)),
         }
     }
 }
@@ -324,9 +335,32 @@ pub enum LedgerStatus {
     Delivered,
     Expired,
     PaidAwaitingStock,
+    // Added later, after the others, so that stored orders keep their meaning (unit variants:
+    // the archived layout is unchanged).
+    /// Paid with another amount or currency than the order's: nothing delivered, money to give
+    /// back or settle by hand.
+    PaymentMismatch,
+    /// Refunded through the channel that took the payment; the keys are revoked.
+    Refunded,
+    /// To be refunded by hand at a provider without a refund call; the keys are revoked.
+    RefundManual,
+    /// The buyer disputed the payment at the provider.
+    Disputed,
 }
 
 impl LedgerStatus {
+    pub const ALL: [LedgerStatus; 9] = [
+        LedgerStatus::Reserved,
+        LedgerStatus::Paid,
+        LedgerStatus::Delivered,
+        LedgerStatus::Expired,
+        LedgerStatus::PaidAwaitingStock,
+        LedgerStatus::PaymentMismatch,
+        LedgerStatus::Refunded,
+        LedgerStatus::RefundManual,
+        LedgerStatus::Disputed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LedgerStatus::Reserved => "reserved",
@@ -334,7 +368,15 @@ impl LedgerStatus {
             LedgerStatus::Delivered => "delivered",
             LedgerStatus::Expired => "expired",
             LedgerStatus::PaidAwaitingStock => "paid_awaiting_stock",
+            LedgerStatus::PaymentMismatch => "payment_mismatch",
+            LedgerStatus::Refunded => "refunded",
+            LedgerStatus::RefundManual => "refund_manual",
+            LedgerStatus::Disputed => "disputed",
         }
+    }
+
+    pub fn parse(raw: &str) -> Option<LedgerStatus> {
+        LedgerStatus::ALL.into_iter().find(|s| s.as_str() == raw)
     }
 }
 
@@ -362,6 +404,47 @@ pub struct Alarm {
     pub node: NodeId,
     pub kind: String,
     pub detail: String,
+}
+
+/// A refund an operator asked for (or one the node reported on its own: made in the provider's
+/// dashboard), and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RefundRequest {
+    pub order_id: OrderId,
+    pub node: NodeId,
+    pub reason: String,
+    pub requested_at: UnixMillis,
+    /// The control message that carries it to the node (0 for a refund the node reported).
+    pub control_seq: u64,
+    pub state: RefundRequestState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum RefundRequestState {
+    /// Queued for the node, or being carried out there.
+    Requested,
+    /// The provider refunded the payment (`provider_refund` names it).
+    Refunded { provider_refund: String, at: UnixMillis },
+    /// The channel has no refund call: to be refunded by hand at the provider.
+    Manual { at: UnixMillis },
+    /// The node refused it for good (the order was never paid there).
+    Refused { reason: String },
+}
+
+impl RefundRequestState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RefundRequestState::Requested => "requested",
+            RefundRequestState::Refunded { .. } => "refunded",
+            RefundRequestState::Manual { .. } => "manual",
+            RefundRequestState::Refused { .. } => "refused",
+        }
+    }
+}
+
+pub fn refund_key(order: &OrderId) -> Vec<u8> {
+    cat(&[b"u/", order.as_bytes()])
 }
 
 /// Which data dir of a node the coordinator syncs with, and whether it is fenced off. Kept apart
@@ -508,13 +591,16 @@ pub fn lineage_key(node: &NodeId) -> Vec<u8> {
 }
 
 /// Ledger events are stored in their own record format, which changed when reservations began to
-/// carry their token's digest.
+/// carry their token's digest (2) and when payment problems, refunds and disputes became events (3).
 pub fn encode_event(event: &OrderEvent) -> Result<Vec<u8>, StoreError> {
     edgecard_store::record::encode_versioned("ledger event", event, EVENT_RECORD_VERSION)
 }
 
 pub fn decode_event(raw: &[u8]) -> Result<OrderEvent, StoreError> {
-    edgecard_store::record::decode_evolved::<OrderEvent, OrderEventV1>("ledger event", raw, EVENT_RECORD_VERSION)
+    use edgecard_store::record::{decode_evolved, decode_or_older};
+    decode_or_older("ledger event", raw, EVENT_RECORD_VERSION, |older| {
+        decode_evolved::<OrderEventV2, OrderEventV1>("ledger event", older, EVENT_RECORD_VERSION_V2).map(Into::into)
+    })
 }
 
 pub fn order_key(id: &OrderId) -> Vec<u8> {
@@ -595,6 +681,101 @@ mod tests {
         assert!(!remove_id(&mut runs, 5));
         assert!(remove_id(&mut runs, 2) && remove_id(&mut runs, 12));
         assert_eq!(runs, vec![(3, 4), (6, 11)]);
+    }
+
+    /// `LedgerOrder` and `KeyRecord` as stored before statuses and key states were added.
+    mod before_refunds {
+        use super::super::{KeyId, NodeId, OrderId, Secret, Sku, SliceId, UnixMillis};
+
+        #[derive(serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+        pub enum LedgerStatus {
+            Reserved,
+            Paid,
+            Delivered,
+            Expired,
+            PaidAwaitingStock,
+        }
+
+        #[derive(serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+        pub struct LedgerOrder {
+            pub order_id: OrderId,
+            pub node: NodeId,
+            pub sku: Sku,
+            pub quantity: u32,
+            pub amount_minor: u64,
+            pub currency: String,
+            pub status: LedgerStatus,
+            pub created_at: UnixMillis,
+            pub updated_at: UnixMillis,
+            pub key_ids: Vec<KeyId>,
+            pub channel: Option<String>,
+            pub provider_txn: Option<String>,
+        }
+
+        #[derive(serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+        pub enum KeyState {
+            Pool,
+            Granted { slice: SliceId, node_index: u32 },
+            Sold { slice: SliceId, node_index: u32, order: OrderId },
+            Quarantined { slice: SliceId, node_index: u32 },
+            WrittenOff { slice: SliceId, node_index: u32 },
+        }
+
+        #[derive(serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+        pub struct KeyRecord {
+            pub secret: Secret,
+            pub batch: u64,
+            pub state: KeyState,
+        }
+    }
+
+    #[test]
+    fn orders_and_keys_stored_before_refunds_read_the_same() {
+        let order = before_refunds::LedgerOrder {
+            order_id: OrderId::from_bytes([3; 16]),
+            node: NodeId::new("eu-1").unwrap_or_else(|_| unreachable!()),
+            sku: Sku::new("game").unwrap_or_else(|_| unreachable!()),
+            quantity: 2,
+            amount_minor: 1998,
+            currency: "USD".into(),
+            status: before_refunds::LedgerStatus::PaidAwaitingStock,
+            created_at: UnixMillis(5),
+            updated_at: UnixMillis(6),
+            key_ids: vec![KeyId(4)],
+            channel: Some("stripe".into()),
+            provider_txn: Some("cs_1".into()),
+        };
+        let read: LedgerOrder = decode("order", &encode(&order).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read.status, LedgerStatus::PaidAwaitingStock);
+        assert_eq!((read.quantity, read.key_ids, read.provider_txn.as_deref()), (2, vec![KeyId(4)], Some("cs_1")));
+        for (old, new) in [
+            (before_refunds::KeyState::Pool, KeyState::Pool),
+            (
+                before_refunds::KeyState::Sold {
+                    slice: SliceId(9),
+                    node_index: 2,
+                    order: OrderId::from_bytes([3; 16]),
+                },
+                KeyState::Sold { slice: SliceId(9), node_index: 2, order: OrderId::from_bytes([3; 16]) },
+            ),
+            (
+                before_refunds::KeyState::WrittenOff { slice: SliceId(9), node_index: 2 },
+                KeyState::WrittenOff { slice: SliceId(9), node_index: 2 },
+            ),
+        ] {
+            let secret = Secret::new("KEY-1".to_string()).unwrap_or_else(|_| unreachable!());
+            let stored = before_refunds::KeyRecord { secret, batch: 1, state: old };
+            let read: KeyRecord = decode("key", &encode(&stored).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(read.state, new);
+        }
+    }
+
+    #[test]
+    fn statuses_parse_back() {
+        for status in LedgerStatus::ALL {
+            assert_eq!(LedgerStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(LedgerStatus::parse("lost"), None);
     }
 
     #[test]

@@ -46,6 +46,12 @@ pub enum CoordinatorError {
     NotReclaimed(String),
     #[error("{0}")]
     Plan(#[from] edgecard_protocol::rebalance::PlanError),
+    #[error("unknown order {0}")]
+    UnknownOrder(String),
+    #[error("order {order} is {status}: only a paid order can be refunded")]
+    NotRefundable { order: String, status: &'static str },
+    #[error("invalid refund reason: at most 200 bytes, no control characters")]
+    BadRefundReason,
     #[error("the staged layout is version {staged}, not {given}; run `edgecard slices show` and apply that version")]
     StaleLayout { staged: u64, given: u64 },
     #[error("nothing is staged")]
@@ -165,6 +171,7 @@ pub(crate) const CONTROL_GRANT: u8 = 1;
 pub(crate) const CONTROL_CATALOG: u8 = 2;
 pub(crate) const CONTROL_RENEW: u8 = 3;
 pub(crate) const CONTROL_SHRINK: u8 = 4;
+pub(crate) const CONTROL_REFUND: u8 = 5;
 
 pub struct Coordinator {
     pub(crate) store: Arc<Store>,
@@ -590,6 +597,7 @@ impl Coordinator {
             let mut keys: HashMap<(Sku, KeyId), KeyRecord> = HashMap::new();
             let mut orders: HashMap<edgecard_protocol::OrderId, LedgerOrder> = HashMap::new();
             let mut releases = ReleaseOverlay::default();
+            let mut refunds: Vec<OrderEvent> = Vec::new();
             let mut diverged_at = None;
             for event in upload.events {
                 if event.seq <= node.events_high_water {
@@ -636,7 +644,13 @@ impl Coordinator {
                 match self.check_event(&node, &event, &mut keys)? {
                     Ok(()) => {
                         self.apply_to_order(&event, &mut orders)?;
+                        if let OrderEventKind::Refunded { .. } = &event.kind {
+                            refunds.push(event.clone());
+                        }
                         batch.put(rec::ledger_key(node_id, event.seq), rec::encode_event(&event)?);
+                        if let Some((kind, detail)) = payment_alarm(&event) {
+                            self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail)?;
+                        }
                     }
                     Err((kind, detail)) => self.alarm(&mut batch, &mut next_alarm, node_id, kind, detail)?,
                 }
@@ -669,6 +683,7 @@ impl Coordinator {
             for (id, order) in orders {
                 batch.put(rec::order_key(&id), rec::encode(&order)?);
             }
+            self.record_refunds(&mut batch, &refunds)?;
             for item in self.store.scan_prefix(&rec::control_prefix(node_id)) {
                 let (key, _) = item?;
                 if rec::trailing_u64(&key).is_some_and(|seq| seq <= upload.control_applied) {
@@ -960,7 +975,9 @@ impl Coordinator {
         keys: &mut HashMap<(Sku, KeyId), KeyRecord>,
     ) -> Result<Result<(), (&'static str, String)>, StoreError> {
         let key_ids = match &event.kind {
-            OrderEventKind::Reserved { key_ids, .. } | OrderEventKind::Delivered { key_ids } => key_ids,
+            OrderEventKind::Reserved { key_ids, .. }
+            | OrderEventKind::Delivered { key_ids }
+            | OrderEventKind::Refunded { key_ids, .. } => key_ids,
             _ => return Ok(Ok(())),
         };
         let mut loaded = Vec::with_capacity(key_ids.len());
@@ -984,28 +1001,53 @@ impl Coordinator {
                     format!("seq {}: key {id} of {} is not granted to {}", event.seq, event.sku, node.node_id),
                 )));
             }
-            if let (OrderEventKind::Delivered { .. }, KeyState::Sold { order, .. }) = (&event.kind, record.state) {
-                if order != event.order_id {
+            match (&event.kind, record.state) {
+                (OrderEventKind::Delivered { .. }, KeyState::Sold { order, .. } | KeyState::Revoked { order, .. })
+                    if order != event.order_id =>
+                {
                     return Ok(Err((
                         "key_delivered_twice",
                         format!("seq {}: key {id} of {} was already delivered to order {order}", event.seq, event.sku),
                     )));
                 }
+                (OrderEventKind::Refunded { .. }, KeyState::Sold { order, .. } | KeyState::Revoked { order, .. })
+                    if order == event.order_id => {}
+                (OrderEventKind::Refunded { .. }, _) => {
+                    return Ok(Err((
+                        "refund_of_unsold_key",
+                        format!(
+                            "seq {}: refund of order {} names key {id} of {}, which the ledger never saw delivered to it",
+                            event.seq, event.order_id, event.sku
+                        ),
+                    )));
+                }
+                _ => {}
             }
             loaded.push((slot, record));
         }
-        if matches!(event.kind, OrderEventKind::Delivered { .. }) {
-            for (slot, mut record) in loaded {
-                match record.state {
-                    KeyState::Granted { slice, node_index }
-                    | KeyState::Quarantined { slice, node_index }
-                    | KeyState::WrittenOff { slice, node_index } => {
-                        record.state = KeyState::Sold { slice, node_index, order: event.order_id };
+        match event.kind {
+            OrderEventKind::Delivered { .. } => {
+                for (slot, mut record) in loaded {
+                    match record.state {
+                        KeyState::Granted { slice, node_index }
+                        | KeyState::Quarantined { slice, node_index }
+                        | KeyState::WrittenOff { slice, node_index } => {
+                            record.state = KeyState::Sold { slice, node_index, order: event.order_id };
+                        }
+                        KeyState::Pool | KeyState::Sold { .. } | KeyState::Revoked { .. } => {}
                     }
-                    KeyState::Pool | KeyState::Sold { .. } => {}
+                    keys.insert(slot, record);
                 }
-                keys.insert(slot, record);
             }
+            OrderEventKind::Refunded { .. } => {
+                for (slot, mut record) in loaded {
+                    if let KeyState::Sold { slice, node_index, order } = record.state {
+                        record.state = KeyState::Revoked { slice, node_index, order };
+                    }
+                    keys.insert(slot, record);
+                }
+            }
+            _ => {}
         }
         Ok(Ok(()))
     }
@@ -1051,15 +1093,35 @@ impl Coordinator {
                 order.key_ids = key_ids.clone();
                 order.status = LedgerStatus::Delivered;
             }
-            OrderEventKind::Expired { .. } => {
-                if order.status == LedgerStatus::Reserved {
-                    order.status = LedgerStatus::Expired;
-                }
-            }
+            OrderEventKind::Expired { .. } => match order.status {
+                LedgerStatus::Reserved => order.status = LedgerStatus::Expired,
+                // The reservation ended: its keys are back on sale at the node.
+                LedgerStatus::PaymentMismatch => order.key_ids.clear(),
+                _ => {}
+            },
             OrderEventKind::AwaitingStock { .. } => {
                 order.key_ids.clear();
                 order.status = LedgerStatus::PaidAwaitingStock;
             }
+            OrderEventKind::PaymentMismatch { channel, provider_txn, .. } => {
+                if matches!(order.status, LedgerStatus::Reserved | LedgerStatus::Expired) {
+                    order.status = LedgerStatus::PaymentMismatch;
+                }
+                if order.channel.is_none() {
+                    order.channel = Some(channel.clone());
+                    order.provider_txn = Some(provider_txn.clone());
+                }
+            }
+            OrderEventKind::Refunded { manual, .. } => {
+                order.status = if *manual { LedgerStatus::RefundManual } else { LedgerStatus::Refunded };
+            }
+            OrderEventKind::Disputed { .. } => {
+                if !matches!(order.status, LedgerStatus::Refunded | LedgerStatus::RefundManual) {
+                    order.status = LedgerStatus::Disputed;
+                }
+            }
+            // Alarms only (see `payment_alarm`): the order stays as it was.
+            OrderEventKind::PaymentUnmatched { .. } => {}
             // Handled before: not about an order.
             OrderEventKind::Released { .. } => {}
         }
@@ -1115,6 +1177,10 @@ impl Coordinator {
                     ControlBody::Catalog { products: products.iter().map(catalog_product).collect() }
                 }
                 Some((&CONTROL_RENEW, payload)) => ControlBody::Renew { signed_renewal: payload.to_vec() },
+                Some((&CONTROL_REFUND, payload)) => {
+                    let refund: crate::refunds::RefundOrder = rec::decode("refund", payload)?;
+                    ControlBody::Refund { order_id: refund.order_id, reason: refund.reason }
+                }
                 Some((&CONTROL_SHRINK, payload)) => {
                     let shrink: ShrinkOrder = rec::decode("shrink", payload)?;
                     ControlBody::Shrink {
@@ -1148,6 +1214,35 @@ impl Coordinator {
         }
         orders.sort_by_key(|o| (o.created_at, o.order_id.to_string()));
         Ok(orders)
+    }
+}
+
+/// The alarm an event raises once in the ledger: money that needs an operator.
+fn payment_alarm(event: &OrderEvent) -> Option<(&'static str, String)> {
+    let order = event.order_id;
+    match &event.kind {
+        OrderEventKind::PaymentUnmatched { channel, provider_txn, amount_minor, currency, reason } => Some((
+            "payment_unmatched",
+            format!(
+                "order {order}: {channel} payment {provider_txn} of {amount_minor} {currency} matches none of the order's payments ({}); nothing delivered for it",
+                reason.as_str()
+            ),
+        )),
+        OrderEventKind::PaymentMismatch { channel, provider_txn, amount_minor, currency } => Some((
+            "payment_mismatch",
+            format!(
+                "order {order}: {channel} payment {provider_txn} of {amount_minor} {currency} does not match the order; nothing delivered for it"
+            ),
+        )),
+        OrderEventKind::Refunded { channel, amount_minor, currency, manual: true, .. } => Some((
+            "refund_manual",
+            format!("order {order}: refund {amount_minor} {currency} by hand at {channel} (it has no refund call); its keys are revoked"),
+        )),
+        OrderEventKind::Disputed { channel, provider_dispute, amount_minor, currency } => Some((
+            "payment_disputed",
+            format!("order {order}: dispute {provider_dispute} of {amount_minor} {currency} opened at {channel}"),
+        )),
+        _ => None,
     }
 }
 

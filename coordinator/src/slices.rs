@@ -83,6 +83,8 @@ pub struct SliceSummary {
     pub sold: u64,
     pub quarantined: u64,
     pub written_off: u64,
+    /// Sold, then revoked by a refund (counted in `sold` too).
+    pub revoked: u64,
 }
 
 /// What one reclaim did to a dark node's slice.
@@ -195,6 +197,12 @@ impl Coordinator {
                 // Reported before, and its message is gone: recorded already.
                 continue;
             };
+            if tag == crate::service::CONTROL_REFUND {
+                let order = self.refuse_refund(batch, payload, &refusal.reason)?;
+                let order = order.map_or_else(|| "?".to_string(), |o| o.to_string());
+                alarms.push(("refund_refused", format!("refund of order {order} refused: {}", refusal.reason)));
+                continue;
+            }
             let slice = (tag == CONTROL_GRANT)
                 .then(|| {
                     SignedGrant::from_bytes(payload)
@@ -514,7 +522,11 @@ impl Coordinator {
         let mut held = BTreeSet::new();
         for item in self.store.scan_prefix(b"o/") {
             let order: LedgerOrder = rec::decode("order", &item?.1)?;
-            if &order.node == node && matches!(order.status, LedgerStatus::Reserved | LedgerStatus::Paid) {
+            // A mismatched payment leaves the reservation open until it expires (then its keys
+            // are cleared from the ledger's order).
+            let open =
+                matches!(order.status, LedgerStatus::Reserved | LedgerStatus::Paid | LedgerStatus::PaymentMismatch);
+            if &order.node == node && open {
                 held.extend(order.key_ids.iter().map(|id| (order.sku.clone(), *id)));
             }
         }
@@ -609,13 +621,17 @@ impl Coordinator {
 
     /// Every slice with its keys counted by state, in one pass over the key records.
     pub fn slice_summaries(&self) -> Result<Vec<SliceSummary>, StoreError> {
-        let mut counts: BTreeMap<SliceId, [u64; 4]> = BTreeMap::new();
+        let mut counts: BTreeMap<SliceId, [u64; 5]> = BTreeMap::new();
         for item in self.store.scan_prefix(b"k/") {
             let record: KeyRecord = rec::decode("key", &item?.1)?;
             let (slot, slice) = match record.state {
                 KeyState::Pool => continue,
                 KeyState::Granted { slice, .. } => (0, slice),
                 KeyState::Sold { slice, .. } => (1, slice),
+                KeyState::Revoked { slice, .. } => {
+                    counts.entry(slice).or_default()[4] += 1;
+                    (1, slice)
+                }
                 KeyState::Quarantined { slice, .. } => (2, slice),
                 KeyState::WrittenOff { slice, .. } => (3, slice),
             };
@@ -625,8 +641,9 @@ impl Coordinator {
             .slices()?
             .into_iter()
             .map(|slice| {
-                let [unsold, sold, quarantined, written_off] = counts.get(&slice.slice_id).copied().unwrap_or_default();
-                SliceSummary { slice, unsold, sold, quarantined, written_off }
+                let [unsold, sold, quarantined, written_off, revoked] =
+                    counts.get(&slice.slice_id).copied().unwrap_or_default();
+                SliceSummary { slice, unsold, sold, quarantined, written_off, revoked }
             })
             .collect())
     }

@@ -93,6 +93,8 @@ async fn sell(engine: &OrderEngine, n: u32) {
                 provider_txn: format!("txn-{}", created.record.id),
                 amount_minor: created.record.amount_minor,
                 currency: created.record.currency.clone(),
+                provider_ref: None,
+                provider_payment: None,
             })
             .await
             .unwrap();

@@ -277,6 +277,110 @@ async fn ingest_is_exactly_once_and_refuses_keys_not_granted() {
     assert!(c.orders(&by_node).unwrap().is_empty());
 }
 
+fn key_state(c: &Coordinator, s: &str, id: u64) -> edgecard_coordinator::records::KeyState {
+    let raw = c.store().get(&edgecard_coordinator::records::key_key(&sku(s), KeyId(id))).unwrap().unwrap();
+    edgecard_coordinator::records::decode::<edgecard_coordinator::records::KeyRecord>("key", &raw).unwrap().state
+}
+
+#[tokio::test]
+async fn payment_problems_refunds_and_disputes_reach_the_ledger_with_alarms() {
+    use edgecard_coordinator::records::KeyState;
+    use edgecard_protocol::UnmatchedReason;
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let eu = node("eu-1");
+    with_keys(&c, "game", 6).await;
+    c.add_node(&eu, "eu").await.unwrap();
+    c.allocate(&sku("game"), &eu, 6).await.unwrap();
+    let mismatch = OrderEventKind::PaymentMismatch {
+        channel: "epay".into(),
+        provider_txn: "2024001".into(),
+        amount_minor: 1,
+        currency: "CNY".into(),
+    };
+    let unmatched = OrderEventKind::PaymentUnmatched {
+        channel: "stripe".into(),
+        provider_txn: "cs_9".into(),
+        amount_minor: 1000,
+        currency: "USD".into(),
+        reason: UnmatchedReason::WrongChannel,
+    };
+    let refunded = |keys: &[u64], manual: bool| OrderEventKind::Refunded {
+        channel: "stripe".into(),
+        provider_refund: if manual { String::new() } else { "re_1".into() },
+        amount_minor: 1000,
+        currency: "USD".into(),
+        manual,
+        key_ids: keys.iter().map(|k| KeyId(*k)).collect(),
+    };
+    let disputed = OrderEventKind::Disputed {
+        channel: "stripe".into(),
+        provider_dispute: "dp_1".into(),
+        amount_minor: 1000,
+        currency: "USD".into(),
+    };
+    let events = vec![
+        // Order 1: a mismatched payment, then its reservation ends.
+        event(&eu, 1, 1, "game", reserved(&[1])),
+        event(&eu, 2, 1, "game", mismatch),
+        // Order 2: a payment it never opened, then delivered and refunded.
+        event(&eu, 3, 2, "game", reserved(&[2])),
+        event(&eu, 4, 2, "game", unmatched),
+        event(&eu, 5, 2, "game", paid()),
+        event(&eu, 6, 2, "game", delivered(&[2])),
+        event(&eu, 7, 2, "game", refunded(&[2], false)),
+        // Order 3: delivered and disputed; order 4: delivered, refunded by hand.
+        event(&eu, 8, 3, "game", reserved(&[3])),
+        event(&eu, 9, 3, "game", paid()),
+        event(&eu, 10, 3, "game", delivered(&[3])),
+        event(&eu, 11, 3, "game", disputed),
+        event(&eu, 12, 4, "game", reserved(&[4])),
+        event(&eu, 13, 4, "game", delivered(&[4])),
+        event(&eu, 14, 4, "game", refunded(&[4], true)),
+        // Order 5 claims a refund of a key it was never delivered.
+        event(&eu, 15, 5, "game", reserved(&[5])),
+        event(&eu, 16, 5, "game", refunded(&[6], false)),
+    ];
+    let ack = c.ingest(&eu, upload(&eu, events, 0)).await.unwrap();
+    assert_eq!(ack.events_high_water, 16);
+    let status_of = |order: u8| {
+        let orders = c.orders(&OrderFilter::default()).unwrap();
+        orders.into_iter().find(|o| o.order_id == OrderId::from_bytes([order; 16])).unwrap()
+    };
+    let first = status_of(1);
+    assert_eq!(first.status, LedgerStatus::PaymentMismatch);
+    assert_eq!((first.channel.as_deref(), first.provider_txn.as_deref()), (Some("epay"), Some("2024001")));
+    assert_eq!(status_of(2).status, LedgerStatus::Refunded);
+    assert_eq!(status_of(3).status, LedgerStatus::Disputed);
+    assert_eq!(status_of(4).status, LedgerStatus::RefundManual);
+    assert_eq!(status_of(5).status, LedgerStatus::Reserved, "the bogus refund changed nothing");
+    let listed = c.orders(&OrderFilter { status: Some(LedgerStatus::PaymentMismatch), ..OrderFilter::default() });
+    assert_eq!(listed.unwrap().len(), 1);
+    let kinds: Vec<String> = c.alarms().unwrap().into_iter().map(|a| a.kind).collect();
+    assert_eq!(
+        kinds,
+        vec!["payment_mismatch", "payment_unmatched", "payment_disputed", "refund_manual", "refund_of_unsold_key"]
+    );
+    assert!(matches!(key_state(&c, "game", 2), KeyState::Revoked { .. }), "a refunded order's keys are revoked");
+    assert!(matches!(key_state(&c, "game", 4), KeyState::Revoked { .. }));
+    assert!(matches!(key_state(&c, "game", 3), KeyState::Sold { .. }), "a dispute alone revokes nothing");
+    assert!(matches!(key_state(&c, "game", 6), KeyState::Granted { .. }));
+
+    // The mismatched order's reservation ends: its keys no longer count as held at the node.
+    let ack = c.ingest(
+        &eu,
+        upload(&eu, vec![event(&eu, 17, 1, "game", OrderEventKind::Expired { key_ids: vec![KeyId(1)] })], 0),
+    );
+    assert_eq!(ack.await.unwrap().events_high_water, 17);
+    let first = status_of(1);
+    assert_eq!(first.status, LedgerStatus::PaymentMismatch);
+    assert!(first.key_ids.is_empty());
+    // A revoked key delivered to another order is a double delivery.
+    let again = vec![event(&eu, 18, 6, "game", reserved(&[5])), event(&eu, 19, 6, "game", delivered(&[2]))];
+    c.ingest(&eu, upload(&eu, again, 0)).await.unwrap();
+    assert_eq!(c.alarms().unwrap().last().unwrap().kind, "key_delivered_twice");
+}
+
 #[tokio::test]
 async fn leases_are_renewed_while_the_node_is_in_contact() {
     let dir = tempfile::tempdir().unwrap();

@@ -125,6 +125,22 @@ impl AdminApi {
             .into_iter()
             .map(|(sku, id)| json!({ "sku": sku.as_str(), "order_id": id.to_string() }))
             .collect();
+        // Verified payments that paid nothing, for the operator (provider ids are no secrets).
+        let problems: Vec<_> = self
+            .engine
+            .payment_problems()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                json!({
+                    "order_id": p.order_id.to_string(), "channel": p.channel, "provider_txn": p.provider_txn,
+                    "amount_minor": p.amount_minor, "currency": p.currency, "reason": p.kind.as_str(),
+                    "at": rfc3339(p.at),
+                })
+            })
+            .collect();
+        let pending_refunds: Vec<String> =
+            self.engine.pending_refunds().unwrap_or_default().iter().map(ToString::to_string).collect();
         let body = json!({
             "node": self.engine.node_id().as_str(),
             "region": self.region,
@@ -132,6 +148,8 @@ impl AdminApi {
             "slices": leases,
             "paid_awaiting_stock": awaiting,
             "awaiting_payment_confirmation": self.engine.awaiting_confirmation().map(|p| p.len()).unwrap_or(0),
+            "payment_problems": problems,
+            "pending_refunds": pending_refunds,
             "payment_channels": self.payments.breaker_states().into_iter()
                 .map(|(name, state)| json!({ "channel": name, "breaker": state.as_str() }))
                 .collect::<Vec<_>>(),

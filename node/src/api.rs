@@ -20,9 +20,7 @@ use crate::client_ip::ClientIpResolver;
 use crate::config::Currency;
 use crate::limiter::{LimitClass, Limiters};
 use crate::metrics::HttpMetrics;
-use crate::orders::{
-    CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentConfirmation, PaymentOutcome,
-};
+use crate::orders::{CreateOrder, OrderEngine, OrderError, OrderRecord, OrderStatus, PaymentOutcome};
 use crate::payments::return_link::ReturnLinks;
 use crate::payments::router::{RouteError, Router};
 use crate::payments::sandbox::SandboxChannel;
@@ -144,7 +142,9 @@ impl From<OrderError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_open_orders", message).retry_after(60)
             }
             OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", message),
-            OrderError::PaymentMismatch(_) => ApiError::new(StatusCode::BAD_REQUEST, "payment_mismatch", message),
+            OrderError::InvalidPayment(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_callback", message),
+            OrderError::TooManyAttempts { .. } => ApiError::new(StatusCode::CONFLICT, "too_many_attempts", message),
+            OrderError::NotRefundable(_) => ApiError::new(StatusCode::CONFLICT, "not_refundable", message),
             OrderError::Store(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, "order refused: the store's disk is full");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "disk_full", "the node cannot record orders right now")
@@ -379,33 +379,20 @@ impl NodeApi {
         Ok(json_response(StatusCode::CREATED, &body, NO_STORE))
     }
 
-    /// Creates the payment of a freshly reserved order through its route (`plan`), falling
-    /// through channels as the router decides, and records it on the order when the channel has a
-    /// handle of its own or differs from the one first chosen. Returns (channel, pay link). When
-    /// no channel can take it, the reservation is cancelled at once, so its keys are not frozen.
+    /// Opens the payment of a freshly reserved order through its route (`plan`; see
+    /// [`crate::payments::open_payment`]). Returns (channel, pay link). When no channel can take
+    /// it, the reservation is cancelled at once, so its keys are not frozen.
     pub async fn open_payment(&self, record: &OrderRecord, plan: &[usize]) -> Result<(String, String), ApiError> {
-        let (channel, created) = match self.router.create(record, &self.public_url, plan).await {
-            Ok(created) => created,
-            Err(e) => {
+        match crate::payments::open_payment(&self.engine, &self.router, record, &self.public_url, plan).await {
+            Ok((channel, created)) => Ok((channel.name().to_string(), created.pay_url)),
+            Err(crate::payments::OpenError::Route(e)) => {
                 if let Err(cancel) = self.engine.cancel_unpaid(&record.id).await {
                     tracing::error!(order = %record.id, error = %cancel, "cancelling an order without a payment failed");
                 }
-                return Err(route_error(e));
+                Err(route_error(e))
             }
-        };
-        let needs_record = created.provider_ref.is_some()
-            || channel.name() != record.channel
-            || channel.local_pay_url(record, &self.public_url).as_deref() != Some(created.pay_url.as_str());
-        if needs_record {
-            let attempt = crate::orders::PaymentAttempt {
-                channel: channel.name().to_string(),
-                provider_ref: created.provider_ref.clone(),
-                pay_url: Some(created.pay_url.clone()),
-                created_at: crate::orders::engine::now_millis(),
-            };
-            self.engine.record_payment_attempt(&record.id, attempt).await?;
+            Err(crate::payments::OpenError::Order(e)) => Err(e.into()),
         }
-        Ok((channel.name().to_string(), created.pay_url))
     }
 
     async fn get_order(&self, id: &OrderId, headers: &HeaderMap) -> Result<HttpResponse, ApiError> {
@@ -490,6 +477,25 @@ impl NodeApi {
         })?;
         let verified = match verdict {
             CallbackVerdict::Payment(verified) => verified,
+            CallbackVerdict::Refund(refund) => {
+                let report = self
+                    .engine
+                    .record_provider_refund(channel.name(), &refund.provider_payment, &refund.provider_refund)
+                    .await?;
+                tracing::info!(channel = channel_name, ?report, "refund reported by the provider");
+                return Ok(None);
+            }
+            CallbackVerdict::Dispute(dispute) => {
+                let record = crate::orders::DisputeRecord {
+                    provider_dispute: dispute.provider_dispute,
+                    amount_minor: dispute.amount_minor,
+                    currency: dispute.currency,
+                    at: crate::orders::engine::now_millis(),
+                };
+                let report = self.engine.record_dispute(channel.name(), &dispute.provider_payment, record).await?;
+                tracing::info!(channel = channel_name, ?report, "dispute reported by the provider");
+                return Ok(None);
+            }
             CallbackVerdict::Ignored(why) => {
                 if let Some(m) = channel_metrics {
                     m.callbacks_ignored.inc();
@@ -505,22 +511,15 @@ impl NodeApi {
             tracing::info!(channel = channel_name, order = %verified.order_id, "payment callback with a non-success status: nothing changes");
             return Ok(None);
         }
-        let outcome = self
-            .engine
-            .confirm_payment(PaymentConfirmation {
-                order_id: verified.order_id,
-                channel: channel.name().to_string(),
-                provider_txn: verified.provider_txn,
-                amount_minor: verified.amount_minor,
-                currency: verified.currency,
-            })
-            .await
-            .inspect_err(|e| {
-                if matches!(e, OrderError::PaymentMismatch(_) | OrderError::NotFound) {
-                    rejected();
-                    tracing::warn!(channel = channel_name, reason = %e, "payment callback refused");
-                }
-            })?;
+        let outcome = self.engine.confirm_payment(verified.confirmation(channel.name())).await.inspect_err(|e| {
+            if matches!(e, OrderError::InvalidPayment(_) | OrderError::NotFound) {
+                rejected();
+                tracing::warn!(channel = channel_name, reason = %e, "payment callback refused");
+            }
+        })?;
+        // A payment that paid nothing is acknowledged once it is durably recorded and raised (see
+        // `OrderEngine::confirm_payment`): retries would add nothing, and a provider disables a
+        // webhook endpoint that keeps failing.
         if let Some(m) = channel_metrics {
             // A provider retrying a callback already applied changes nothing: not a new payment.
             let counter =
@@ -538,7 +537,7 @@ impl NodeApi {
             OrderError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"),
             other => other.into(),
         })?;
-        if order.channel != crate::payments::sandbox::NAME {
+        if order.binds(crate::payments::sandbox::NAME, None).is_err() {
             // Only orders whose payment was opened at the sandbox can be paid through it.
             return Err(ApiError::new(StatusCode::NOT_FOUND, "order_not_found", "order not found"));
         }
@@ -607,6 +606,8 @@ fn outcome_name(outcome: PaymentOutcome) -> &'static str {
         PaymentOutcome::AwaitingStock => "paid_awaiting_stock",
         PaymentOutcome::AlreadyRecorded => "already_recorded",
         PaymentOutcome::DuplicatePayment => "duplicate_payment",
+        PaymentOutcome::Problem(kind) if kind.unmatched().is_some() => "payment_unmatched",
+        PaymentOutcome::Problem(_) => "payment_mismatch",
     }
 }
 

@@ -174,6 +174,15 @@ pub struct ClientIpConfig {
     pub header: ClientIpHeader,
 }
 
+/// One hour: longer than Stripe's 30-minute minimum and the default reservation (15 min), so a
+/// buyer still at Checkout when the reservation ends can pay (a late payment, delivered from stock
+/// or first in line for it), and short enough that a forgotten session stops taking money the
+/// same hour.
+pub const DEFAULT_STRIPE_SESSION_TTL_SECS: u64 = 3600;
+/// Stripe's minimum session lifetime (30 min from the session's creation) plus two minutes for
+/// the creation's retries after the order.
+pub const MIN_STRIPE_SESSION_TTL_SECS: u64 = 1920;
+
 /// Six hours: a buyer who reaches the provider within the reservation, or pays a little late,
 /// still comes back to the order; a return link seen in a provider's logs is dead the same day.
 pub const DEFAULT_RETURN_LINK_TTL_SECS: u64 = 6 * 3600;
@@ -250,10 +259,15 @@ pub struct CompensationSettings {
     /// First query this long after an order is created; backoff doubles from here. Default
     /// 60000 ms.
     pub first_query_after_ms: u64,
-    /// Longest pause between two queries of one order. Default 300000 ms.
+    /// Longest pause between two queries of a young order; older orders are asked about more
+    /// slowly (a quarter of their age, at most hourly). Default 300000 ms.
     pub max_backoff_ms: u64,
-    /// Queries go on this long past the reservation's expiry. Default 900 s.
+    /// Queries go on this long past the end of the provider's payment window (a Stripe Checkout
+    /// Session's expiry). Default 900 s.
     pub grace_secs: u64,
+    /// No order is queried longer than this after its creation; orders at providers whose
+    /// payments never expire (EPay, the sandbox) are queried this long. Default 72 h; 1 to 720.
+    pub max_window_hours: u64,
     /// How often the index of unconfirmed orders is scanned. Default 1000 ms.
     pub scan_every_ms: u64,
     /// Most queries in flight at once. Default 16.
@@ -267,6 +281,7 @@ impl Default for CompensationSettings {
             first_query_after_ms: 60_000,
             max_backoff_ms: 300_000,
             grace_secs: 900,
+            max_window_hours: 72,
             scan_every_ms: 1_000,
             concurrency: 16,
         }
@@ -297,6 +312,11 @@ pub struct StripeConfig {
     pub webhook_secret: Option<String>,
     /// Accepted age of a webhook's `Stripe-Signature` timestamp. Default 300 s.
     pub tolerance_secs: u64,
+    /// How long after the order's creation its Checkout Session takes payment (sent as
+    /// `expires_at`). Default 3600 s; 1920 to 86400 (Stripe allows 30 min to 24 h after the
+    /// session's creation, which may follow the order's by up to a minute of retries). At least
+    /// `orders.reservation_ttl_secs` and at most `payments.return_link_ttl_secs`.
+    pub session_ttl_secs: u64,
 }
 
 impl Default for StripeConfig {
@@ -307,6 +327,7 @@ impl Default for StripeConfig {
             secret_key: None,
             webhook_secret: None,
             tolerance_secs: 300,
+            session_ttl_secs: DEFAULT_STRIPE_SESSION_TTL_SECS,
         }
     }
 }
@@ -702,6 +723,9 @@ impl NodeConfig {
         if c.concurrency == 0 {
             return err("compensation.concurrency", "must be at least 1");
         }
+        if !(1..=720).contains(&c.max_window_hours) {
+            return err("compensation.max_window_hours", "must be between 1 and 720");
+        }
         let base_url = |url: &str| (url.starts_with("https://") || url.starts_with("http://")) && !url.ends_with('/');
         if p.stripe.enabled {
             if !base_url(&p.stripe.api_base) {
@@ -715,6 +739,28 @@ impl NodeConfig {
                     "stripe.webhook_secret",
                     "required when stripe is enabled (or EDGECARD_STRIPE_WEBHOOK_SECRET)",
                 );
+            }
+            let ttl = p.stripe.session_ttl_secs;
+            if !(MIN_STRIPE_SESSION_TTL_SECS..=86_400).contains(&ttl) {
+                return err("stripe.session_ttl_secs", "must be between 1920 and 86400 (Stripe allows 30 min to 24 h)");
+            }
+            if ttl < self.orders.reservation_ttl_secs {
+                return Err((
+                    "payments.stripe.session_ttl_secs".into(),
+                    format!(
+                        "{ttl} s is shorter than orders.reservation_ttl_secs ({} s): buyers could not pay a reservation still open",
+                        self.orders.reservation_ttl_secs
+                    ),
+                ));
+            }
+            if ttl > p.return_link_ttl_secs {
+                return Err((
+                    "payments.stripe.session_ttl_secs".into(),
+                    format!(
+                        "{ttl} s is longer than payments.return_link_ttl_secs ({} s): a buyer paying late would come back to a dead link",
+                        p.return_link_ttl_secs
+                    ),
+                ));
             }
         }
         if p.epay.enabled {
@@ -878,8 +924,30 @@ mod tests {
         let config = check(&ok).unwrap();
         assert_eq!(config.payments.create_attempts, 3);
         assert_eq!(config.payments.compensation.grace_secs, 900);
+        assert_eq!(config.payments.compensation.max_window_hours, 72);
+        assert_eq!(config.payments.stripe.session_ttl_secs, 3600);
         assert_eq!(config.payments.epay.currency.as_str(), "CNY");
         assert_eq!(config.enabled_channels(), vec!["sandbox"]);
+    }
+
+    #[test]
+    fn a_checkout_session_outlives_the_reservation_and_not_the_return_link() {
+        let stripe = "[payments.stripe]\nenabled = true\nsecret_key = \"sk\"\nwebhook_secret = \"whsec\"\n";
+        let with = |extra: &str| check(&format!("{}{extra}{stripe}", minimal()));
+        assert!(with("").is_ok());
+        for (extra, needle) in [
+            ("[orders]\nreservation_ttl_secs = 7200\n", "shorter than orders.reservation_ttl_secs"),
+            ("[payments]\nreturn_link_ttl_secs = 1800\n", "longer than payments.return_link_ttl_secs"),
+        ] {
+            let err = with(extra).unwrap_err().to_string();
+            assert!(err.contains("payments.stripe.session_ttl_secs") && err.contains(needle), "{err}");
+        }
+        for ttl in [1800, 86_401] {
+            let err = check(&format!("{}{stripe}session_ttl_secs = {ttl}\n", minimal())).unwrap_err().to_string();
+            assert!(err.contains("payments.stripe.session_ttl_secs"), "{ttl}: {err}");
+        }
+        let err = check(&format!("{}[payments.compensation]\nmax_window_hours = 0\n", minimal())).unwrap_err();
+        assert!(err.to_string().contains("payments.compensation.max_window_hours"), "{err}");
     }
 
     #[test]

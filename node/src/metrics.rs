@@ -21,7 +21,7 @@ pub use crate::http_metrics::HttpMetrics;
 pub use edgecard_store::metrics::{StoreMetrics, LATENCY_BUCKETS};
 
 use crate::limiter::Limiters;
-use crate::orders::{OrderEngine, SliceStatus};
+use crate::orders::{OrderEngine, PaymentProblemKind, SliceStatus};
 use crate::payments::router::Router;
 use crate::sync_link::SyncLinkMetrics;
 
@@ -35,13 +35,63 @@ pub struct OrderMetrics {
     pub window_full: Counter,
     pub reservation_cap_hits: Counter,
     pub duplicate_payments: Counter,
+    /// Orders refunded (through their channel, by hand, or at the provider).
+    pub refunded: Counter,
     pub grants_installed: Counter,
     pub grants_refused: Counter,
     pub open_reservations: Gauge,
+    /// Verified payments matching none of their order's attempts, or reusing another order's
+    /// provider id, by channel and reason; and payments of another amount or currency.
+    payment_unmatched: Family<ChannelReason, Counter>,
+    payment_mismatch: Family<ChannelReason, Counter>,
+}
+
+/// A configured channel's name and a fixed reason: both chosen by the code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelReason {
+    channel: String,
+    reason: &'static str,
 }
 
 impl OrderMetrics {
+    /// Counts a verified payment that paid nothing (`channel` is a configured channel's name).
+    pub fn payment_problem(&self, channel: &str, kind: PaymentProblemKind) {
+        self.problem_family(kind)
+            .get_or_create(&ChannelReason { channel: channel.to_string(), reason: kind.as_str() })
+            .inc();
+    }
+
+    /// Count of payment problems of `kind` at `channel`.
+    pub fn payment_problems_of(&self, channel: &str, kind: PaymentProblemKind) -> u64 {
+        self.problem_family(kind)
+            .get_or_create(&ChannelReason { channel: channel.to_string(), reason: kind.as_str() })
+            .get()
+    }
+
+    fn problem_family(&self, kind: PaymentProblemKind) -> &Family<ChannelReason, Counter> {
+        if kind.unmatched().is_some() {
+            &self.payment_unmatched
+        } else {
+            &self.payment_mismatch
+        }
+    }
+
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "edgecard_payment_unmatched",
+            "Verified payments matching none of their order's attempts, or reusing another order's provider id: recorded, nothing delivered",
+            self.payment_unmatched.clone(),
+        );
+        r.register(
+            "edgecard_payment_mismatch",
+            "Verified payments of another amount or currency than their order's: recorded, nothing delivered",
+            self.payment_mismatch.clone(),
+        );
+        r.register(
+            "edgecard_orders_refunded",
+            "Orders refunded (their keys revoked): through their channel, marked for a refund by hand, or refunded at the provider",
+            self.refunded.clone(),
+        );
         r.register("edgecard_orders_created", "Orders reserved", self.created.clone());
         r.register("edgecard_purchases", "Orders delivered (keys revealed to the buyer)", self.delivered.clone());
         r.register("edgecard_orders_expired", "Reservations that expired unpaid", self.expired.clone());
@@ -116,6 +166,10 @@ pub struct ChannelMetrics {
     pub query_mismatches: Counter,
     /// Orders confirmed by compensation (their callback never came, or came later).
     pub compensated: Counter,
+    /// Refunds carried out (or marked for a refund by hand) through this channel.
+    pub refunds: Counter,
+    /// Refund calls that failed (retried).
+    pub refund_failed: Counter,
     /// 0 closed, 1 half-open, 2 open.
     pub breaker_state: Gauge,
 }
@@ -129,6 +183,7 @@ pub struct PaymentMetrics {
     queries: Family<ChannelResult, Counter>,
     query_mismatches: Family<ChannelLabel, Counter>,
     compensated: Family<ChannelLabel, Counter>,
+    refunds: Family<ChannelResult, Counter>,
     breaker_state: Family<ChannelLabel, Gauge>,
     /// Order creations refused because every channel of the route was down.
     pub no_channel_available: Counter,
@@ -145,6 +200,7 @@ impl PaymentMetrics {
             queries: Family::default(),
             query_mismatches: Family::default(),
             compensated: Family::default(),
+            refunds: Family::default(),
             breaker_state: Family::default(),
             no_channel_available: Counter::default(),
             compensation_gave_up: Counter::default(),
@@ -163,6 +219,8 @@ impl PaymentMetrics {
                 queries_failed: metrics.queries.get_or_create_owned(&with("failed")),
                 query_mismatches: metrics.query_mismatches.get_or_create_owned(&one),
                 compensated: metrics.compensated.get_or_create_owned(&one),
+                refunds: metrics.refunds.get_or_create_owned(&with("recorded")),
+                refund_failed: metrics.refunds.get_or_create_owned(&with("failed")),
                 breaker_state: metrics.breaker_state.get_or_create_owned(&one),
             };
             metrics.channels.push((channel, handles));
@@ -206,6 +264,11 @@ impl PaymentMetrics {
             "edgecard_payment_breaker_state",
             "Circuit breaker per channel: 0 closed, 1 half-open, 2 open",
             self.breaker_state.clone(),
+        );
+        r.register(
+            "edgecard_payment_refunds",
+            "Refunds through each channel: recorded (made, or marked for a refund by hand), or provider calls that failed (retried)",
+            self.refunds.clone(),
         );
         r.register(
             "edgecard_payment_no_channel",

@@ -259,6 +259,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             shutdown_rx.clone(),
         ));
     }
+    tasks.push(crate::payments::refunds::spawn(engine.clone(), payments.router.clone(), shutdown_rx.clone()));
     let shutdown_rx_link = shutdown_rx.clone();
     let eviction = spawn_eviction(limiters, config.limits.evict_every(), shutdown_rx);
     tasks.push(tokio::spawn(async move {

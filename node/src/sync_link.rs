@@ -35,7 +35,7 @@ use tracing::Instrument;
 
 use crate::admin::{verify_and_install, GrantRefusal, GrantSource};
 use crate::config::{Currency, PriceConfig, ProductConfig};
-use crate::orders::{GrantInstallError, OrderEngine};
+use crate::orders::{GrantInstallError, OrderEngine, OrderError};
 use crate::tls;
 
 /// Keep-alive and idle timeout of the sync connection (the coordinator uses the same).
@@ -558,6 +558,18 @@ impl Link {
                     .await
                     .map_err(|e| ExchangeError::Local(format!("shrinking slice {slice_id} (control {seq}): {e}")))?;
             }
+            // Recorded here; the refund worker carries it out (a provider outage must not hold up
+            // the control messages behind it).
+            ControlBody::Refund { order_id, reason } => match self.engine.request_refund(&order_id, &reason).await {
+                Ok(start) => {
+                    tracing::info!(control = seq, order = %order_id, ?start, "refund from the coordinator recorded")
+                }
+                Err(e @ (OrderError::NotRefundable(_) | OrderError::NotFound)) => {
+                    tracing::warn!(control = seq, order = %order_id, reason = %e, "refund from the coordinator refused");
+                    return Ok(refused(format!("refund of {order_id} refused: {e}"), false));
+                }
+                Err(e) => return Err(ExchangeError::Local(format!("recording a refund (control {seq}): {e}"))),
+            },
         }
         Ok(None)
     }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use edgecard_node::config::OrdersConfig;
 use edgecard_node::orders::engine::now_millis;
-use edgecard_node::orders::{GrantInstallError, GrantOutcome, OrderError, OrderStatus, PaymentOutcome};
+use edgecard_node::orders::{
+    GrantInstallError, GrantOutcome, OrderError, OrderStatus, PaymentOutcome, PaymentProblemKind,
+};
 use edgecard_protocol::{Epoch, KeyId, OrderToken, Secret, Sku, SliceGrant, UnixMillis};
 use fixtures::*;
 
@@ -54,10 +56,14 @@ async fn payment_binding_and_idempotency() {
     let created = engine.create_order(buy(1)).await.unwrap();
     let mut wrong_amount = payment_for(&created.record, "t1");
     wrong_amount.amount_minor -= 1;
-    assert!(matches!(engine.confirm_payment(wrong_amount).await, Err(OrderError::PaymentMismatch("amount"))));
+    let mismatch = |kind| Ok(PaymentOutcome::Problem(kind));
+    assert_eq!(engine.confirm_payment(wrong_amount).await.map_err(drop), mismatch(PaymentProblemKind::AmountMismatch));
     let mut wrong_currency = payment_for(&created.record, "t1");
     wrong_currency.currency = "EUR".into();
-    assert!(matches!(engine.confirm_payment(wrong_currency).await, Err(OrderError::PaymentMismatch("currency"))));
+    assert_eq!(
+        engine.confirm_payment(wrong_currency).await.map_err(drop),
+        mismatch(PaymentProblemKind::CurrencyMismatch)
+    );
     assert_eq!(engine.lookup(&created.record.id, &created.token).await.unwrap().status, OrderStatus::Reserved);
 
     assert_eq!(engine.confirm_payment(payment_for(&created.record, "t1")).await.unwrap(), PaymentOutcome::Delivered);
@@ -317,6 +323,7 @@ async fn outbox_holds_every_change_in_order_until_acknowledged() {
                 edgecard_protocol::OrderEventKind::Expired { .. } => "expired",
                 edgecard_protocol::OrderEventKind::AwaitingStock { .. } => "awaiting",
                 edgecard_protocol::OrderEventKind::Released { .. } => "released",
+                _ => "other",
             })
             .collect();
         assert_eq!(kinds, vec!["reserved", "paid", "delivered", "reserved", "expired"]);

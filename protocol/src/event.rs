@@ -71,6 +71,77 @@ pub enum OrderEventKind {
         ticket: u64,
         key_ids: Vec<KeyId>,
     },
+    /// A verified success from a provider that the order's payment attempts do not account for
+    /// (`reason`). Money may have been taken: nothing was delivered for it, and an operator must
+    /// look at it.
+    PaymentUnmatched {
+        channel: String,
+        provider_txn: String,
+        amount_minor: u64,
+        currency: String,
+        reason: UnmatchedReason,
+    },
+    /// A verified payment whose amount or currency differs from the order's: what was paid.
+    /// Nothing was delivered for it.
+    PaymentMismatch {
+        channel: String,
+        provider_txn: String,
+        amount_minor: u64,
+        currency: String,
+    },
+    /// The order's payment went back to the buyer (`provider_refund` names the provider's
+    /// refund), or, with `manual`, is to be refunded by hand at a provider without a refund call.
+    /// Either way the order's keys (`key_ids`, empty for an order paid while out of stock) are
+    /// revoked: never shown or sold again.
+    Refunded {
+        channel: String,
+        provider_refund: String,
+        amount_minor: u64,
+        currency: String,
+        manual: bool,
+        key_ids: Vec<KeyId>,
+    },
+    /// The buyer disputed the payment at the provider (a chargeback).
+    Disputed {
+        channel: String,
+        provider_dispute: String,
+        amount_minor: u64,
+        currency: String,
+    },
+}
+
+/// Why a verified payment could not be bound to its order.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum UnmatchedReason {
+    /// The order's payment was never opened at this channel.
+    WrongChannel,
+    /// The channel is the order's, but the provider's reference (a Stripe Checkout Session) is
+    /// none of the ones created for it.
+    UnknownReference,
+    /// The provider's transaction id already paid another order.
+    ProviderTxnReused,
+}
+
+impl UnmatchedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnmatchedReason::WrongChannel => "wrong_channel",
+            UnmatchedReason::UnknownReference => "unknown_reference",
+            UnmatchedReason::ProviderTxnReused => "provider_txn_reused",
+        }
+    }
 }
 
 #[derive(
@@ -139,9 +210,24 @@ impl OrderEventKind {
                 }
                 check_currency(currency)
             }
-            OrderEventKind::Paid { channel, provider_txn, currency, .. } => {
+            OrderEventKind::Paid { channel, provider_txn, currency, .. }
+            | OrderEventKind::PaymentUnmatched { channel, provider_txn, currency, .. }
+            | OrderEventKind::PaymentMismatch { channel, provider_txn, currency, .. } => {
                 check_text("channel", channel)?;
                 check_text("provider transaction id", provider_txn)?;
+                check_currency(currency)
+            }
+            OrderEventKind::Refunded { channel, provider_refund, currency, manual, key_ids, .. } => {
+                check_text("channel", channel)?;
+                if !(*manual && provider_refund.is_empty()) {
+                    check_text("provider refund id", provider_refund)?;
+                }
+                check_key_ids(key_ids)?;
+                check_currency(currency)
+            }
+            OrderEventKind::Disputed { channel, provider_dispute, currency, .. } => {
+                check_text("channel", channel)?;
+                check_text("provider dispute id", provider_dispute)?;
                 check_currency(currency)
             }
             OrderEventKind::Delivered { key_ids } => {
@@ -260,6 +346,45 @@ mod tests {
                 ev(3, OrderEventKind::Delivered { key_ids: vec![KeyId(4), KeyId(8)] }),
                 ev(4, OrderEventKind::Expired { key_ids: vec![] }),
                 ev(5, OrderEventKind::AwaitingStock { quantity: 1 }),
+                ev(
+                    6,
+                    OrderEventKind::PaymentUnmatched {
+                        channel: "stripe".into(),
+                        provider_txn: "cs_1".into(),
+                        amount_minor: 1998,
+                        currency: "USD".into(),
+                        reason: UnmatchedReason::WrongChannel,
+                    },
+                ),
+                ev(
+                    7,
+                    OrderEventKind::PaymentMismatch {
+                        channel: "epay".into(),
+                        provider_txn: "2024".into(),
+                        amount_minor: 1,
+                        currency: "CNY".into(),
+                    },
+                ),
+                ev(
+                    8,
+                    OrderEventKind::Refunded {
+                        channel: "epay".into(),
+                        provider_refund: String::new(),
+                        amount_minor: 1998,
+                        currency: "USD".into(),
+                        manual: true,
+                        key_ids: vec![KeyId(4), KeyId(8)],
+                    },
+                ),
+                ev(
+                    9,
+                    OrderEventKind::Disputed {
+                        channel: "stripe".into(),
+                        provider_dispute: "dp_1".into(),
+                        amount_minor: 1998,
+                        currency: "USD".into(),
+                    },
+                ),
             ],
         }
     }
@@ -350,6 +475,41 @@ mod tests {
             OrderEventKind::Delivered { key_ids: vec![] },
             OrderEventKind::Expired { key_ids: vec![KeyId(3), KeyId(1)] },
             OrderEventKind::AwaitingStock { quantity: 0 },
+            OrderEventKind::PaymentUnmatched {
+                channel: "stripe".into(),
+                provider_txn: String::new(),
+                amount_minor: 1,
+                currency: "USD".into(),
+                reason: UnmatchedReason::ProviderTxnReused,
+            },
+            OrderEventKind::PaymentMismatch {
+                channel: "stripe".into(),
+                provider_txn: "cs".into(),
+                amount_minor: 1,
+                currency: "usd".into(),
+            },
+            OrderEventKind::Refunded {
+                channel: "stripe".into(),
+                provider_refund: String::new(),
+                amount_minor: 1,
+                currency: "USD".into(),
+                manual: false,
+                key_ids: vec![],
+            },
+            OrderEventKind::Refunded {
+                channel: "stripe".into(),
+                provider_refund: "re_1".into(),
+                amount_minor: 1,
+                currency: "USD".into(),
+                manual: false,
+                key_ids: vec![KeyId(2), KeyId(1)],
+            },
+            OrderEventKind::Disputed {
+                channel: "stripe".into(),
+                provider_dispute: "dp\u{0}".into(),
+                amount_minor: 1,
+                currency: "USD".into(),
+            },
         ];
         for kind in bad_kinds {
             let e = ev(1, kind.clone());

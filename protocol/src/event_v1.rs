@@ -2,13 +2,11 @@
 //!
 //! Stored events (a node's outbox, the coordinator's ledger) are rkyv archives, which carry no
 //! schema: a changed layout is read through the old type and converted. Records in this layout
-//! have record format version 1; current ones [`EVENT_RECORD_VERSION`].
+//! have record format version 1; they convert into the version-2 layout
+//! ([`crate::event_v2`]), which converts into the current one.
 
-use crate::event::{OrderEvent, OrderEventKind};
+use crate::event_v2::{OrderEventKindV2, OrderEventV2};
 use crate::ids::{Epoch, KeyId, NodeId, OrderId, Sku, SliceId, UnixMillis};
-
-/// Record format version of stored [`OrderEvent`]s.
-pub const EVENT_RECORD_VERSION: u8 = 2;
 
 #[derive(Clone, Debug, serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct OrderEventV1 {
@@ -31,11 +29,11 @@ pub enum OrderEventKindV1 {
     Released { slice_id: SliceId, epoch: Epoch, ticket: u64, key_ids: Vec<KeyId> },
 }
 
-impl From<OrderEventV1> for OrderEvent {
+impl From<OrderEventV1> for OrderEventV2 {
     fn from(old: OrderEventV1) -> Self {
         let kind = match old.kind {
             OrderEventKindV1::Reserved { key_ids, quantity, amount_minor, currency, expires_at } => {
-                OrderEventKind::Reserved {
+                OrderEventKindV2::Reserved {
                     key_ids,
                     quantity,
                     amount_minor,
@@ -45,15 +43,15 @@ impl From<OrderEventV1> for OrderEvent {
                 }
             }
             OrderEventKindV1::Paid { channel, provider_txn, amount_minor, currency } => {
-                OrderEventKind::Paid { channel, provider_txn, amount_minor, currency }
+                OrderEventKindV2::Paid { channel, provider_txn, amount_minor, currency }
             }
-            OrderEventKindV1::Delivered { key_ids } => OrderEventKind::Delivered { key_ids },
-            OrderEventKindV1::Expired { key_ids } => OrderEventKind::Expired { key_ids },
-            OrderEventKindV1::AwaitingStock { quantity } => OrderEventKind::AwaitingStock { quantity },
+            OrderEventKindV1::Delivered { key_ids } => OrderEventKindV2::Delivered { key_ids },
+            OrderEventKindV1::Expired { key_ids } => OrderEventKindV2::Expired { key_ids },
+            OrderEventKindV1::AwaitingStock { quantity } => OrderEventKindV2::AwaitingStock { quantity },
             OrderEventKindV1::Released { slice_id, epoch, ticket, key_ids } => {
-                OrderEventKind::Released { slice_id, epoch, ticket, key_ids }
+                OrderEventKindV2::Released { slice_id, epoch, ticket, key_ids }
             }
         };
-        OrderEvent { node_id: old.node_id, seq: old.seq, at: old.at, order_id: old.order_id, sku: old.sku, kind }
+        OrderEventV2 { node_id: old.node_id, seq: old.seq, at: old.at, order_id: old.order_id, sku: old.sku, kind }
     }
 }

@@ -12,6 +12,7 @@
 pub mod envelope;
 pub mod event;
 pub mod event_v1;
+pub mod event_v2;
 pub mod grant;
 pub mod holdings;
 pub mod ids;
@@ -22,15 +23,16 @@ pub mod renewal;
 pub mod sync;
 
 pub use envelope::{decode, encode, peek_kind, Decodable, Encodable, EnvelopeError, MessageKind, MAX_PAYLOAD};
-pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind};
-pub use event_v1::{OrderEventV1, EVENT_RECORD_VERSION};
+pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind, UnmatchedReason, MAX_EVENT_TEXT};
+pub use event_v1::OrderEventV1;
+pub use event_v2::{OrderEventV2, EVENT_RECORD_VERSION, EVENT_RECORD_VERSION_V2};
 pub use grant::{GrantError, GrantedKey, SignedGrant, SliceGrant, GRANT_SIGNATURE_DOMAIN, MAX_GRANT_KEYS};
 pub use holdings::{Holdings, SliceHolding};
 pub use ids::{Epoch, IdError, IdKind, KeyId, NodeId, OrderId, OrderToken, Secret, Sku, SliceId, UnixMillis};
 pub use keyfile::{decode_signing_key, decode_verifying_key, encode_signing_key, encode_verifying_key, KeyFileError};
 pub use renewal::{LeaseRenewal, SignedRenewal, RENEWAL_SIGNATURE_DOMAIN};
 pub use sync::{
-    AckOutcome, CatalogProduct, ControlBody, ControlMessage, RefusedControl, SliceStock, SyncAck, SyncClient,
-    SyncError, SyncErrorCode, SyncTiming, SyncUpload, UploadPlan, MAX_REFUSAL_TEXT, MAX_REFUSED_CONTROL,
-    MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,
+    valid_refund_reason, AckOutcome, CatalogProduct, ControlBody, ControlMessage, RefusedControl, SliceStock, SyncAck,
+    SyncClient, SyncError, SyncErrorCode, SyncTiming, SyncUpload, UploadPlan, MAX_REFUND_REASON, MAX_REFUSAL_TEXT,
+    MAX_REFUSED_CONTROL, MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,
 };

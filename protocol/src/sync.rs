@@ -19,7 +19,7 @@
 
 use crate::envelope::{self, EnvelopeError, MessageKind};
 use crate::event::OrderEvent;
-use crate::ids::{Epoch, NodeId, Sku, SliceId};
+use crate::ids::{Epoch, NodeId, OrderId, Sku, SliceId};
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SyncUpload {
@@ -102,6 +102,19 @@ pub enum ControlBody {
     /// are dropped and reported too. `epoch` becomes the slice's epoch, so renewals issued
     /// before the shrink no longer apply.
     Shrink { slice_id: SliceId, sku: Sku, epoch: Epoch, count: u64, close: bool, ticket: u64 },
+    /// Refund the payment of `order_id` through the channel that took it (the node holds that
+    /// channel's credentials); its keys are revoked. The node records the request durably and
+    /// carries it out on its own; it answers with a `Refunded` event, or refuses the message for
+    /// good when the order was never paid. Repeating it changes nothing.
+    Refund { order_id: OrderId, reason: String },
+}
+
+/// Longest refund reason, in bytes.
+pub const MAX_REFUND_REASON: usize = 200;
+
+/// Whether `reason` may travel in a refund: short, without control characters.
+pub fn valid_refund_reason(reason: &str) -> bool {
+    reason.len() <= MAX_REFUND_REASON && !reason.chars().any(char::is_control)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -193,6 +206,11 @@ impl SyncAck {
                     }
                 }
                 ControlBody::Shrink { sku, .. } => sku.validate().map_err(|e| SyncError::Invalid(e.to_string()))?,
+                ControlBody::Refund { reason, .. } => {
+                    if !valid_refund_reason(reason) {
+                        return Err(SyncError::Invalid("refund reason too long or with control characters".into()));
+                    }
+                }
                 ControlBody::Grant { .. } | ControlBody::Renew { .. } => {}
             }
         }

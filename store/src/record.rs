@@ -101,9 +101,26 @@ pub fn decode_evolved<T: Storable, Old: Storable + Into<T>>(
     bytes: &[u8],
     version: u8,
 ) -> Result<T, StoreError> {
+    decode_or_older(what, bytes, version, |older| decode_layout::<Old>(what, older, VERSION, None).map(Into::into))
+}
+
+/// Decodes a record written by [`encode_versioned`] with `version` as `T`; a record in any other
+/// layout goes to `older`, which reads it as the type of its own version and converts it. Types
+/// that changed more than once chain these: the newest layout reads its predecessor through
+/// [`decode_evolved`] (or another `decode_or_older`), and so on down to format 1.
+pub fn decode_or_older<T: Storable>(
+    what: &str,
+    bytes: &[u8],
+    version: u8,
+    older: impl FnOnce(&[u8]) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     match bytes {
         [MAGIC, v, ..] if *v == version => decode_layout(what, bytes, version, None),
-        _ => decode_layout::<Old>(what, bytes, VERSION, None).map(Into::into),
+        [MAGIC, v, ..] if *v > version => Err(StoreError::Corrupt {
+            key: what.to_string(),
+            reason: format!("record format {v} is newer than {version}: written by a later version"),
+        }),
+        _ => older(bytes),
     }
 }
 
@@ -140,10 +157,17 @@ fn decode_layout<T: Storable>(
     rkyv::from_bytes::<T, rancor::Error>(&aligned).map_err(|e| corrupt(e.to_string()))
 }
 
+/// Reads a record in a layout older than its table's current one (see [`Table::evolved`]).
+pub type ReadOlder<T> = fn(&str, &[u8]) -> Result<T, StoreError>;
+
 /// Records of one type under one key prefix: the typed face of the store.
 pub struct Table<T> {
     prefix: &'static [u8],
     what: &'static str,
+    /// The format version records are written with.
+    version: u8,
+    /// For a type whose layout changed: how records of earlier layouts are read.
+    older: Option<ReadOlder<T>>,
     _records: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -156,7 +180,13 @@ impl<T> std::fmt::Debug for Table<T> {
 impl<T: Storable> Table<T> {
     /// `prefix` must not be a prefix of another table's.
     pub const fn new(prefix: &'static [u8], what: &'static str) -> Self {
-        Table { prefix, what, _records: std::marker::PhantomData }
+        Table { prefix, what, version: VERSION, older: None, _records: std::marker::PhantomData }
+    }
+
+    /// A table of a type whose layout changed: records are written with format `version`, and
+    /// records of earlier layouts are read through `older` (see [`decode_or_older`]).
+    pub const fn evolved(prefix: &'static [u8], what: &'static str, version: u8, older: ReadOlder<T>) -> Self {
+        Table { prefix, what, version, older: Some(older), _records: std::marker::PhantomData }
     }
 
     pub fn key(&self, id: &[u8]) -> Vec<u8> {
@@ -171,12 +201,15 @@ impl<T: Storable> Table<T> {
     }
 
     pub fn put(&self, batch: &mut WriteBatch, id: &[u8], value: &T) -> Result<(), StoreError> {
-        batch.put(self.key(id), encode(self.what, value)?);
+        batch.put(self.key(id), encode_layout(self.what, value, self.version, None)?);
         Ok(())
     }
 
     pub fn decode(&self, raw: &[u8]) -> Result<T, StoreError> {
-        decode(self.what, raw)
+        match self.older {
+            Some(older) => decode_or_older(self.what, raw, self.version, |old| older(self.what, old)),
+            None => decode(self.what, raw),
+        }
     }
 }
 
@@ -271,6 +304,52 @@ mod tests {
         assert_eq!(decode_evolved::<OrderV2, Order>("order", json, 2).unwrap().note, "migrated");
         let mut unknown = bytes.clone();
         unknown[1] = 3;
-        assert!(decode_evolved::<OrderV2, Order>("order", &unknown, 2).is_err());
+        let error = decode_evolved::<OrderV2, Order>("order", &unknown, 2).unwrap_err().to_string();
+        assert!(error.contains("later version"), "{error}");
+    }
+
+    /// The order once more, changed a second time.
+    #[derive(Debug, Clone, PartialEq, serde::Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+    struct OrderV3 {
+        id: u64,
+        email: Option<String>,
+        keys: Vec<String>,
+        note: String,
+        tags: Vec<u32>,
+    }
+
+    impl From<OrderV2> for OrderV3 {
+        fn from(o: OrderV2) -> Self {
+            OrderV3 { id: o.id, email: o.email, keys: o.keys, note: o.note, tags: vec![] }
+        }
+    }
+
+    fn decode_v3(what: &str, raw: &[u8]) -> Result<OrderV3, StoreError> {
+        decode_or_older(what, raw, 3, |older| decode_evolved::<OrderV2, Order>(what, older, 2).map(Into::into))
+    }
+
+    #[test]
+    fn a_twice_changed_layout_reads_all_three() {
+        let current = OrderV3 { note: "now".into(), tags: vec![7], ..OrderV2::from(order()).into() };
+        assert_eq!(decode_v3("order", &encode_versioned("order", &current, 3).unwrap()).unwrap(), current);
+        let v2 = OrderV2 { note: "then".into(), ..order().into() };
+        let read = decode_v3("order", &encode_versioned("order", &v2, 2).unwrap()).unwrap();
+        assert_eq!((read.note.as_str(), read.tags.len()), ("then", 0));
+        let read = decode_v3("order", &encode("order", &order()).unwrap()).unwrap();
+        assert_eq!(read.note, "migrated", "format 1 through the chain");
+        let json = br#"{"id":7,"email":null,"keys":[]}"#;
+        assert_eq!(decode_v3("order", json).unwrap().id, 7);
+    }
+
+    #[test]
+    fn an_evolved_table_writes_its_version_and_reads_older_records() {
+        const TABLE: Table<OrderV3> = Table::evolved(b"o/", "order", 3, decode_v3);
+        let mut batch = WriteBatch::default();
+        let current = OrderV3 { note: "x".into(), tags: vec![1], ..OrderV2::from(order()).into() };
+        TABLE.put(&mut batch, b"1", &current).unwrap();
+        let crate::batch::Op::Put(_, bytes) = &batch.ops()[0] else { panic!("a put") };
+        assert_eq!(bytes[1], 3);
+        assert_eq!(TABLE.decode(bytes).unwrap(), current);
+        assert_eq!(TABLE.decode(&encode("order", &order()).unwrap()).unwrap().note, "migrated");
     }
 }

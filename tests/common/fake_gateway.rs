@@ -5,6 +5,12 @@
 //! Fault injection: delay, 5xx, timeouts (stalls past the client's bound), a hard outage,
 //! dropped callbacks, duplicated callbacks; tests send out-of-order events with
 //! [`FakeGateway::send_stripe_event`].
+//!
+//! Stripe refunds as Stripe does them: `POST /v1/refunds` by `payment_intent` (the full amount),
+//! idempotent per `Idempotency-Key`, `charge_already_refunded` for a second refund of a charge,
+//! `GET /v1/refunds?payment_intent=…`; refunds and disputes made "in the dashboard" send
+//! `charge.refunded` and `charge.dispute.created` webhooks. `refund_stall` makes the refund call
+//! succeed and then stall past the client's bound, as a crash after the provider's call would.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -47,6 +53,8 @@ pub struct Faults {
     pub drop_callback_rate: f64,
     /// Extra copies of every callback sent.
     pub duplicate_callbacks: u32,
+    /// Refunds are made, then their answer stalls for `stall` and fails (the caller never learns).
+    pub refund_stall: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -60,6 +68,25 @@ pub struct Session {
     /// Where Checkout sends the browser after paying, and after cancelling.
     pub success_url: String,
     pub cancel_url: String,
+    /// Unix seconds after which the session takes no payment (Stripe's default: 24 h).
+    pub expires_at: u64,
+}
+
+impl Session {
+    /// The session's PaymentIntent (and charge), which exist once it is paid.
+    pub fn payment_intent(&self) -> Option<String> {
+        self.paid.then(|| format!("pi_{}", self.id.trim_start_matches("cs_")))
+    }
+
+    pub fn charge(&self) -> String {
+        format!("ch_{}", self.id.trim_start_matches("cs_"))
+    }
+}
+
+impl Session {
+    pub fn expired(&self) -> bool {
+        !self.paid && unix_secs() > self.expires_at
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -83,12 +110,28 @@ pub struct Counters {
     pub queries: AtomicU64,
     pub callbacks_sent: AtomicU64,
     pub callbacks_dropped: AtomicU64,
+    /// Refunds made (a repeated idempotent call makes none).
+    pub refunds_created: AtomicU64,
+    pub refund_calls: AtomicU64,
+}
+
+/// A refund made at the fake Stripe.
+#[derive(Clone, Debug)]
+pub struct Refund {
+    pub id: String,
+    pub payment_intent: String,
+    pub amount: u64,
+    pub currency: String,
+    pub order_id: Option<String>,
 }
 
 struct State {
     faults: Mutex<Faults>,
     sessions: Mutex<HashMap<String, Session>>,
     idempotency: Mutex<HashMap<String, String>>,
+    /// Refunds, and refund idempotency keys → refund id.
+    refunds: Mutex<Vec<Refund>>,
+    refund_keys: Mutex<HashMap<String, String>>,
     epay: Mutex<HashMap<String, EpayOrder>>,
     next: AtomicU64,
     url: String,
@@ -202,7 +245,9 @@ impl State {
             "metadata": { "order_id": s.order_id, "node_id": s.node_id },
             "mode": "payment",
             "payment_status": if s.paid { "paid" } else { "unpaid" },
-            "status": if s.paid { "complete" } else { "open" },
+            "status": if s.paid { "complete" } else if s.expired() { "expired" } else { "open" },
+            "expires_at": s.expires_at,
+            "payment_intent": s.payment_intent(),
         })
     }
 
@@ -273,6 +318,19 @@ impl State {
                     );
                 };
                 let quantity: u64 = get(&form, "line_items[0][quantity]").and_then(|q| q.parse().ok()).unwrap_or(1);
+                // Stripe's rule: 30 minutes to 24 hours after the session's creation.
+                let now = unix_secs();
+                let expires_at = match get(&form, "expires_at").map(str::parse::<u64>) {
+                    None => now + 86_400,
+                    Some(Ok(at)) if (now + 1_800..=now + 86_400).contains(&at) => at,
+                    Some(_) => {
+                        let message = "The `expires_at` timestamp must be between 30 minutes and 24 hours from Checkout Session creation.";
+                        return json_response(
+                            StatusCode::BAD_REQUEST,
+                            &json!({ "error": { "message": message, "param": "expires_at", "type": "invalid_request_error" } }),
+                        );
+                    }
+                };
                 let session = Session {
                     id: format!("cs_test_{}", self.next.fetch_add(1, Ordering::Relaxed)),
                     order_id: order_id.to_string(),
@@ -282,6 +340,7 @@ impl State {
                     paid: false,
                     success_url: get(&form, "success_url").unwrap_or("").to_string(),
                     cancel_url: get(&form, "cancel_url").unwrap_or("").to_string(),
+                    expires_at,
                 };
                 self.counters.sessions_created.fetch_add(1, Ordering::Relaxed);
                 self.sessions.lock().insert(session.id.clone(), session.clone());
@@ -289,6 +348,16 @@ impl State {
                     self.idempotency.lock().insert(key, session.id.clone());
                 }
                 json_response(StatusCode::OK, &self.session_json(&session))
+            }
+            (Method::POST, "/v1/refunds") => {
+                self.create_refund(&parse_form(&String::from_utf8_lossy(&body)), idempotency).await
+            }
+            (Method::GET, "/v1/refunds") => {
+                let q = parse_form(&query);
+                let intent = get(&q, "payment_intent").unwrap_or("");
+                let data: Vec<Value> =
+                    self.refunds.lock().iter().filter(|r| r.payment_intent == intent).map(refund_json).collect();
+                json_response(StatusCode::OK, &json!({ "object": "list", "data": data, "has_more": false }))
             }
             (Method::GET, p) if p.starts_with("/v1/checkout/sessions/") => {
                 self.counters.queries.fetch_add(1, Ordering::Relaxed);
@@ -322,6 +391,64 @@ impl State {
     }
 }
 
+fn refund_json(r: &Refund) -> Value {
+    json!({
+        "id": r.id, "object": "refund", "amount": r.amount, "currency": r.currency,
+        "payment_intent": r.payment_intent, "status": "succeeded",
+        "metadata": r.order_id.as_ref().map_or(json!({}), |o| json!({ "order_id": o })),
+    })
+}
+
+impl State {
+    /// `POST /v1/refunds`: a full refund of a paid session's PaymentIntent.
+    async fn create_refund(&self, form: &[(String, String)], idempotency: Option<String>) -> Response<Full<Bytes>> {
+        self.counters.refund_calls.fetch_add(1, Ordering::Relaxed);
+        let error = |status, code: &str, message: &str| {
+            json_response(
+                status,
+                &json!({ "error": { "code": code, "message": message, "type": "invalid_request_error" } }),
+            )
+        };
+        let known = idempotency.as_ref().and_then(|k| self.refund_keys.lock().get(k).cloned());
+        let refund = match known {
+            Some(id) => self.refunds.lock().iter().find(|r| r.id == id).cloned(),
+            None => {
+                let intent = get(form, "payment_intent").unwrap_or("");
+                let session =
+                    self.sessions.lock().values().find(|s| s.payment_intent().as_deref() == Some(intent)).cloned();
+                let Some(session) = session else {
+                    return error(StatusCode::NOT_FOUND, "resource_missing", "No such payment_intent");
+                };
+                if self.refunds.lock().iter().any(|r| r.payment_intent == intent) {
+                    let message = format!("Charge {} has already been refunded.", session.charge());
+                    return error(StatusCode::BAD_REQUEST, "charge_already_refunded", &message);
+                }
+                let refund = Refund {
+                    id: format!("re_test_{}", self.next.fetch_add(1, Ordering::Relaxed)),
+                    payment_intent: intent.to_string(),
+                    amount: session.amount_total,
+                    currency: session.currency.clone(),
+                    order_id: get(form, "metadata[order_id]").map(str::to_string),
+                };
+                self.refunds.lock().push(refund.clone());
+                if let Some(key) = idempotency {
+                    self.refund_keys.lock().insert(key, refund.id.clone());
+                }
+                self.counters.refunds_created.fetch_add(1, Ordering::Relaxed);
+                Some(refund)
+            }
+        };
+        let Some(refund) = refund else { return error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "lost refund") };
+        let faults = self.faults.lock().clone();
+        if faults.refund_stall {
+            // Made, but the caller never hears of it.
+            tokio::time::sleep(faults.stall).await;
+            return error(StatusCode::SERVICE_UNAVAILABLE, "api_error", "injected stall");
+        }
+        json_response(StatusCode::OK, &refund_json(&refund))
+    }
+}
+
 impl FakeGateway {
     /// Starts the gateway on 127.0.0.1 with a fresh CA; must run inside a tokio runtime.
     pub async fn start() -> FakeGateway {
@@ -344,6 +471,8 @@ impl FakeGateway {
             faults: Mutex::new(Faults { stall: Duration::from_secs(3), ..Faults::default() }),
             sessions: Mutex::new(HashMap::new()),
             idempotency: Mutex::new(HashMap::new()),
+            refunds: Mutex::new(Vec::new()),
+            refund_keys: Mutex::new(HashMap::new()),
             epay: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             url: url.clone(),
@@ -446,11 +575,13 @@ impl FakeGateway {
     }
 
     /// The buyer completes Checkout for `session_id`: the session becomes paid and
-    /// `checkout.session.completed` is sent (subject to faults).
+    /// `checkout.session.completed` is sent (subject to faults). An expired session takes no
+    /// payment (a test error).
     pub async fn pay_stripe(&self, session_id: &str) -> Vec<u16> {
         let session = {
             let mut sessions = self.state.sessions.lock();
             let session = sessions.get_mut(session_id).expect("unknown session");
+            assert!(!session.expired(), "session {session_id} has expired: Checkout takes no payment");
             session.paid = true;
             session.clone()
         };
@@ -540,6 +671,55 @@ impl FakeGateway {
         let result = encode_form(&self.epay_notify(&order, "TRADE_SUCCESS", EPAY_KEY));
         let separator = if order.return_url.contains('?') { '&' } else { '?' };
         format!("{}{separator}{result}", order.return_url)
+    }
+
+    /// Refunds made, in order.
+    pub fn refunds(&self) -> Vec<Refund> {
+        self.state.refunds.lock().clone()
+    }
+
+    /// A refund made in Stripe's dashboard: the session's charge is refunded in full and
+    /// `charge.refunded` is sent. Returns the node's answers.
+    pub async fn refund_in_dashboard(&self, session_id: &str) -> Vec<u16> {
+        let session = self.session(session_id).expect("unknown session");
+        let intent = session.payment_intent().expect("an unpaid session has nothing to refund");
+        let refund = Refund {
+            id: format!("re_dash_{}", self.state.next.fetch_add(1, Ordering::Relaxed)),
+            payment_intent: intent.clone(),
+            amount: session.amount_total,
+            currency: session.currency.clone(),
+            order_id: None,
+        };
+        self.state.refunds.lock().push(refund.clone());
+        self.state.counters.refunds_created.fetch_add(1, Ordering::Relaxed);
+        let charge = json!({
+            "id": session.charge(), "object": "charge", "amount": session.amount_total,
+            "amount_refunded": session.amount_total, "currency": session.currency, "payment_intent": intent,
+            "refunded": true, "refunds": { "object": "list", "data": [refund_json(&refund)] },
+        });
+        self.send_object_event("charge.refunded", charge).await
+    }
+
+    /// The buyer disputes the session's payment: `charge.dispute.created` is sent.
+    pub async fn open_dispute(&self, session_id: &str) -> Vec<u16> {
+        let session = self.session(session_id).expect("unknown session");
+        let dispute = json!({
+            "id": format!("dp_test_{}", self.state.next.fetch_add(1, Ordering::Relaxed)), "object": "dispute",
+            "amount": session.amount_total, "currency": session.currency, "charge": session.charge(),
+            "payment_intent": session.payment_intent(), "reason": "fraudulent", "status": "needs_response",
+        });
+        self.send_object_event("charge.dispute.created", dispute).await
+    }
+
+    async fn send_object_event(&self, kind: &str, object: Value) -> Vec<u16> {
+        let body = json!({
+            "id": format!("evt_{}", self.state.next.fetch_add(1, Ordering::Relaxed)),
+            "object": "event", "type": kind, "created": unix_secs(), "data": { "object": object },
+        })
+        .to_string()
+        .into_bytes();
+        let signature = stripe_signature(STRIPE_WEBHOOK_SECRET, unix_secs(), &body);
+        vec![self.post_stripe_webhook(&body, &signature).await.0]
     }
 
     pub fn epay_order(&self, out_trade_no: &str) -> Option<EpayOrder> {

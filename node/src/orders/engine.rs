@@ -19,7 +19,10 @@ use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::record::{self, OrderRecord, OrderStatus, PaymentAttempt, PaymentRecord, SliceMeta};
+use super::binding::{self, Binding};
+use super::record::{
+    self, OrderRecord, OrderStatus, PaymentAttempt, PaymentProblem, PaymentProblemKind, PaymentRecord, SliceMeta,
+};
 use crate::catalog::Catalog;
 use crate::config::{Currency, OrdersConfig, ProductConfig};
 use crate::limiter::{limit_key, LimitKey};
@@ -48,8 +51,13 @@ pub enum OrderError {
     TooManyOpen { who: &'static str },
     #[error("order not found")]
     NotFound,
-    #[error("payment does not match the order: {0}")]
-    PaymentMismatch(&'static str),
+    /// A provider's field the node cannot store or report (see `binding::check_fields`).
+    #[error("invalid payment: bad {0}")]
+    InvalidPayment(&'static str),
+    #[error("the order already has {max} payment attempts")]
+    TooManyAttempts { max: usize },
+    #[error("cannot refund this order: {0}")]
+    NotRefundable(&'static str),
     /// The node restarted and the coordinator has not yet confirmed its data dir: it writes no
     /// events (no sales, payments or expiries) until then, so that a data dir restored from an
     /// older copy cannot resell keys. Retry shortly.
@@ -85,6 +93,12 @@ pub struct PaymentConfirmation {
     pub provider_txn: String,
     pub amount_minor: u64,
     pub currency: String,
+    /// The provider's reference of the payment it was made through (a Stripe Checkout Session),
+    /// when the provider gives one: it must be one of the order's attempts.
+    pub provider_ref: Option<String>,
+    /// The provider's id of the money movement, when it differs from `provider_txn` (a Stripe
+    /// PaymentIntent): refunds and disputes name it.
+    pub provider_payment: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +109,9 @@ pub enum PaymentOutcome {
     AlreadyRecorded,
     /// A second, different payment for a settled order: recorded, needs a refund.
     DuplicatePayment,
+    /// It paid nothing (matched none of the order's attempts, paid another order already, or the
+    /// wrong amount): recorded durably, counted and logged, reported to the ledger.
+    Problem(PaymentProblemKind),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,14 +147,14 @@ struct OpenReservation {
 }
 
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     holdings: Holdings,
     open: HashMap<OrderId, OpenReservation>,
     expiry: BTreeSet<(UnixMillis, OrderId)>,
     open_per_ip: HashMap<LimitKey, u32>,
     open_per_email: HashMap<String, u32>,
     /// PaidAwaitingStock orders per sku, oldest first: (queue seq, order).
-    awaiting: HashMap<Sku, VecDeque<(u64, OrderId)>>,
+    pub(super) awaiting: HashMap<Sku, VecDeque<(u64, OrderId)>>,
     next_seq: u64,
     /// Whether events may be written: always for a standalone node; for a node with a coordinator,
     /// once it has confirmed this data dir since the process started.
@@ -170,7 +187,7 @@ impl State {
 
     /// Appends an outbox event about `order` to `batch`; the caller applies the batch under the
     /// same lock. Returns the event's seq.
-    fn push_event(
+    pub(super) fn push_event(
         &mut self,
         batch: &mut WriteBatch,
         node: &NodeId,
@@ -268,14 +285,14 @@ pub fn hash_token(token: &OrderToken) -> String {
 }
 
 pub struct OrderEngine {
-    node_id: NodeId,
-    store: Arc<Store>,
+    pub(super) node_id: NodeId,
+    pub(super) store: Arc<Store>,
     catalog: Arc<Catalog>,
     config: OrdersConfig,
-    state: Mutex<State>,
+    pub(super) state: Mutex<State>,
     /// Delivered orders whose batch is applied but maybe not yet durable: lookups wait for them.
     pending_durable: Mutex<HashSet<OrderId>>,
-    metrics: Arc<OrderMetrics>,
+    pub(super) metrics: Arc<OrderMetrics>,
     /// Origin of the node's monotonic milliseconds, which leases are measured on.
     clock_base: Instant,
     /// The data dir's id, made when it was created (see `edgecard_protocol::sync`).
@@ -357,7 +374,7 @@ impl OrderEngine {
         self.state.lock().confirmed
     }
 
-    fn ensure_confirmed(&self) -> Result<(), OrderError> {
+    pub(super) fn ensure_confirmed(&self) -> Result<(), OrderError> {
         if self.is_confirmed() {
             Ok(())
         } else {
@@ -502,7 +519,9 @@ impl OrderEngine {
                 secrets: Vec::new(),
                 payment: None,
                 delivered_at: None,
-                payment_attempt: None,
+                attempts: Vec::new(),
+                refund: None,
+                dispute: None,
             };
             let mut batch = WriteBatch::default();
             record::ORDERS.put(&mut batch, record.id.as_bytes(), &record)?;
@@ -579,107 +598,51 @@ impl OrderEngine {
 
     /// Records a verified payment and delivers. Returns only once the outcome is durable, so the
     /// provider sees success only for payments the node cannot lose.
+    ///
+    /// A payment that does not bind to the order (see [`binding::bind`]) delivers nothing: it is
+    /// recorded under `v/` with an event for the ledger, counted and logged as an error, and
+    /// answered [`PaymentOutcome::Problem`] (the same answer when the provider repeats it).
     pub async fn confirm_payment(&self, payment: PaymentConfirmation) -> Result<PaymentOutcome, OrderError> {
+        binding::check_fields(&payment).map_err(OrderError::InvalidPayment)?;
         let callback_key = record::callback_key(&payment.channel, &payment.provider_txn);
         // The provider retries; by then the data dir is confirmed, or caught up. (A data dir is
         // fenced again only if the coordinator finds it behind, which a running node never is.)
         self.ensure_confirmed()?;
         let outcome = {
             let mut state = self.state.lock();
-            if self.store.get(&callback_key)?.is_some() {
-                drop(state);
-                // Seen before: make sure what we answered then is durable, then answer the same.
+            let order = record::ORDERS.get(&self.store, payment.order_id.as_bytes())?.ok_or(OrderError::NotFound)?;
+            let problem_id = record::problem_id(
+                &payment.channel,
+                &payment.provider_txn,
+                &order.id,
+                payment.amount_minor,
+                &payment.currency,
+            );
+            let known_problem = record::PAYMENT_PROBLEMS.get(&self.store, &problem_id)?;
+            let owner = self.store.get(&callback_key)?.and_then(|raw| record::order_id_from(&raw));
+            let binding = match known_problem {
+                Some(known) => Err(PaymentOutcome::Problem(known.kind)),
+                None => match binding::bind(&order, &payment, owner) {
+                    Binding::AlreadyRecorded => Err(PaymentOutcome::AlreadyRecorded),
+                    Binding::Problem(kind) => {
+                        self.record_problem(&mut state, &order, &payment, kind)?;
+                        Err(PaymentOutcome::Problem(kind))
+                    }
+                    Binding::Pay => Ok(()),
+                },
+            };
+            match binding {
+                // Seen before, or a problem just recorded: answered once durable, below.
+                Err(answer) => Err(answer),
+                Ok(()) => self.settle_payment(&mut state, order, &payment, callback_key).map(Ok)?,
+            }
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(answer) => {
                 self.store.durable().await?;
-                return Ok(PaymentOutcome::AlreadyRecorded);
+                return Ok(answer);
             }
-            let mut order =
-                record::ORDERS.get(&self.store, payment.order_id.as_bytes())?.ok_or(OrderError::NotFound)?;
-            if payment.amount_minor != order.amount_minor {
-                return Err(OrderError::PaymentMismatch("amount"));
-            }
-            if payment.currency != order.currency {
-                return Err(OrderError::PaymentMismatch("currency"));
-            }
-            let now = now_millis();
-            let mut batch = WriteBatch::default();
-            batch.put(callback_key, order.id.as_bytes().to_vec());
-            let paid = PaymentRecord {
-                channel: payment.channel.clone(),
-                provider_txn: payment.provider_txn.clone(),
-                amount_minor: payment.amount_minor,
-                currency: payment.currency.clone(),
-                paid_at: now,
-            };
-            let outcome = match order.status {
-                OrderStatus::Delivered | OrderStatus::PaidAwaitingStock => {
-                    self.metrics.duplicate_payments.inc();
-                    tracing::warn!(order = %order.id, channel = %payment.channel, "second payment for a settled order; refund needed");
-                    PaymentOutcome::DuplicatePayment
-                }
-                OrderStatus::Reserved | OrderStatus::Expired => {
-                    let paid_event = OrderEventKind::Paid {
-                        channel: paid.channel.clone(),
-                        provider_txn: paid.provider_txn.clone(),
-                        amount_minor: paid.amount_minor,
-                        currency: paid.currency.clone(),
-                    };
-                    state.push_event(&mut batch, &self.node_id, &order, now, paid_event)?;
-                    order.payment = Some(paid);
-                    batch.delete(record::confirm_key(&order.id));
-                    let held =
-                        if order.status == OrderStatus::Reserved { state.close_reservation(&order.id) } else { None };
-                    if held.is_some() {
-                        batch.delete(record::open_key(&order.id));
-                        self.metrics.open_reservations.dec();
-                    }
-                    // Keys held by the reservation, or freshly taken ones (which count against the
-                    // take window once their Delivered event has a seq).
-                    let (keys, fresh) = match held {
-                        Some(held) if self.keys_still_sellable(&state, &held) => (Some(held.key_ids), Vec::new()),
-                        held => {
-                            // The reservation ended (or its lease did): its keys go back, and the
-                            // order competes for stock like a new one.
-                            if let Some(held) = held {
-                                let back = self.give_back(&mut state, &mut batch, &held.sku, &held.key_ids)?;
-                                for (key, slice) in back {
-                                    state.holdings.put(&held.sku, key, slice);
-                                }
-                            }
-                            match state.holdings.take(&order.sku, order.quantity as usize, self.mono_ms()) {
-                                Some(taken) => (Some(taken.iter().map(|(k, _)| *k).collect()), taken),
-                                None => (None, Vec::new()),
-                            }
-                        }
-                    };
-                    match keys {
-                        Some(keys) => {
-                            let seq = self.deliver(&mut state, &mut batch, &mut order, keys, now)?;
-                            state.holdings.record_takes(seq, &fresh);
-                            PaymentOutcome::Delivered
-                        }
-                        None => {
-                            order.status = OrderStatus::PaidAwaitingStock;
-                            order.key_ids.clear();
-                            let seq = state.push_event(
-                                &mut batch,
-                                &self.node_id,
-                                &order,
-                                now,
-                                OrderEventKind::AwaitingStock { quantity: order.quantity },
-                            )?;
-                            batch.put(record::awaiting_key(seq), order.id.as_bytes().to_vec());
-                            state.awaiting.entry(order.sku.clone()).or_default().push_back((seq, order.id));
-                            self.metrics.awaiting_stock.inc();
-                            PaymentOutcome::AwaitingStock
-                        }
-                    }
-                }
-            };
-            if outcome != PaymentOutcome::DuplicatePayment {
-                record::ORDERS.put(&mut batch, order.id.as_bytes(), &order)?;
-            }
-            self.store.apply(batch)?;
-            outcome
         };
         // Only a durable delivery leaves the pending set: after a failed flush the record in
         // memory is not on disk, and lookups must keep waiting (and fail) instead of revealing it.
@@ -698,9 +661,180 @@ impl OrderEngine {
         Ok(outcome)
     }
 
-    /// Records on an unpaid order that its payment was created at `attempt.channel` (with the
-    /// provider's handle and pay link when it has them). One batch under the engine lock, durable
-    /// before returning, so the pay link is never shown for a payment compensation cannot find.
+    /// Binds a payment that [`binding::bind`] found to be the order's: delivers it, queues it for
+    /// stock, or records it as a second payment of a settled order. One batch, applied under the
+    /// lock; the caller waits for durability.
+    fn settle_payment(
+        &self,
+        state: &mut State,
+        mut order: OrderRecord,
+        payment: &PaymentConfirmation,
+        callback_key: Vec<u8>,
+    ) -> Result<PaymentOutcome, OrderError> {
+        let now = now_millis();
+        let mut batch = WriteBatch::default();
+        batch.put(callback_key, order.id.as_bytes().to_vec());
+        if let Some(provider_payment) = &payment.provider_payment {
+            // Refunds and disputes reported by the provider name this id.
+            batch.put(record::provider_payment_key(&payment.channel, provider_payment), order.id.as_bytes().to_vec());
+        }
+        let paid = PaymentRecord {
+            channel: payment.channel.clone(),
+            provider_txn: payment.provider_txn.clone(),
+            amount_minor: payment.amount_minor,
+            currency: payment.currency.clone(),
+            paid_at: now,
+            provider_payment: payment.provider_payment.clone(),
+        };
+        let outcome = match order.status {
+            OrderStatus::Delivered | OrderStatus::PaidAwaitingStock | OrderStatus::Refunded => {
+                self.metrics.duplicate_payments.inc();
+                tracing::warn!(order = %order.id, channel = %payment.channel, "second payment for a settled order; refund needed");
+                PaymentOutcome::DuplicatePayment
+            }
+            OrderStatus::Reserved | OrderStatus::Expired => {
+                let paid_event = OrderEventKind::Paid {
+                    channel: paid.channel.clone(),
+                    provider_txn: paid.provider_txn.clone(),
+                    amount_minor: paid.amount_minor,
+                    currency: paid.currency.clone(),
+                };
+                state.push_event(&mut batch, &self.node_id, &order, now, paid_event)?;
+                order.payment = Some(paid);
+                batch.delete(record::confirm_key(&order.id));
+                let held =
+                    if order.status == OrderStatus::Reserved { state.close_reservation(&order.id) } else { None };
+                if held.is_some() {
+                    batch.delete(record::open_key(&order.id));
+                    self.metrics.open_reservations.dec();
+                }
+                // Keys held by the reservation, or freshly taken ones (which count against the
+                // take window once their Delivered event has a seq).
+                let (keys, fresh) = match held {
+                    Some(held) if self.keys_still_sellable(state, &held) => (Some(held.key_ids), Vec::new()),
+                    held => {
+                        // The reservation ended (or its lease did): its keys go back, and the
+                        // order competes for stock like a new one.
+                        if let Some(held) = held {
+                            let back = self.give_back(state, &mut batch, &held.sku, &held.key_ids)?;
+                            for (key, slice) in back {
+                                state.holdings.put(&held.sku, key, slice);
+                            }
+                        }
+                        match state.holdings.take(&order.sku, order.quantity as usize, self.mono_ms()) {
+                            Some(taken) => (Some(taken.iter().map(|(k, _)| *k).collect()), taken),
+                            None => (None, Vec::new()),
+                        }
+                    }
+                };
+                match keys {
+                    Some(keys) => {
+                        let seq = self.deliver(state, &mut batch, &mut order, keys, now)?;
+                        state.holdings.record_takes(seq, &fresh);
+                        PaymentOutcome::Delivered
+                    }
+                    None => {
+                        order.status = OrderStatus::PaidAwaitingStock;
+                        order.key_ids.clear();
+                        let seq = state.push_event(
+                            &mut batch,
+                            &self.node_id,
+                            &order,
+                            now,
+                            OrderEventKind::AwaitingStock { quantity: order.quantity },
+                        )?;
+                        batch.put(record::awaiting_key(seq), order.id.as_bytes().to_vec());
+                        state.awaiting.entry(order.sku.clone()).or_default().push_back((seq, order.id));
+                        self.metrics.awaiting_stock.inc();
+                        PaymentOutcome::AwaitingStock
+                    }
+                }
+            }
+        };
+        if outcome != PaymentOutcome::DuplicatePayment {
+            record::ORDERS.put(&mut batch, order.id.as_bytes(), &order)?;
+        }
+        self.store.apply(batch)?;
+        Ok(outcome)
+    }
+
+    /// Records a verified payment that paid nothing (one batch: the problem and the ledger
+    /// event), counts it and logs it as an error.
+    fn record_problem(
+        &self,
+        state: &mut State,
+        order: &OrderRecord,
+        payment: &PaymentConfirmation,
+        kind: PaymentProblemKind,
+    ) -> Result<(), OrderError> {
+        let now = now_millis();
+        let problem = PaymentProblem {
+            order_id: order.id,
+            channel: payment.channel.clone(),
+            provider_txn: payment.provider_txn.clone(),
+            amount_minor: payment.amount_minor,
+            currency: payment.currency.clone(),
+            kind,
+            at: now,
+        };
+        let mut batch = WriteBatch::default();
+        let id = record::problem_id(
+            &payment.channel,
+            &payment.provider_txn,
+            &order.id,
+            payment.amount_minor,
+            &payment.currency,
+        );
+        record::PAYMENT_PROBLEMS.put(&mut batch, &id, &problem)?;
+        let event = match kind.unmatched() {
+            Some(reason) => OrderEventKind::PaymentUnmatched {
+                channel: problem.channel.clone(),
+                provider_txn: problem.provider_txn.clone(),
+                amount_minor: problem.amount_minor,
+                currency: problem.currency.clone(),
+                reason,
+            },
+            // The transaction is not marked as this order's (`c/`): had the provider reported it
+            // wrongly, its correct report would still pay the order.
+            None => OrderEventKind::PaymentMismatch {
+                channel: problem.channel.clone(),
+                provider_txn: problem.provider_txn.clone(),
+                amount_minor: problem.amount_minor,
+                currency: problem.currency.clone(),
+            },
+        };
+        state.push_event(&mut batch, &self.node_id, order, now, event)?;
+        self.store.apply(batch)?;
+        self.metrics.payment_problem(&problem.channel, kind);
+        tracing::error!(
+            order = %order.id,
+            channel = %problem.channel,
+            provider_txn = %problem.provider_txn,
+            amount_minor = problem.amount_minor,
+            currency = %problem.currency,
+            reason = kind.as_str(),
+            "verified payment paid nothing: recorded for an operator (refund or settle it)"
+        );
+        Ok(())
+    }
+
+    /// Verified payments that paid nothing, oldest key first.
+    pub fn payment_problems(&self) -> Result<Vec<PaymentProblem>, StoreError> {
+        let mut problems = Vec::new();
+        for item in self.store.scan_prefix(record::PROBLEM) {
+            problems.push(record::PAYMENT_PROBLEMS.decode(&item?.1)?);
+        }
+        Ok(problems)
+    }
+
+    /// Records on an unpaid order that a payment was created for it at `attempt.channel` (with the
+    /// provider's handle and pay link when it has them), after the ones before: callbacks must
+    /// match one of them. One batch under the engine lock, durable before returning, so the pay
+    /// link is never shown for a payment compensation cannot find.
+    ///
+    /// An order that records no attempt has one implied at its channel (see
+    /// [`OrderRecord::attempts`]); a caller opening a second payment for such an order records
+    /// the implied one first.
     pub async fn record_payment_attempt(&self, id: &OrderId, attempt: PaymentAttempt) -> Result<(), OrderError> {
         {
             let _state = self.state.lock();
@@ -709,8 +843,17 @@ impl OrderEngine {
                 // Settled meanwhile (a fast callback): nothing to record.
                 return Ok(());
             }
+            let repeated =
+                order.attempts.iter().any(|a| a.channel == attempt.channel && a.provider_ref == attempt.provider_ref);
+            if repeated {
+                // The same payment again (creation is idempotent per order): nothing new.
+                return Ok(());
+            }
+            if order.attempts.len() >= record::MAX_PAYMENT_ATTEMPTS {
+                return Err(OrderError::TooManyAttempts { max: record::MAX_PAYMENT_ATTEMPTS });
+            }
             order.channel = attempt.channel.clone();
-            order.payment_attempt = Some(attempt);
+            order.attempts.push(attempt);
             let mut batch = WriteBatch::default();
             record::ORDERS.put(&mut batch, id.as_bytes(), &order)?;
             self.store.apply(batch)?;

@@ -7,7 +7,8 @@
 //! What comes back: orders (with their token's digest, so the buyer's link works again; a
 //! restored order's payment channel is the one its payment names), keys taken or delivered (no
 //! longer on sale, delivered secrets moved into the order as a sale would), keys released to the
-//! coordinator (dropped). What cannot: the buyer's e-mail and address (events never carry them),
+//! coordinator (dropped), payments that paid nothing (recorded again), refunds (the order refunded,
+//! its keys not shown) and disputes. What cannot: the buyer's e-mail and address (events never carry them),
 //! and the secret of a key whose slice the older copy never received (the order is restored
 //! without it; its page says so).
 
@@ -16,7 +17,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use edgecard_protocol::{OrderEvent, OrderEventKind, OrderId, Secret};
 
-use super::record::{self, OrderRecord, OrderStatus, PaymentRecord};
+use super::record::{
+    self, DisputeRecord, OrderRecord, OrderStatus, PaymentProblem, PaymentProblemKind, PaymentRecord, RefundRecord,
+    RefundState,
+};
 use crate::store::{Store, StoreError, WriteBatch};
 
 /// The store changes that restore `events` (ascending, all past the outbox's newest).
@@ -58,7 +62,9 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
                     secrets: Vec::new(),
                     payment: None,
                     delivered_at: None,
-                    payment_attempt: None,
+                    attempts: Vec::new(),
+                    refund: None,
+                    dispute: None,
                 });
                 batch.put(record::open_key(&order.id), expires_at.0.to_be_bytes().to_vec());
                 orders.insert(order.id, order);
@@ -74,6 +80,7 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
                     amount_minor: *amount_minor,
                     currency: currency.clone(),
                     paid_at: event.at,
+                    provider_payment: None,
                 });
                 orders.insert(order.id, order);
             }
@@ -131,6 +138,74 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
                     batch.delete(record::key_key(&event.sku, *key));
                 }
             }
+            OrderEventKind::PaymentUnmatched { channel, provider_txn, amount_minor, currency, reason } => {
+                let problem = PaymentProblem {
+                    order_id: event.order_id,
+                    channel: channel.clone(),
+                    provider_txn: provider_txn.clone(),
+                    amount_minor: *amount_minor,
+                    currency: currency.clone(),
+                    kind: (*reason).into(),
+                    at: event.at,
+                };
+                put_problem(&mut batch, &problem)?;
+                if let Some(order) = existing {
+                    orders.insert(order.id, order);
+                }
+            }
+            OrderEventKind::PaymentMismatch { channel, provider_txn, amount_minor, currency } => {
+                let Some(order) = existing else { continue };
+                let kind = if *amount_minor != order.amount_minor {
+                    PaymentProblemKind::AmountMismatch
+                } else {
+                    PaymentProblemKind::CurrencyMismatch
+                };
+                let problem = PaymentProblem {
+                    order_id: order.id,
+                    channel: channel.clone(),
+                    provider_txn: provider_txn.clone(),
+                    amount_minor: *amount_minor,
+                    currency: currency.clone(),
+                    kind,
+                    at: event.at,
+                };
+                put_problem(&mut batch, &problem)?;
+                orders.insert(order.id, order);
+            }
+            OrderEventKind::Refunded { provider_refund, manual, .. } => {
+                let Some(mut order) = existing else { continue };
+                if order.status == OrderStatus::PaidAwaitingStock {
+                    let queued = match awaiting.remove(&order.id) {
+                        Some(seq) => Some(seq),
+                        None => awaiting_seq_in_store(store, &order.id)?,
+                    };
+                    if let Some(seq) = queued {
+                        batch.delete(record::awaiting_key(seq));
+                    }
+                }
+                batch.delete(record::refund_pending_key(&order.id));
+                let reason = order.refund.take().map_or_else(|| "restored from the ledger".to_string(), |r| r.reason);
+                order.refund = Some(RefundRecord {
+                    state: if *manual { RefundState::Manual } else { RefundState::Refunded },
+                    reason,
+                    requested_at: event.at,
+                    provider_refund: (!provider_refund.is_empty()).then(|| provider_refund.clone()),
+                    settled_at: Some(event.at),
+                });
+                order.status = OrderStatus::Refunded;
+                order.secrets.clear();
+                orders.insert(order.id, order);
+            }
+            OrderEventKind::Disputed { provider_dispute, amount_minor, currency, .. } => {
+                let Some(mut order) = existing else { continue };
+                order.dispute = Some(DisputeRecord {
+                    provider_dispute: provider_dispute.clone(),
+                    amount_minor: *amount_minor,
+                    currency: currency.clone(),
+                    at: event.at,
+                });
+                orders.insert(order.id, order);
+            }
         }
     }
     let restored = orders.len();
@@ -138,6 +213,17 @@ pub fn restore_events(store: &Store, events: &[OrderEvent]) -> Result<Restored, 
         record::ORDERS.put(&mut batch, order.id.as_bytes(), order)?;
     }
     Ok(Restored { batch, orders: restored, missing_secrets })
+}
+
+fn put_problem(batch: &mut WriteBatch, problem: &PaymentProblem) -> Result<(), StoreError> {
+    let id = record::problem_id(
+        &problem.channel,
+        &problem.provider_txn,
+        &problem.order_id,
+        problem.amount_minor,
+        &problem.currency,
+    );
+    record::PAYMENT_PROBLEMS.put(batch, &id, problem)
 }
 
 /// The queue seq of a paid order waiting for stock in the store (the queue is short).

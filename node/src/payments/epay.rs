@@ -29,7 +29,7 @@ use super::{
     encode_form, format_money_2dp, parse_form, parse_money_2dp, AckStyle, BoxFuture, CallbackError, CallbackRequest,
     CallbackVerdict, ChannelError, CreatedPayment, PaymentChannel, ProviderStatus, QueriedStatus, VerifiedCallback,
 };
-use crate::orders::OrderRecord;
+use crate::orders::{AttemptRef, OrderRecord};
 
 pub const NAME: &str = "epay";
 
@@ -122,7 +122,11 @@ impl PaymentChannel for EpayChannel {
         order: &'a OrderRecord,
         public_url: &'a str,
     ) -> BoxFuture<'a, Result<CreatedPayment, ChannelError>> {
-        let created = self.submit_url(order, public_url).map(|pay_url| CreatedPayment { pay_url, provider_ref: None });
+        let created = self.submit_url(order, public_url).map(|pay_url| CreatedPayment {
+            pay_url,
+            provider_ref: None,
+            pays_until: None,
+        });
         Box::pin(async move { created })
     }
 
@@ -178,10 +182,16 @@ impl PaymentChannel for EpayChannel {
             amount_minor,
             currency: self.settings.currency.clone(),
             status,
+            provider_ref: None,
+            provider_payment: None,
         }))
     }
 
-    fn query_payment<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
+    fn query_payment<'a>(
+        &'a self,
+        order: &'a OrderRecord,
+        _attempt: AttemptRef<'a>,
+    ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
         Box::pin(async move {
             let query = encode_form(&[
                 ("act", "order".into()),
@@ -226,6 +236,8 @@ impl PaymentChannel for EpayChannel {
                 amount_minor,
                 currency: self.settings.currency.clone(),
                 status: ProviderStatus::Succeeded,
+                provider_ref: None,
+                provider_payment: None,
             }))
         })
     }

@@ -16,6 +16,7 @@ pub mod breaker;
 pub mod compensation;
 pub mod epay;
 pub mod http_client;
+pub mod refunds;
 pub mod return_link;
 pub mod route_table;
 pub mod router;
@@ -28,7 +29,7 @@ use std::pin::Pin;
 use edgecard_protocol::OrderId;
 use http::HeaderMap;
 
-use crate::orders::OrderRecord;
+use crate::orders::{AttemptRef, OrderRecord};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -42,6 +43,27 @@ pub struct VerifiedCallback {
     /// ISO 4217, upper case.
     pub currency: String,
     pub status: ProviderStatus,
+    /// The provider's reference of the payment it was made through (a Checkout Session), when it
+    /// gives one: it must be one of the order's payment attempts.
+    pub provider_ref: Option<String>,
+    /// The provider's id of the money movement when it differs from `provider_txn` (a
+    /// PaymentIntent), which refunds and disputes name.
+    pub provider_payment: Option<String>,
+}
+
+impl VerifiedCallback {
+    /// What the engine binds to the order, as paid through `channel`.
+    pub fn confirmation(self, channel: &str) -> crate::orders::PaymentConfirmation {
+        crate::orders::PaymentConfirmation {
+            order_id: self.order_id,
+            channel: channel.to_string(),
+            provider_txn: self.provider_txn,
+            amount_minor: self.amount_minor,
+            currency: self.currency,
+            provider_ref: self.provider_ref,
+            provider_payment: self.provider_payment,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,11 +73,34 @@ pub enum ProviderStatus {
     NotSucceeded,
 }
 
+/// A refund made at the provider (its dashboard, or its API by anyone), as its webhook reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderRefund {
+    /// The payment refunded (a Stripe PaymentIntent), which finds the order.
+    pub provider_payment: String,
+    /// The provider's refund id.
+    pub provider_refund: String,
+}
+
+/// A dispute (chargeback) opened at the provider, as its webhook reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderDispute {
+    pub provider_payment: String,
+    pub provider_dispute: String,
+    pub amount_minor: u64,
+    /// ISO 4217, upper case.
+    pub currency: String,
+}
+
 /// The outcome of checking a callback that is authentic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallbackVerdict {
     /// About a payment of one of our orders.
     Payment(VerifiedCallback),
+    /// A payment was refunded in full at the provider.
+    Refund(ProviderRefund),
+    /// A payment was disputed at the provider.
+    Dispute(ProviderDispute),
     /// Authentic but not for us to act on (another event type, another node's order):
     /// acknowledged so the provider stops retrying, nothing changes.
     Ignored(&'static str),
@@ -104,6 +149,9 @@ pub struct CreatedPayment {
     /// Checkout Session id); recorded on the order and used to query it. `None` for channels
     /// that key payments by our order id.
     pub provider_ref: Option<String>,
+    /// Until when the provider takes this payment (a Checkout Session's `expires_at`); `None`
+    /// when it does not expire.
+    pub pays_until: Option<edgecard_protocol::UnixMillis>,
 }
 
 /// What the provider says about an order's payment, for compensation.
@@ -115,6 +163,15 @@ pub enum QueriedStatus {
     Pending,
     /// Finally failed or expired at the provider: stop asking.
     Failed,
+}
+
+/// A refund carried out at the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundResult {
+    /// The provider took it; `provider_refund` names it.
+    Refunded { provider_refund: String },
+    /// The channel has no refund call: the merchant refunds by hand at the provider.
+    Manual,
 }
 
 /// Failures talking to a provider. `retryable` says whether the same call may succeed later.
@@ -163,11 +220,30 @@ pub trait PaymentChannel: Send + Sync {
         now_unix_secs: u64,
     ) -> Result<CallbackVerdict, CallbackError>;
 
-    /// Asks the provider about `order`'s payment (compensation for lost callbacks).
-    fn query_payment<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>>;
+    /// Refunds `order`'s payment in full at the provider. Must be idempotent per order: asking
+    /// again after a crash or a timeout (the provider may have refunded already) gives the same
+    /// refund, never a second one. Channels without a refund call answer `Manual`.
+    fn refund<'a>(&'a self, _order: &'a OrderRecord) -> BoxFuture<'a, Result<RefundResult, ChannelError>> {
+        Box::pin(async { Ok(RefundResult::Manual) })
+    }
+
+    /// Asks the provider about the payment of `order` opened through `attempt` (compensation for
+    /// lost callbacks).
+    fn query_payment<'a>(
+        &'a self,
+        order: &'a OrderRecord,
+        attempt: AttemptRef<'a>,
+    ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>>;
 
     fn ack_style(&self) -> AckStyle {
         AckStyle::Json
+    }
+
+    /// Until when the provider takes the payment opened through `attempt` (compensation queries
+    /// until then, plus a grace period); `None` when it never expires (compensation's cap
+    /// applies).
+    fn pays_until(&self, _order: &OrderRecord, attempt: AttemptRef<'_>) -> Option<edgecard_protocol::UnixMillis> {
+        attempt.pays_until
     }
 
     /// Whether this channel can take an amount in `currency` at all.
@@ -179,12 +255,51 @@ pub trait PaymentChannel: Send + Sync {
     /// one derivable from the order; empty when neither exists.
     fn pay_url(&self, order: &OrderRecord, public_url: &str) -> String {
         order
-            .payment_attempt
-            .as_ref()
+            .latest_attempt()
             .and_then(|a| a.pay_url.clone())
             .or_else(|| self.local_pay_url(order, public_url))
             .unwrap_or_default()
     }
+}
+
+/// Why a payment could not be opened for an order.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No channel of the route took it.
+    #[error("{0}")]
+    Route(#[from] router::RouteError),
+    /// Recording the attempt on the order failed.
+    #[error("{0}")]
+    Order(#[from] crate::orders::OrderError),
+}
+
+/// Creates the payment of a freshly reserved order through `plan`, falling through channels as
+/// the router decides, and records it on the order (durably, before the pay link is shown) when
+/// the channel has a handle or a payment window of its own, a pay link it cannot derive, or is
+/// not the one first chosen. Returns the channel that took it and what it created.
+pub async fn open_payment(
+    engine: &crate::orders::OrderEngine,
+    router: &router::Router,
+    record: &OrderRecord,
+    public_url: &str,
+    plan: &[usize],
+) -> Result<(std::sync::Arc<dyn PaymentChannel>, CreatedPayment), OpenError> {
+    let (channel, created) = router.create(record, public_url, plan).await?;
+    let needs_record = created.provider_ref.is_some()
+        || created.pays_until.is_some()
+        || channel.name() != record.channel
+        || channel.local_pay_url(record, public_url).as_deref() != Some(created.pay_url.as_str());
+    if needs_record {
+        let attempt = crate::orders::PaymentAttempt {
+            channel: channel.name().to_string(),
+            provider_ref: created.provider_ref.clone(),
+            pay_url: Some(created.pay_url.clone()),
+            created_at: crate::orders::engine::now_millis(),
+            pays_until: created.pays_until,
+        };
+        engine.record_payment_attempt(&record.id, attempt).await?;
+    }
+    Ok((channel, created))
 }
 
 /// The payment side of a node, built from its config: channels, router, sandbox handle.
@@ -254,6 +369,7 @@ pub fn build(config: &crate::config::NodeConfig, return_links: &return_link::Ret
                     request_timeout: timeout,
                     node_id: config.node_id.to_string(),
                     return_links: return_links.clone(),
+                    session_ttl_secs: p.stripe.session_ttl_secs,
                 };
                 let channel = stripe::StripeChannel::new(settings, client.clone())
                     .map_err(|e| format!("payments.stripe.webhook_secret: {e}"))?;
@@ -321,6 +437,7 @@ pub fn build(config: &crate::config::NodeConfig, return_links: &return_link::Ret
         first_query_after_ms: p.compensation.first_query_after_ms,
         max_backoff_ms: p.compensation.max_backoff_ms,
         grace_ms: p.compensation.grace_secs.saturating_mul(1000),
+        max_window_ms: p.compensation.max_window_hours.saturating_mul(3_600_000),
         scan_every_ms: p.compensation.scan_every_ms,
         concurrency: p.compensation.concurrency,
         query_timeout_ms: p.create_timeout_ms,

@@ -326,7 +326,11 @@ mod tests {
             let result = if n < self.failures {
                 Err(self.error.clone())
             } else {
-                Ok(CreatedPayment { pay_url: format!("https://{}/pay", self.name), provider_ref: None })
+                Ok(CreatedPayment {
+                    pay_url: format!("https://{}/pay", self.name),
+                    provider_ref: None,
+                    pays_until: None,
+                })
             };
             Box::pin(async move { result })
         }
@@ -336,7 +340,11 @@ mod tests {
         fn verify_callback(&self, _: &CallbackRequest<'_>, _: u64) -> Result<CallbackVerdict, CallbackError> {
             Err(CallbackError::MissingSignature)
         }
-        fn query_payment<'a>(&'a self, _: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
+        fn query_payment<'a>(
+            &'a self,
+            _: &'a OrderRecord,
+            _: crate::orders::AttemptRef<'a>,
+        ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
             Box::pin(async { Ok(QueriedStatus::Pending) })
         }
     }

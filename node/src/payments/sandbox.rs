@@ -19,9 +19,9 @@ use sha2::Sha256;
 
 use super::{
     BoxFuture, CallbackError, CallbackRequest, CallbackVerdict, ChannelError, CreatedPayment, PaymentChannel,
-    ProviderStatus, QueriedStatus, VerifiedCallback,
+    ProviderStatus, QueriedStatus, RefundResult, VerifiedCallback,
 };
-use crate::orders::OrderRecord;
+use crate::orders::{AttemptRef, OrderRecord};
 
 pub const SIGNATURE_HEADER: &str = "edgecard-sandbox-signature";
 pub const NAME: &str = "sandbox";
@@ -44,6 +44,8 @@ pub struct SandboxChannel {
     faults: SandboxFaults,
     /// The provider's own record: orders paid, with what was paid.
     paid: Mutex<HashMap<OrderId, (u64, String)>>,
+    /// Orders refunded (in memory, like `paid`).
+    refunded: Mutex<std::collections::HashSet<OrderId>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -75,6 +77,7 @@ impl SandboxChannel {
             tolerance_secs,
             faults,
             paid: Mutex::new(HashMap::new()),
+            refunded: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -135,6 +138,11 @@ impl SandboxChannel {
         Some(self.signed_callback(order, now_unix_secs()))
     }
 
+    /// Whether the sandbox refunded `order` (for tests).
+    pub fn was_refunded(&self, order: &OrderId) -> bool {
+        self.refunded.lock().contains(order)
+    }
+
     /// Forgets a payment whose confirmation the node has recorded.
     pub fn settled(&self, order: &OrderId) {
         self.paid.lock().remove(order);
@@ -152,7 +160,7 @@ impl PaymentChannel for SandboxChannel {
         public_url: &'a str,
     ) -> BoxFuture<'a, Result<CreatedPayment, ChannelError>> {
         let pay_url = format!("{public_url}/pay/sandbox/{}", order.id);
-        Box::pin(async move { Ok(CreatedPayment { pay_url, provider_ref: None }) })
+        Box::pin(async move { Ok(CreatedPayment { pay_url, provider_ref: None, pays_until: None }) })
     }
 
     fn local_pay_url(&self, order: &OrderRecord, public_url: &str) -> Option<String> {
@@ -199,10 +207,24 @@ impl PaymentChannel for SandboxChannel {
             amount_minor: parsed.amount_minor,
             currency: parsed.currency,
             status: if parsed.status == "succeeded" { ProviderStatus::Succeeded } else { ProviderStatus::NotSucceeded },
+            provider_ref: None,
+            provider_payment: None,
         }))
     }
 
-    fn query_payment<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
+    /// The sandbox refunds at once; its refund id is derived from the order, so asking twice is
+    /// one refund.
+    fn refund<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<RefundResult, ChannelError>> {
+        let provider_refund = format!("sbx_refund_{}", order.id);
+        self.refunded.lock().insert(order.id);
+        Box::pin(async move { Ok(RefundResult::Refunded { provider_refund }) })
+    }
+
+    fn query_payment<'a>(
+        &'a self,
+        order: &'a OrderRecord,
+        _attempt: AttemptRef<'a>,
+    ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
         let paid = self.paid.lock().get(&order.id).cloned();
         Box::pin(async move {
             Ok(match paid {
@@ -212,6 +234,8 @@ impl PaymentChannel for SandboxChannel {
                     amount_minor,
                     currency,
                     status: ProviderStatus::Succeeded,
+                    provider_ref: None,
+                    provider_payment: None,
                 }),
                 None => QueriedStatus::Pending,
             })
@@ -236,7 +260,7 @@ mod tests {
     ) -> Result<VerifiedCallback, CallbackError> {
         match channel.verify_callback(&CallbackRequest { headers, query: None, body }, now)? {
             CallbackVerdict::Payment(v) => Ok(v),
-            CallbackVerdict::Ignored(why) => panic!("ignored: {why}"),
+            other => panic!("not a payment: {other:?}"),
         }
     }
 
@@ -284,9 +308,9 @@ mod fault_tests {
         let faults = SandboxFaults { callback_delay: Duration::ZERO, callback_failure_rate: 1.0 };
         let channel = SandboxChannel::with_faults(b"0123456789abcdef", 300, faults).unwrap();
         let order = order();
-        assert_eq!(channel.query_payment(&order).await.unwrap(), QueriedStatus::Pending);
+        assert_eq!(channel.query_payment(&order, order.attempts()[0]).await.unwrap(), QueriedStatus::Pending);
         assert!(channel.pay(&order, || 1_000).await.is_none(), "callback dropped");
-        match channel.query_payment(&order).await.unwrap() {
+        match channel.query_payment(&order, order.attempts()[0]).await.unwrap() {
             QueriedStatus::Paid(v) => {
                 assert_eq!((v.order_id, v.amount_minor, v.currency.as_str()), (order.id, 700, "EUR"));
                 assert_eq!(v.provider_txn, format!("sbx_{}", order.id), "same id as the callback would carry");
@@ -294,7 +318,7 @@ mod fault_tests {
             other => panic!("{other:?}"),
         }
         channel.settled(&order.id);
-        assert_eq!(channel.query_payment(&order).await.unwrap(), QueriedStatus::Pending);
+        assert_eq!(channel.query_payment(&order, order.attempts()[0]).await.unwrap(), QueriedStatus::Pending);
     }
 
     #[tokio::test]

@@ -446,8 +446,7 @@ async fn sandbox_pay_page(api: &NodeApi, ctx: &Ctx, query: &[(String, String)], 
         Ok(found) => found,
         Err(response) => return *response,
     };
-    let channel = record.payment_attempt.as_ref().map_or(record.channel.as_str(), |a| a.channel.as_str());
-    if record.status != OrderStatus::Reserved || channel != sandbox::NAME {
+    if record.status != OrderStatus::Reserved || record.channel != sandbox::NAME {
         return see_other(&order_path(&id, &token));
     }
     let title =
@@ -516,13 +515,13 @@ fn order_page_of(
         api.engine.catalog().get(&record.sku).map_or_else(|| record.sku.to_string(), |p| title_of(&p, ctx.lang));
     let state = match record.status {
         OrderStatus::Reserved => {
-            let channel = record.payment_attempt.as_ref().map_or(record.channel.as_str(), |a| a.channel.as_str());
+            // The channel of the latest attempt: where the buyer was sent to pay.
+            let channel = record.channel.as_str();
             let pay_link = if channel == sandbox::NAME {
                 token.filter(|_| api.sandbox.is_some()).map(|token| pay_path(&record.id, token))
             } else {
                 record
-                    .payment_attempt
-                    .as_ref()
+                    .latest_attempt()
                     .and_then(|a| a.pay_url.clone())
                     .or_else(|| api.channels.get(channel).and_then(|c| c.local_pay_url(record, &api.public_url)))
             };
@@ -534,6 +533,7 @@ fn order_page_of(
         },
         OrderStatus::Expired => OrderState::Expired { product_link: format!("/p/{}", record.sku) },
         OrderStatus::PaidAwaitingStock => OrderState::PaidAwaitingStock,
+        OrderStatus::Refunded => OrderState::Refunded,
     };
     OrderPage {
         order_id: record.id.to_string(),
@@ -648,7 +648,9 @@ fn engine_error(ctx: &Ctx, e: OrderError, sku: Option<&Sku>) -> HttpResponse {
         | OrderError::UnsupportedCurrency { .. }
         | OrderError::UnknownChannel(_)
         | OrderError::BadEmail
-        | OrderError::PaymentMismatch(_) => {
+        | OrderError::InvalidPayment(_)
+        | OrderError::TooManyAttempts { .. }
+        | OrderError::NotRefundable(_) => {
             (StatusCode::BAD_REQUEST, error_page_for(Msg::ErrorBadRequestTitle, lang.t(Msg::ErrorBadRequestBody)), None)
         }
     };

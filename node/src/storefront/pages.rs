@@ -271,10 +271,20 @@ pub fn sandbox_pay_page(c: &Chrome, page: &PayPage) -> Markup {
 }
 
 pub enum OrderState {
-    Reserved { expires: String, pay_link: Option<String> },
-    Delivered { keys: Vec<String>, delivered_at: Option<String> },
-    Expired { product_link: String },
+    Reserved {
+        expires: String,
+        pay_link: Option<String>,
+    },
+    Delivered {
+        keys: Vec<String>,
+        delivered_at: Option<String>,
+    },
+    Expired {
+        product_link: String,
+    },
     PaidAwaitingStock,
+    /// Refunded: the keys were revoked and are not shown.
+    Refunded,
 }
 
 impl OrderState {
@@ -284,6 +294,7 @@ impl OrderState {
             OrderState::Delivered { .. } => ("delivered", Msg::StatusDelivered),
             OrderState::Expired { .. } => ("expired", Msg::StatusExpired),
             OrderState::PaidAwaitingStock => ("paid_awaiting_stock", Msg::StatusPaidAwaitingStock),
+            OrderState::Refunded => ("refunded", Msg::StatusRefunded),
         }
     }
 }
@@ -354,6 +365,9 @@ pub fn order_page(c: &Chrome, page: &OrderPage) -> Markup {
             OrderState::PaidAwaitingStock => {
                 p.notice.warn { (c.t(Msg::OrderAwaitingBody)) }
                 p.muted { (c.t(Msg::OrderAutoRefresh)) }
+            }
+            OrderState::Refunded => {
+                p.notice { (c.t(Msg::OrderRefundedBody)) }
             }
         }
         @if let Some(until) = &page.return_link_until {

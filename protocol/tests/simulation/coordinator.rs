@@ -509,7 +509,13 @@ impl Coordinator {
             OrderEventKind::Released { slice_id, ticket, key_ids, .. } => {
                 self.on_released(now, node, *slice_id, *ticket, key_ids);
             }
-            OrderEventKind::Paid { .. } | OrderEventKind::AwaitingStock { .. } => {}
+            // The simulated shop pays exactly and never refunds: these do not occur.
+            OrderEventKind::Paid { .. }
+            | OrderEventKind::AwaitingStock { .. }
+            | OrderEventKind::PaymentUnmatched { .. }
+            | OrderEventKind::PaymentMismatch { .. }
+            | OrderEventKind::Refunded { .. }
+            | OrderEventKind::Disputed { .. } => {}
         }
     }
 

@@ -16,6 +16,11 @@
 //! - **Query**: `GET {api_base}/v1/checkout/sessions/{id}`.
 //! - **Return**: `success_url` and `cancel_url` are the order's return link
 //!   ([`super::return_link`]): the buyer comes back to the order page without its token.
+//! - **Refunds and disputes**: see [`refunds`].
+
+mod refunds;
+
+pub use refunds::refund_idempotency_key;
 
 use std::time::Duration;
 
@@ -28,9 +33,10 @@ use super::http_client::{OutboundClient, OutboundError, OutboundResponse};
 use super::return_link::ReturnLinks;
 use super::{
     encode_form, BoxFuture, CallbackError, CallbackRequest, CallbackVerdict, ChannelError, CreatedPayment,
-    PaymentChannel, ProviderStatus, QueriedStatus, VerifiedCallback,
+    PaymentChannel, ProviderStatus, QueriedStatus, RefundResult, VerifiedCallback,
 };
-use crate::orders::OrderRecord;
+use crate::orders::{AttemptRef, OrderRecord};
+use edgecard_protocol::UnixMillis;
 
 pub const NAME: &str = "stripe";
 pub const SIGNATURE_HEADER: &str = "stripe-signature";
@@ -48,6 +54,8 @@ pub struct StripeSettings {
     pub node_id: String,
     /// Where Checkout sends the buyer back (success and cancel alike): the order's return link.
     pub return_links: ReturnLinks,
+    /// How long after the order's creation its Checkout Session takes payment (`expires_at`).
+    pub session_ttl_secs: u64,
 }
 
 impl std::fmt::Debug for StripeSettings {
@@ -82,13 +90,24 @@ impl StripeChannel {
             ("client_reference_id", order.id.to_string()),
             ("metadata[order_id]", order.id.to_string()),
             ("metadata[node_id]", self.settings.node_id.clone()),
+            // So the payment (and its charge, refunds, disputes) names the order in Stripe's dashboard.
+            ("payment_intent_data[metadata][order_id]", order.id.to_string()),
+            ("payment_intent_data[metadata][node_id]", self.settings.node_id.clone()),
             ("line_items[0][quantity]", "1".into()),
             ("line_items[0][price_data][currency]", order.currency.to_ascii_lowercase()),
             ("line_items[0][price_data][unit_amount]", order.amount_minor.to_string()),
             ("line_items[0][price_data][product_data][name]", format!("{} x {}", order.sku, order.quantity)),
             ("success_url", order_page.clone()),
             ("cancel_url", order_page),
+            ("expires_at", self.session_expires_at(order).to_string()),
         ])
+    }
+
+    /// When an order's Checkout Session stops taking payment (unix seconds): the order's creation
+    /// plus `session_ttl_secs`. Derived from the order, so a retried creation sends the same
+    /// parameters under the same idempotency key.
+    pub fn session_expires_at(&self, order: &OrderRecord) -> u64 {
+        (order.created_at.0 / 1000).saturating_add(self.settings.session_ttl_secs)
     }
 
     async fn call(
@@ -98,6 +117,18 @@ impl StripeChannel {
         body: Option<String>,
         idempotency_key: Option<String>,
     ) -> Result<Value, ChannelError> {
+        classify(self.call_response(method, path, body, idempotency_key).await?)
+    }
+
+    /// [`StripeChannel::call`] without reading the answer: for callers that look at an error's
+    /// code.
+    async fn call_response(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        idempotency_key: Option<String>,
+    ) -> Result<OutboundResponse, ChannelError> {
         let url = format!("{}{path}", self.settings.api_base);
         let mut headers: Vec<(&'static str, String)> =
             vec![("authorization", format!("Bearer {}", self.settings.secret_key))];
@@ -107,12 +138,10 @@ impl StripeChannel {
         if body.is_some() {
             headers.push(("content-type", "application/x-www-form-urlencoded".into()));
         }
-        let response = self
-            .client
+        self.client
             .send(method, &url, &headers, body.unwrap_or_default().into_bytes(), self.settings.request_timeout)
             .await
-            .map_err(outbound_error)?;
-        classify(response)
+            .map_err(outbound_error)
     }
 
     fn verify_signature(&self, header: &str, body: &[u8], now_unix_secs: u64) -> Result<(), CallbackError> {
@@ -185,12 +214,16 @@ impl StripeChannel {
             .and_then(Value::as_str)
             .filter(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_alphabetic()))
             .ok_or_else(|| CallbackError::MalformedBody("currency".into()))?;
+        // Present once the session is paid (or processing an asynchronous payment).
+        let payment_intent = session.get("payment_intent").and_then(Value::as_str).map(str::to_string);
         Ok(CallbackVerdict::Payment(VerifiedCallback {
             order_id,
             provider_txn: session_id.to_string(),
             amount_minor,
             currency: currency.to_ascii_uppercase(),
             status,
+            provider_ref: Some(session_id.to_string()),
+            provider_payment: payment_intent,
         }))
     }
 }
@@ -245,7 +278,8 @@ impl PaymentChannel for StripeChannel {
             if session.get("amount_total").and_then(Value::as_u64) != Some(order.amount_minor) {
                 return Err(bad("session amount differs from the order"));
             }
-            Ok(CreatedPayment { pay_url: url.to_string(), provider_ref: Some(id.to_string()) })
+            let pays_until = Some(UnixMillis(self.session_expires_at(order).saturating_mul(1000)));
+            Ok(CreatedPayment { pay_url: url.to_string(), provider_ref: Some(id.to_string()), pays_until })
         })
     }
 
@@ -275,15 +309,33 @@ impl PaymentChannel for StripeChannel {
             }
             "checkout.session.async_payment_succeeded" => ProviderStatus::Succeeded,
             "checkout.session.async_payment_failed" => ProviderStatus::NotSucceeded,
+            "charge.refunded" => {
+                return refunds::charge_refunded(
+                    session.ok_or_else(|| CallbackError::MalformedBody("data.object".into()))?,
+                )
+            }
+            "charge.dispute.created" => {
+                return refunds::dispute_created(
+                    session.ok_or_else(|| CallbackError::MalformedBody("data.object".into()))?,
+                )
+            }
             _ => return Ok(CallbackVerdict::Ignored("event type not handled")),
         };
         let session = session.ok_or_else(|| CallbackError::MalformedBody("data.object".into()))?;
         self.session_payment(session, status)
     }
 
-    fn query_payment<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
+    fn refund<'a>(&'a self, order: &'a OrderRecord) -> BoxFuture<'a, Result<RefundResult, ChannelError>> {
+        Box::pin(self.refund_payment(order))
+    }
+
+    fn query_payment<'a>(
+        &'a self,
+        order: &'a OrderRecord,
+        attempt: AttemptRef<'a>,
+    ) -> BoxFuture<'a, Result<QueriedStatus, ChannelError>> {
         Box::pin(async move {
-            let Some(session_id) = order.payment_attempt.as_ref().and_then(|a| a.provider_ref.clone()) else {
+            let Some(session_id) = attempt.provider_ref else {
                 // No session was ever created for this order: nothing can have been paid.
                 return Ok(QueriedStatus::Pending);
             };
@@ -339,6 +391,7 @@ mod tests {
                 request_timeout: Duration::from_secs(1),
                 node_id: "eu-1".into(),
                 return_links: ReturnLinks::new(b"return-link key for tests", 3600).unwrap(),
+                session_ttl_secs: 3600,
             },
             OutboundClient::new(None).unwrap(),
         )
@@ -460,5 +513,11 @@ mod tests {
         assert!(back.starts_with(&format!("https://shop.example/order/{}/return/", order.id)), "{back}");
         assert_eq!((get("success_url"), get("cancel_url")), (Some(back.as_str()), Some(back.as_str())));
         assert_eq!(StripeChannel::idempotency_key(&order), format!("edgecard-checkout-{}", order.id));
+        let mut later = order.clone();
+        later.created_at = UnixMillis(1_700_000_000_123);
+        let form = channel().create_form(&later, "https://shop.example");
+        let pairs = super::super::parse_form(&form).unwrap();
+        let expires = pairs.iter().find(|(n, _)| n == "expires_at").map(|(_, v)| v.as_str());
+        assert_eq!(expires, Some("1700003600"), "the order's creation plus session_ttl_secs, in seconds");
     }
 }
