@@ -143,7 +143,7 @@ async fn a_sandbox_refund_asked_twice_refunds_once_and_revokes_the_keys() {
     assert_eq!(view["status"], "refunded");
     assert!(keys_of(&view).is_empty(), "a revoked key is not shown again");
     assert_eq!(node.metric("edgecard_orders_refunded_total").await, 1.0);
-    assert_eq!(node.metric("edgecard_payment_refunds_total{channel=\"sandbox\"}").await, 1.0);
+    assert_eq!(node.metric("edgecard_payment_refunds_total{channel=\"sandbox\",result=\"recorded\"}").await, 1.0);
     // The refunded key is gone for good: the node sells only its other keys.
     let (_, more) = client.buy(1).await;
     assert!(!more.contains(&keys[0]));
