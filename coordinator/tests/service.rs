@@ -514,6 +514,7 @@ async fn imported_keys_cannot_be_confirmed_from_the_store_by_a_bare_hash() {
     assert_eq!(c.migrate_dedup_index().await.unwrap(), 6);
     assert!(c.store().get(&bare(guessed)).unwrap().is_none(), "the bare hash is gone");
     assert_eq!(c.migrate_dedup_index().await.unwrap(), 0, "once");
-    let after = c.import_keys(&sku("game"), "game-KEY-00003\nfresh-1\nfresh-2\n", KeyFormat::Lines, false).await.unwrap();
+    let after =
+        c.import_keys(&sku("game"), "game-KEY-00003\nfresh-1\nfresh-2\n", KeyFormat::Lines, false).await.unwrap();
     assert_eq!((after.imported, after.duplicates_known), (1, vec![1, 2]));
 }
