@@ -101,6 +101,15 @@ impl ApiError {
         ApiError { status, code, message: message.into(), retry_after: None }
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable machine code (`invalid_json`, `unknown_sku`, …).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
     fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs.max(1));
         self
@@ -175,6 +184,34 @@ struct CreateOrderBody {
 
 fn one() -> u32 {
     1
+}
+
+/// A `POST /api/v1/orders` body, checked as far as it can be without the catalog and the engine
+/// (which checks quantity and e-mail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRequest {
+    pub sku: Sku,
+    pub quantity: u32,
+    pub email: Option<String>,
+    pub currency: Option<Currency>,
+    pub channel: Option<String>,
+}
+
+/// Reads a create-order body: a JSON object of the known fields only, a well-formed sku, a
+/// currency of three upper-case letters. Refusals are 400 (`invalid_json`, `invalid_currency`)
+/// or 404 (`unknown_sku`: no sku can have that name).
+pub fn parse_order_request(body: &[u8]) -> Result<OrderRequest, ApiError> {
+    let parsed: CreateOrderBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid order request: {e}")))?;
+    let sku = Sku::new(parsed.sku.clone())
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown sku {:?}", parsed.sku)))?;
+    let currency = match parsed.currency {
+        Some(c) => {
+            Some(c.parse::<Currency>().map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_currency", m))?)
+        }
+        None => None,
+    };
+    Ok(OrderRequest { sku, quantity: parsed.quantity, email: parsed.email, currency, channel: parsed.channel })
 }
 
 impl NodeApi {
@@ -327,18 +364,7 @@ impl NodeApi {
             ));
         }
         let body = self.read_body(request).await?;
-        let parsed: CreateOrderBody = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid order request: {e}"))
-        })?;
-        let sku = Sku::new(parsed.sku.clone()).map_err(|_| {
-            ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown sku {:?}", parsed.sku))
-        })?;
-        let currency = match parsed.currency {
-            Some(c) => {
-                Some(c.parse::<Currency>().map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_currency", m))?)
-            }
-            None => None,
-        };
+        let OrderRequest { sku, quantity, email, currency, channel } = parse_order_request(&body)?;
         // The order's currency decides its route: the requested one, else the product's first.
         let order_currency = match currency {
             Some(c) => c.to_string(),
@@ -349,13 +375,13 @@ impl NodeApi {
                 .and_then(|p| p.prices.first().map(|price| price.currency.to_string()))
                 .ok_or_else(|| ApiError::from(OrderError::UnknownSku(sku.to_string())))?,
         };
-        let plan = self.router.plan(&order_currency, parsed.channel.as_deref()).map_err(route_error)?;
+        let plan = self.router.plan(&order_currency, channel.as_deref()).map_err(route_error)?;
         let created = self
             .engine
             .create_order(CreateOrder {
                 sku,
-                quantity: parsed.quantity,
-                email: parsed.email,
+                quantity,
+                email,
                 currency,
                 channel: self.router.preferred(&plan).to_string(),
                 client_ip: client,

@@ -9,6 +9,9 @@ pub mod api;
 pub mod catalog;
 pub mod client_ip;
 pub mod config;
+/// Fuzz harnesses (see `fuzz/`); not used by the node itself.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http_metrics;
 pub mod limiter;
 pub mod metrics;

@@ -13,6 +13,9 @@ pub mod envelope;
 pub mod event;
 pub mod event_v1;
 pub mod event_v2;
+/// Fuzz harnesses (see `fuzz/`); not used by Edgecard itself.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grant;
 pub mod holdings;
 pub mod ids;

@@ -1,7 +1,10 @@
 //! Small parsers for what browsers send: query strings, urlencoded form bodies, cookies.
 //! All of them are total: any input gives a value, never a panic.
 
+use edgecard_protocol::Sku;
 use http::header::{self, HeaderMap};
+
+use super::pages::FormValues;
 
 /// `a=1&b=x+y%21` → `[("a","1"), ("b","x y!")]`. Invalid UTF-8 is replaced; at most 64 pairs.
 pub fn parse_urlencoded(input: &str) -> Vec<(String, String)> {
@@ -48,6 +51,33 @@ fn hex_value(b: u8) -> Option<u8> {
         b'a'..=b'f' => Some(b - b'a' + 10),
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
+    }
+}
+
+/// What a checkout form (`POST /checkout`) says: the sku when it is a well-formed one, and the
+/// other fields trimmed and cut to the lengths the form allows, ready to be checked or echoed
+/// back into the form.
+#[derive(Debug, Clone)]
+pub struct CheckoutForm {
+    pub sku: Option<Sku>,
+    pub values: FormValues,
+}
+
+/// Longest quantity, e-mail, currency and channel a checkout form keeps, in characters.
+pub const CHECKOUT_FIELD_CHARS: [usize; 4] = [12, 254, 8, 32];
+
+/// Reads the checkout form's fields out of its decoded pairs (the first of each name counts).
+pub fn checkout_form(pairs: &[(String, String)]) -> CheckoutForm {
+    let [quantity, email, currency, channel] = CHECKOUT_FIELD_CHARS;
+    let cut = |value: &str, chars: usize| value.trim().chars().take(chars).collect::<String>();
+    CheckoutForm {
+        sku: first(pairs, "sku").and_then(|s| Sku::new(s).ok()),
+        values: FormValues {
+            quantity: cut(first(pairs, "quantity").unwrap_or("1"), quantity),
+            email: cut(first(pairs, "email").unwrap_or(""), email),
+            currency: first(pairs, "currency").map(|c| cut(c, currency)),
+            channel: first(pairs, "channel").map(|c| cut(c, channel)),
+        },
     }
 }
 

@@ -331,16 +331,9 @@ where
         Ok(fields) => fields,
         Err(response) => return *response,
     };
-    let Some(product) =
-        form::first(&fields, "sku").and_then(|s| Sku::new(s).ok()).and_then(|sku| api.engine.catalog().get(&sku))
-    else {
+    let form::CheckoutForm { sku, values } = form::checkout_form(&fields);
+    let Some(product) = sku.and_then(|sku| api.engine.catalog().get(&sku)) else {
         return error(ctx, StatusCode::NOT_FOUND, Msg::ErrorUnknownProductTitle, Msg::ErrorUnknownProductBody);
-    };
-    let values = FormValues {
-        quantity: form::first(&fields, "quantity").unwrap_or("1").trim().chars().take(12).collect(),
-        email: form::first(&fields, "email").unwrap_or("").trim().chars().take(254).collect(),
-        currency: form::first(&fields, "currency").map(|c| c.trim().chars().take(8).collect()),
-        channel: form::first(&fields, "channel").map(|c| c.trim().chars().take(32).collect()),
     };
     let lang = ctx.lang;
     let retry = |errors: Vec<String>, values: FormValues| {
