@@ -175,7 +175,7 @@ fn event(seq: u64, kind: OrderEventKind) -> OrderEvent {
         order_id: if matches!(kind, OrderEventKind::Released { .. }) {
             OrderId::NONE
         } else {
-            OrderId::from_bytes([0x40 + (seq as u8 + 1) / 2; 16])
+            OrderId::from_bytes([0x40 + (seq as u8).div_ceil(2); 16])
         },
         sku: sku("game-10"),
         kind,
