@@ -371,6 +371,16 @@ fn protocol_seeds() -> Vec<Seed> {
     let beyond = SyncAck { events_high_water: 5000, ledger_high_water: 5000, ..empty_ack.clone() };
     seeds.push(("sync_ack", "beyond-upload".into(), beyond.to_bytes().unwrap()));
     seeds.push(("sync_ack", "not-an-ack".into(), upload.to_bytes().unwrap()));
+    // Restored seqs at the top of the range: u64::MAX followed by 0 once wrapped to "contiguous".
+    let at_the_top = |seq: u64| OrderEvent { seq, ..events()[2].clone() };
+    let wrapping = SyncAck {
+        events_high_water: 0,
+        control: Vec::new(),
+        ledger_high_water: u64::MAX,
+        restore: vec![at_the_top(u64::MAX), at_the_top(0)],
+        confirmed: false,
+    };
+    seeds.push(("sync_ack", "restore-wraps-at-u64-max".into(), wrapping.to_bytes().unwrap()));
     seeds
 }
 

@@ -201,8 +201,16 @@ pub struct OrderRequest {
 /// currency of three upper-case letters. Refusals are 400 (`invalid_json`, `invalid_currency`)
 /// or 404 (`unknown_sku`: no sku can have that name).
 pub fn parse_order_request(body: &[u8]) -> Result<OrderRequest, ApiError> {
-    let parsed: CreateOrderBody = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid order request: {e}")))?;
+    let invalid = |e: serde_json::Error| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid order request: {e}"))
+    };
+    // An object, and only an object: serde also reads a struct from an array of its fields in
+    // order (`["game-10", 1]`), which is no documented form of the request.
+    let value: Value = serde_json::from_slice(body).map_err(invalid)?;
+    if !value.is_object() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "the order request must be a JSON object"));
+    }
+    let parsed = CreateOrderBody::deserialize(value).map_err(invalid)?;
     let sku = Sku::new(parsed.sku.clone())
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown sku {:?}", parsed.sku)))?;
     let currency = match parsed.currency {
@@ -691,6 +699,7 @@ fn with_common_headers(mut response: HttpResponse) -> HttpResponse {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -716,6 +725,23 @@ mod tests {
         assert!(!if_none_match_hits("\"abd\"", etag));
         assert!(!if_none_match_hits("W/\"ab\"", etag));
         assert!(!if_none_match_hits("", etag));
+    }
+
+    #[test]
+    fn order_requests_are_json_objects_only() {
+        let request = parse_order_request(br#"{"sku": "game-10", "quantity": 2, "currency": "CNY"}"#).unwrap();
+        assert_eq!((request.sku.as_str(), request.quantity), ("game-10", 2));
+        assert_eq!(request.currency.map(|c| c.to_string()).as_deref(), Some("CNY"));
+        assert_eq!(parse_order_request(br#"{"sku": "game-10"}"#).unwrap().quantity, 1);
+        // Found by the order_json fuzz target: serde reads a struct from an array of its fields.
+        for refused in [&br#"["game-10", 1]"#[..], br#"["game-10"]"#, b"\"game-10\"", b"[]", b"null"] {
+            let e = parse_order_request(refused).unwrap_err();
+            assert_eq!((e.status(), e.code()), (StatusCode::BAD_REQUEST, "invalid_json"));
+        }
+        let e = parse_order_request(br#"{"sku": "../x"}"#).unwrap_err();
+        assert_eq!((e.status(), e.code()), (StatusCode::NOT_FOUND, "unknown_sku"));
+        let e = parse_order_request(br#"{"sku": "game-10", "currency": "usd"}"#).unwrap_err();
+        assert_eq!((e.status(), e.code()), (StatusCode::BAD_REQUEST, "invalid_currency"));
     }
 
     #[test]

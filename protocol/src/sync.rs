@@ -188,7 +188,7 @@ impl SyncAck {
         let mut previous: Option<u64> = None;
         for event in &ack.restore {
             event.validate().map_err(|e| SyncError::Invalid(e.to_string()))?;
-            if previous.is_some_and(|p| event.seq != p + 1) || event.seq > ack.ledger_high_water {
+            if previous.is_some_and(|p| p.checked_add(1) != Some(event.seq)) || event.seq > ack.ledger_high_water {
                 return Err(SyncError::Invalid("restored events must be contiguous and in the ledger".into()));
             }
             previous = Some(event.seq);
@@ -646,6 +646,24 @@ mod tests {
         let ack = ack(2, &[1, 3]);
         assert_eq!(SyncAck::from_bytes(&ack.to_bytes().unwrap()).unwrap(), ack);
         assert!(SyncUpload::from_bytes(&ack.to_bytes().unwrap()).is_err(), "kind is checked");
+    }
+
+    #[test]
+    fn restored_events_past_the_last_seq_are_refused_not_wrapped() {
+        // Seq u64::MAX then 0 wrapped to "contiguous" in release builds and overflowed in debug.
+        let node = NodeId::new("eu-1").unwrap();
+        let ack = |seqs: &[u64]| SyncAck {
+            events_high_water: 0,
+            control: Vec::new(),
+            ledger_high_water: u64::MAX,
+            restore: seqs.iter().map(|&seq| event(&node, seq)).collect(),
+            confirmed: false,
+        };
+        for seqs in [[u64::MAX, 0], [u64::MAX, u64::MAX]] {
+            assert!(SyncAck::from_bytes(&ack(&seqs).to_bytes().unwrap()).is_err(), "{seqs:?}");
+        }
+        let contiguous = ack(&[u64::MAX - 1, u64::MAX]);
+        assert_eq!(SyncAck::from_bytes(&contiguous.to_bytes().unwrap()).unwrap(), contiguous);
     }
 
     #[test]
