@@ -29,6 +29,9 @@ enum Command {
     Grant(GrantCommand),
     /// Load-test nodes and print the KPI table.
     Bench(bench::BenchArgs),
+    /// Proof-of-work challenges of order creation (docs/abuse.md).
+    #[command(subcommand)]
+    Challenge(ChallengeCommand),
     /// Create or run the coordinator.
     #[command(subcommand)]
     Coordinator(CoordinatorCommand),
@@ -71,6 +74,18 @@ enum Command {
     Status {
         #[command(flatten)]
         admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChallengeCommand {
+    /// Solve the `challenge.token` of a node's 428 answer and print the counter to send as
+    /// `Edgecard-Challenge-Solution` (with the token as `Edgecard-Challenge`).
+    Solve {
+        token: String,
+        /// Give up after this many tries.
+        #[arg(long, default_value_t = 1 << 32)]
+        max_tries: u64,
     },
 }
 
@@ -151,6 +166,20 @@ enum GrantCommand {
     },
 }
 
+fn solve_challenge(token: &str, max_tries: u64) -> anyhow::Result<()> {
+    use edgecard_node::abuse::challenge;
+    if challenge::difficulty_of(token).is_none() {
+        anyhow::bail!("not a challenge token (the `challenge.token` of a 428 answer)");
+    }
+    match challenge::solve(token, max_tries) {
+        Some(counter) => {
+            println!("{counter}");
+            Ok(())
+        }
+        None => anyhow::bail!("no solution within {max_tries} tries"),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -188,6 +217,7 @@ fn run() -> Result<()> {
             Command::Node(NodeCommand::CheckConfig(args)) => check_config(args),
             Command::Grant(command) => grant(command),
             Command::Bench(args) => bench::run(args).await,
+            Command::Challenge(ChallengeCommand::Solve { token, max_tries }) => solve_challenge(&token, max_tries),
             Command::Coordinator(command) => coordinator(command).await,
             Command::Nodes { command, admin } => ops::nodes(&admin, command).await,
             Command::Products { command, admin } => ops::products(&admin, command).await,

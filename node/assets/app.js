@@ -31,6 +31,49 @@
     });
   });
 
+  // Challenge page: solve the proof of work in a Web Worker, then resubmit the order. Without
+  // JavaScript (or a worker) the page's wait-ticket form does the same job, after a delay.
+  var pow = document.getElementById("pow-form");
+  var note = document.getElementById("pow-progress");
+  if (pow && note && window.Worker) {
+    var waitForm = document.getElementById("wait-form");
+    var fail = function () {
+      note.textContent = note.getAttribute("data-failed");
+      if (waitForm) {
+        waitForm.hidden = false;
+      }
+    };
+    try {
+      var worker = new Worker(pow.getAttribute("data-worker"));
+      note.hidden = false;
+      note.textContent = note.getAttribute("data-working");
+      if (waitForm) {
+        waitForm.hidden = true;
+      }
+      worker.onmessage = function (event) {
+        var data = event.data || {};
+        if (data.solution !== undefined) {
+          worker.terminate();
+          pow.querySelector("input[name=solution]").value = data.solution;
+          note.textContent = note.getAttribute("data-done");
+          pow.submit();
+        } else if (data.tries !== undefined) {
+          note.textContent = note.getAttribute("data-progress").replace("{n}", String(data.tries));
+        } else {
+          worker.terminate();
+          fail();
+        }
+      };
+      worker.onerror = fail;
+      worker.postMessage({
+        token: pow.querySelector("input[name=challenge]").value,
+        difficulty: parseInt(pow.getAttribute("data-difficulty"), 10)
+      });
+    } catch (e) {
+      fail();
+    }
+  }
+
   // Order page: poll the order until its status changes, then reload to show it.
   var order = document.querySelector("[data-poll-order]");
   if (!order) {

@@ -85,6 +85,8 @@ pub struct NodeApi {
     pub public_url: String,
     pub max_body_bytes: usize,
     pub metrics: Arc<HttpMetrics>,
+    /// Proof-of-work challenges on order creation.
+    pub abuse: Arc<crate::abuse::Abuse>,
 }
 
 /// A failed request: status, stable machine code, human message.
@@ -371,8 +373,16 @@ impl NodeApi {
                 "send the order as application/json",
             ));
         }
+        let headers = request.headers().clone();
         let body = self.read_body(request).await?;
         let OrderRequest { sku, quantity, email, currency, channel } = parse_order_request(&body)?;
+        let presented = crate::abuse::http::presented(&headers);
+        if let crate::abuse::Gate::Challenge { challenge, refused } =
+            self.abuse.gate(client, &sku, presented, crate::orders::engine::now_millis().0)
+        {
+            let body = crate::abuse::http::challenge_body(&challenge, refused);
+            return Ok(json_response(crate::abuse::http::STATUS, &body, NO_STORE));
+        }
         // The order's currency decides its route: the requested one, else the product's first.
         let order_currency = match currency {
             Some(c) => c.to_string(),
@@ -541,6 +551,10 @@ impl NodeApi {
         if verified.status != ProviderStatus::Succeeded {
             if let Some(m) = channel_metrics {
                 m.callbacks_ignored.inc();
+            }
+            // A payment that did not go through counts against the order's client (card testing).
+            if let Ok(order) = self.engine.order_for_payment(&verified.order_id) {
+                self.abuse.note_failed_payment(order.client_ip, crate::orders::engine::now_millis().0);
             }
             tracing::info!(channel = channel_name, order = %verified.order_id, "payment callback with a non-success status: nothing changes");
             return Ok(None);

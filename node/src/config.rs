@@ -54,6 +54,9 @@ pub struct NodeConfig {
     pub client_ip: ClientIpConfig,
     #[serde(default)]
     pub limits: LimiterConfig,
+    /// Proof-of-work challenges on order creation (docs/abuse.md).
+    #[serde(default)]
+    pub abuse: crate::abuse::AbuseConfig,
     #[serde(default)]
     pub payments: PaymentsConfig,
     #[serde(default)]
@@ -622,6 +625,7 @@ impl NodeConfig {
             return Err(invalid("orders.expiry_sweep_ms", "must be at least 1".into()));
         }
         self.limits.validate().map_err(|m| invalid("limits", m))?;
+        self.abuse.validate().map_err(|(field, m)| invalid(&format!("abuse.{field}"), m))?;
         if let Some(url) = &self.public_url {
             if !(url.starts_with("https://") || url.starts_with("http://")) || url.ends_with('/') {
                 return Err(invalid(

@@ -4,6 +4,7 @@
 //! sell is `edgecard_protocol::holdings`) sits apart from the modules that do I/O (store, engine,
 //! HTTP), so it can be tested without sockets.
 
+pub mod abuse;
 pub mod admin;
 pub mod api;
 pub mod catalog;

@@ -284,6 +284,38 @@ impl PaymentMetrics {
 }
 
 /// What the node's registry is built from.
+/// Proof-of-work challenges and wait tickets of order creation (`crate::abuse`), by kind
+/// (`challenge`, `wait_ticket`) and result (`issued`, `solved`, `failed`, `replayed`, `expired`,
+/// `too_early`): fixed enumerations only.
+#[derive(Debug, Default)]
+pub struct ChallengeMetrics {
+    results: Family<ChallengeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChallengeLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+impl ChallengeMetrics {
+    pub fn count(&self, kind: &'static str, result: &'static str) {
+        self.results.get_or_create(&ChallengeLabels { kind, result }).inc();
+    }
+
+    pub fn get(&self, kind: &'static str, result: &'static str) -> u64 {
+        self.results.get_or_create(&ChallengeLabels { kind, result }).get()
+    }
+
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "edgecard_challenges",
+            "Order-creation challenges and wait tickets, by kind and result",
+            self.results.clone(),
+        );
+    }
+}
+
 pub struct NodeMetricsSources<'a> {
     pub node_id: &'a str,
     pub region: &'a str,
@@ -292,6 +324,7 @@ pub struct NodeMetricsSources<'a> {
     pub http: &'a HttpMetrics,
     pub payments: &'a Router,
     pub sync: &'a SyncLinkMetrics,
+    pub challenges: &'a ChallengeMetrics,
 }
 
 /// The node's one registry: every subsystem's metrics, stock and slices read at scrape time,
@@ -307,6 +340,7 @@ pub fn node_registry(sources: NodeMetricsSources<'_>) -> Registry {
     sources.engine.store().metrics().register(&mut registry);
     sources.payments.metrics().register(&mut registry);
     sources.sync.register(&mut registry);
+    sources.challenges.register(&mut registry);
     let (engine, limiters) = (sources.engine, sources.limiters);
     registry.register_collector(Box::new(FnCollector(move |encoder: &mut DescriptorEncoder| {
         encode_holdings(encoder, &engine, &limiters)

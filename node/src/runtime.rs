@@ -178,6 +178,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         tracing::warn!("{warning}");
     }
 
+    let challenge_metrics = Arc::new(crate::metrics::ChallengeMetrics::default());
+    let abuse = Arc::new(
+        crate::abuse::Abuse::load_or_create(config.abuse.clone(), &config.data_dir, challenge_metrics.clone())
+            .map_err(NodeError::Config)?,
+    );
+    {
+        let abuse = abuse.clone();
+        engine.observe_expiries(Box::new(move |client| abuse.note_expired(client, now_millis().0)));
+    }
+
     let http_metrics = Arc::new(HttpMetrics::default());
     let api = Arc::new(NodeApi {
         engine: engine.clone(),
@@ -191,6 +201,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         public_url: public_url.clone(),
         max_body_bytes: config.http.max_body_bytes,
         metrics: http_metrics.clone(),
+        abuse,
     });
     let sync_metrics = Arc::new(crate::sync_link::SyncLinkMetrics::default());
     let registry = crate::metrics::node_registry(NodeMetricsSources {
@@ -201,6 +212,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         http: &http_metrics,
         payments: &payments.router,
         sync: &sync_metrics,
+        challenges: &challenge_metrics,
     });
     let admin = Arc::new(AdminApi {
         engine: engine.clone(),

@@ -108,6 +108,8 @@ pub struct Tally {
     pub pay_attempts: u64,
     /// Orders whose keys the buyer received.
     pub delivered: u64,
+    /// Order attempts the node challenged (proof of work) and the buyer solved: an outcome.
+    pub challenges: u64,
 }
 
 impl Tally {
@@ -123,6 +125,7 @@ impl Tally {
         self.orders.extend(other.orders);
         self.pay_attempts += other.pay_attempts;
         self.delivered += other.delivered;
+        self.challenges += other.challenges;
     }
 
     fn error(&mut self, kind: &str) {
@@ -235,6 +238,15 @@ fn failed(kind: &str, reconnect: bool) -> Outcome {
     Outcome::Failed { kind: kind.to_string(), reconnect }
 }
 
+/// The most counters a buyer tries on one challenge (2^26: difficulty 26 on average).
+const MAX_SOLVE_TRIES: u64 = 1 << 26;
+
+/// The token of a 428 answer's challenge.
+pub fn challenge_token(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.get("challenge")?.get("token")?.as_str().map(str::to_string)
+}
+
 #[derive(Deserialize)]
 struct Created {
     order_id: String,
@@ -256,11 +268,34 @@ async fn purchase(shared: &Shared, node: usize, conn: &mut Connection, tally: &m
         .header("content-type", "application/json")
         .header("x-forwarded-for", &address)
         .body(shared.create_body.as_bytes());
-    let created = match conn.send(request).await {
-        Ok(r) if r.status == 201 => r,
-        Ok(r) => return failed(&status_kind(r.status, &r.body), false),
+    let mut created = match conn.send(request).await {
+        Ok(r) => r,
         Err(e) => return failed(transport_kind(&e), true),
     };
+    // A challenged attempt is solved and repeated once, as a real client would.
+    if created.status == 428 {
+        let Some(token) = challenge_token(&created.body) else { return failed("bad_challenge", false) };
+        let solver_token = token.clone();
+        let solved = tokio::task::spawn_blocking(move || {
+            edgecard_node::abuse::challenge::solve(&solver_token, MAX_SOLVE_TRIES)
+        })
+        .await;
+        let Ok(Some(solution)) = solved else { return failed("challenge_unsolved", false) };
+        tally.challenges += 1;
+        let request = Request::post("/api/v1/orders")
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", &address)
+            .header("edgecard-challenge", &token)
+            .header("edgecard-challenge-solution", &solution.to_string())
+            .body(shared.create_body.as_bytes());
+        created = match conn.send(request).await {
+            Ok(r) => r,
+            Err(e) => return failed(transport_kind(&e), true),
+        };
+    }
+    if created.status != 201 {
+        return failed(&status_kind(created.status, &created.body), false);
+    }
     tally.create.record(started.elapsed());
     let Ok(order) = created.json::<Created>() else { return failed("bad_response", false) };
     let mut seen =

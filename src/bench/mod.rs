@@ -458,6 +458,7 @@ fn build_report(
         error_rate_excluding_429: rate(failures(true)),
         errors: tally.errors,
         pay_attempts: tally.pay_attempts,
+        challenges_solved: tally.challenges,
         delivered: tally.delivered,
         payment_success: purchase.then(|| {
             if tally.pay_attempts == 0 {

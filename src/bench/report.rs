@@ -68,6 +68,8 @@ pub struct Report {
     pub error_rate_excluding_429: f64,
     pub pay_attempts: u64,
     pub delivered: u64,
+    /// Order attempts answered with a proof-of-work challenge, solved by the buyer (an outcome).
+    pub challenges_solved: u64,
     pub payment_success: Option<f64>,
     pub steps: Vec<StepReport>,
     pub baseline: Option<Baseline>,
@@ -255,6 +257,9 @@ impl Report {
                 if k.pass { "ok" } else { "MISS" }
             );
         }
+        if self.challenges_solved > 0 {
+            let _ = writeln!(out, "\n  challenged and solved (proof of work): {}", self.challenges_solved);
+        }
         if !self.errors.is_empty() {
             let _ = writeln!(out, "\n  outcomes other than success, by kind: {:?}", self.errors);
         }
@@ -329,6 +334,7 @@ mod tests {
             error_rate_excluding_429: 0.0,
             pay_attempts: 2000,
             delivered: 2000,
+            challenges_solved: 0,
             payment_success: Some(1.0),
             steps: vec![step(20.0, 40.0)],
             baseline: None,

@@ -297,7 +297,12 @@ pub struct OrderEngine {
     clock_base: Instant,
     /// The data dir's id, made when it was created (see `edgecard_protocol::sync`).
     incarnation: u64,
+    /// Told the client of each reservation that expires unpaid (churn, for `crate::abuse`).
+    expiry_observer: std::sync::OnceLock<ExpiryObserver>,
 }
+
+/// See [`OrderEngine::observe_expiries`].
+pub type ExpiryObserver = Box<dyn Fn(LimitKey) + Send + Sync>;
 
 /// How the engine starts: selling at once (a standalone node, stocked from grant files), or
 /// waiting for the coordinator to confirm its data dir first.
@@ -360,9 +365,16 @@ impl OrderEngine {
             metrics,
             clock_base,
             incarnation,
+            expiry_observer: std::sync::OnceLock::new(),
         };
         engine.expire_due(now_millis()).await?;
         Ok(engine)
+    }
+
+    /// Sets the function told the client (limiter key) of every reservation that expires unpaid
+    /// from now on. Only the first call counts.
+    pub fn observe_expiries(&self, observer: ExpiryObserver) {
+        let _ = self.expiry_observer.set(observer);
     }
 
     pub fn incarnation(&self) -> u64 {
@@ -1039,6 +1051,7 @@ impl OrderEngine {
     /// Expires reservations whose TTL has passed; their keys go back on sale. Returns how many.
     pub async fn expire_due(&self, now: UnixMillis) -> Result<usize, StoreError> {
         let mut filled = Vec::new();
+        let mut expired_clients = Vec::new();
         let expired = {
             let mut state = self.state.lock();
             if !state.confirmed {
@@ -1052,6 +1065,7 @@ impl OrderEngine {
             let mut returned = Vec::new();
             for id in &due {
                 let Some(held) = self.end_reservation(&mut state, &mut batch, id, now)? else { continue };
+                expired_clients.push(held.ip);
                 let back = self.give_back(&mut state, &mut batch, &held.sku, &held.key_ids)?;
                 returned.push((held.sku, back, held.seq));
             }
@@ -1073,6 +1087,9 @@ impl OrderEngine {
         self.metrics.open_reservations.dec_by(expired as i64);
         tracing::info!(count = expired, "reservations expired");
         self.store.durable().await?;
+        if let Some(observer) = self.expiry_observer.get() {
+            expired_clients.into_iter().for_each(observer);
+        }
         self.settle_filled(&filled);
         Ok(expired)
     }

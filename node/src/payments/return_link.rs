@@ -59,7 +59,7 @@ impl ReturnLinks {
         let key = match std::fs::read(path) {
             Ok(key) if key.len() == KEY_BYTES => key,
             Ok(_) => return Err(format!("{}: not a return-link key ({KEY_BYTES} bytes); remove it", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key(path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key(path, "return-link")?,
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
         ReturnLinks::new(&key, ttl_secs)
@@ -115,8 +115,9 @@ impl ReturnLinks {
     }
 }
 
-/// Writes a fresh random key to `path` (0600; temp file, fsync, rename), and returns it.
-fn create_key(path: &Path) -> Result<Vec<u8>, String> {
+/// Writes a fresh random key (32 bytes) to `path` (0600; temp file, fsync, rename), and returns
+/// it. `what` names the key in errors.
+pub(crate) fn create_key(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     use rand::RngCore;
     let mut key = vec![0u8; KEY_BYTES];
     rand::rngs::OsRng.fill_bytes(&mut key);
@@ -138,7 +139,7 @@ fn create_key(path: &Path) -> Result<Vec<u8>, String> {
         }
         Ok(())
     };
-    write().map_err(|e| format!("{}: cannot write the return-link key: {e}", path.display()))?;
+    write().map_err(|e| format!("{}: cannot write the {what} key: {e}", path.display()))?;
     Ok(key)
 }
 

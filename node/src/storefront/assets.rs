@@ -22,9 +22,14 @@ pub static CSS: LazyLock<Asset> =
 pub static JS: LazyLock<Asset> =
     LazyLock::new(|| asset("app", "js", "text/javascript; charset=utf-8", include_bytes!("../../assets/app.js")));
 
+/// The proof-of-work solver, run in a Web Worker by the challenge page (docs/abuse.md).
+pub static POW_WORKER: LazyLock<Asset> = LazyLock::new(|| {
+    asset("pow-worker", "js", "text/javascript; charset=utf-8", include_bytes!("../../assets/pow-worker.js"))
+});
+
 /// The asset named `name` (the hashed name only).
 pub fn find(name: &str) -> Option<&'static Asset> {
-    [&*CSS, &*JS].into_iter().find(|a| a.name == name)
+    [&*CSS, &*JS, &*POW_WORKER].into_iter().find(|a| a.name == name)
 }
 
 /// `/static/<hashed name>`

@@ -8,18 +8,19 @@
 //! |---|---|
 //! | `GET /` | product list |
 //! | `GET /p/{sku}` | product and checkout form |
-//! | `POST /checkout` | creates the order, 303 to the pay page |
+//! | `POST /checkout` | creates the order, 303 to the pay page; or the challenge page (428) |
 //! | `GET /pay/sandbox/{id}?token=` | the sandbox's pay page |
 //! | `POST /pay/sandbox/{id}` (form) | pays, 303 to the order page (routed here by `api.rs`) |
 //! | `GET /order/{id}?token=` | status, and the keys once delivered |
 //! | `GET /order/{id}/return/{return token}` | the same, where Stripe and EPay send the buyer back |
-//! | `GET /static/app.{hash}.css\|js` | assets, cached for a year |
+//! | `GET /static/app.{hash}.css\|js` | assets, cached for a year (and `pow-worker.{hash}.js`) |
 //!
 //! Pages that carry or show a token are `no-store`; every HTML page has a strict CSP, no
 //! inline script, `Referrer-Policy: no-referrer` and `X-Frame-Options: DENY`. Nothing here logs a
 //! path, a query string or a token. Decisions are written down in `docs/storefront.md`.
 
 pub mod assets;
+mod challenge;
 pub mod form;
 pub mod i18n;
 pub mod money;
@@ -384,6 +385,11 @@ where
         }
         Err(RouteError::AllUnavailable { retry_after_secs }) => return unavailable(ctx, retry_after_secs),
     };
+    // A suspicious client, or a flash sale: the challenge page instead (after the form's checks,
+    // so a buyer fixes typos before doing any work).
+    if let Some(response) = challenge::gate(api, ctx, &product.sku, &fields, &values) {
+        return response;
+    }
 
     let created = api
         .engine

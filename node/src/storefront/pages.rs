@@ -17,7 +17,7 @@ pub struct Chrome {
 }
 
 impl Chrome {
-    fn t(&self, msg: Msg) -> &'static str {
+    pub(super) fn t(&self, msg: Msg) -> &'static str {
         self.lang.t(msg)
     }
 
@@ -36,7 +36,7 @@ pub struct Poll {
     pub refresh_secs: u32,
 }
 
-fn layout(c: &Chrome, title: &str, poll: Option<&Poll>, body: Markup) -> Markup {
+pub(super) fn layout(c: &Chrome, title: &str, poll: Option<&Poll>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang=(c.lang.tag()) {

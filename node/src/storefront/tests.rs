@@ -113,6 +113,14 @@ async fn world_routed(
         public_url: format!("https://{HOST}"),
         max_body_bytes: 16 * 1024,
         metrics: Arc::new(HttpMetrics::default()),
+        abuse: Arc::new(
+            crate::abuse::Abuse::new(
+                crate::abuse::AbuseConfig::default(),
+                b"challenge key for tests",
+                Arc::new(crate::metrics::ChallengeMetrics::default()),
+            )
+            .unwrap(),
+        ),
     };
     World { _dir: dir, api }
 }
