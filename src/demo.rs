@@ -159,6 +159,7 @@ fn demo_node_config(name: &str, region: &str, dir: &Path, port: u16, sync_addr: 
             header: edgecard_node::client_ip::ClientIpHeader::XForwardedFor,
         },
         limits: Default::default(),
+        abuse: Default::default(),
         payments: PaymentsConfig {
             sandbox: SandboxConfig { enabled: true, ..SandboxConfig::default() },
             ..PaymentsConfig::default()

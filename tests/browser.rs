@@ -267,3 +267,33 @@ async fn script_in_a_title_is_text_and_pages_speak_chinese_over_https() {
     assert_eq!(api_unknown.status, 404);
     assert!(api_unknown.text().starts_with('{'), "unknown API paths stay JSON");
 }
+
+/// A flash sale: the checkout is challenged, and the browser solves the proof of work in a Web
+/// Worker (under the strict CSP) and places the order without the buyer doing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_solves_the_flash_sale_challenge_in_a_web_worker() {
+    webdriver::require_browser();
+    let env = TestEnv::new();
+    let secrets = make_secrets(3);
+    let abuse = format!(
+        "\n[abuse]\nflash_sale_skus = [\"{SKU}\"]\nmin_difficulty = 14\nmax_difficulty = 14\nwait_ticket_secs = 600\n"
+    );
+    let node = env.start_node_with(&NodeOptions::with_grants(vec![env.grant_file(&secrets)]), &abuse);
+    let shot = Shot { dir: webdriver::artifacts_dir() };
+    let driver = WebDriver::start(PHONE.0, PHONE.1, "en-US,en").await;
+    driver.goto(&format!("{}/p/{SKU}", node.https_url)).await;
+    let submit = driver.wait_for("form[action=\"/checkout\"] button[type=submit]", STEP_TIMEOUT).await;
+    driver.click(&submit).await;
+    // The wait ticket needs ten minutes: reaching the pay page in time means the worker solved it.
+    let pay = driver.wait_for("button#pay", Duration::from_secs(60)).await;
+    assert!(driver.current_url().await.contains("/pay/sandbox/"), "{}", driver.current_url().await);
+    shot.take(&driver, "challenge-solved-pay").await;
+    driver.click(&pay).await;
+    let key = driver.wait_for("ul#keys code", STEP_TIMEOUT).await;
+    assert!(secrets.contains(&driver.text(&key).await));
+    driver.quit().await;
+
+    let metrics = node.metrics().await;
+    assert_eq!(metrics[r#"edgecard_challenges_total{kind="challenge",result="issued"}"#], 1.0);
+    assert_eq!(metrics[r#"edgecard_challenges_total{kind="challenge",result="solved"}"#], 1.0);
+}

@@ -48,6 +48,8 @@ fn a_bad_config_is_one_clear_error_naming_the_field() {
         ("node_id = \"eu-1\"\ndata_dir = \"d\"\n[trust]\ncoordinator_key = \"nothex\"\n".to_string(), "trust.coordinator_key"),
         (format!("node_id = \"eu-1\"\ndata_dir = \"d\"\nlisten = 1\n[trust]\ncoordinator_key = \"{key}\"\n"), "listen"),
         ("this is = = not toml".to_string(), "node.toml"),
+        (format!("node_id = \"eu-1\"\ndata_dir = \"d\"\n[trust]\ncoordinator_key = \"{key}\"\n[abuse]\nmax_difficulty = 40\n"), "abuse.max_difficulty"),
+        (format!("node_id = \"eu-1\"\ndata_dir = \"d\"\n[trust]\ncoordinator_key = \"{key}\"\n[abuse]\nflash_sale_skus = [\"a b\"]\n"), "abuse.flash_sale_skus"),
     ];
     for (config, field) in cases {
         std::fs::write(&path, &config).unwrap();

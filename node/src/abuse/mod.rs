@@ -139,24 +139,26 @@ impl Abuse {
     /// Checks a presented token (and solution) and marks it used.
     fn redeem(&self, client: IpAddr, sku: &Sku, text: &str, solution: Option<&str>, now: u64) -> Result<(), Refusal> {
         let kind_label = if solution.is_some() { CHALLENGE } else { WAIT_TICKET };
-        let result = (|| {
-            let token = self.challenger.open(text, client, sku, now)?;
-            match (token.kind, solution) {
-                (Kind::Challenge, Some(solution)) if challenge::is_solution(&token, solution) => {}
-                (Kind::WaitTicket, None) => {}
-                _ => return Err(Refusal::WrongSolution),
-            }
-            if !self.seen.lock().first_use(token.nonce, token.expires_at, now) {
-                return Err(Refusal::Replayed);
-            }
-            Ok(())
-        })();
+        let result = self.check(client, sku, text, solution, now);
         let label = match result {
             Ok(()) => "solved",
             Err(refusal) => refusal.as_str(),
         };
         self.metrics.count(kind_label, label);
         result
+    }
+
+    fn check(&self, client: IpAddr, sku: &Sku, text: &str, solution: Option<&str>, now: u64) -> Result<(), Refusal> {
+        let token = self.challenger.open(text, client, sku, now)?;
+        match (token.kind, solution) {
+            (Kind::Challenge, Some(solution)) if challenge::is_solution(&token, solution) => {}
+            (Kind::WaitTicket, None) => {}
+            _ => return Err(Refusal::WrongSolution),
+        }
+        if !self.seen.lock().first_use(token.nonce, token.expires_at, now) {
+            return Err(Refusal::Replayed);
+        }
+        Ok(())
     }
 
     /// A wait ticket for a buyer without JavaScript facing a challenge of `difficulty`: usable

@@ -4,7 +4,6 @@
 //! Both forms carry the checkout's fields again, so the order is the one the buyer asked for.
 
 use edgecard_protocol::Sku;
-use http::StatusCode;
 use maud::{html, Markup};
 
 use super::i18n::Msg;
