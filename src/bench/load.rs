@@ -276,10 +276,9 @@ async fn purchase(shared: &Shared, node: usize, conn: &mut Connection, tally: &m
     if created.status == 428 {
         let Some(token) = challenge_token(&created.body) else { return failed("bad_challenge", false) };
         let solver_token = token.clone();
-        let solved = tokio::task::spawn_blocking(move || {
-            edgecard_node::abuse::challenge::solve(&solver_token, MAX_SOLVE_TRIES)
-        })
-        .await;
+        let solved =
+            tokio::task::spawn_blocking(move || edgecard_node::abuse::challenge::solve(&solver_token, MAX_SOLVE_TRIES))
+                .await;
         let Ok(Some(solution)) = solved else { return failed("challenge_unsolved", false) };
         tally.challenges += 1;
         let request = Request::post("/api/v1/orders")

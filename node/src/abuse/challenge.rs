@@ -122,7 +122,16 @@ impl Challenger {
     /// A wait ticket for `client` and `sku`, usable from `not_before` for `ttl_secs`.
     pub fn wait_ticket(&self, client: IpAddr, sku: &Sku, now: u64, not_before: u64, ttl_secs: u64) -> Token {
         let not_before = not_before.max(now);
-        self.mint(Kind::WaitTicket, 0, client, sku, now, not_before, not_before.saturating_add(ttl_secs), random_nonce())
+        self.mint(
+            Kind::WaitTicket,
+            0,
+            client,
+            sku,
+            now,
+            not_before,
+            not_before.saturating_add(ttl_secs),
+            random_nonce(),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]

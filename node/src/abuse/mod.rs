@@ -42,9 +42,14 @@ const WAIT_TICKET: &str = "wait_ticket";
 pub enum Presented<'a> {
     Nothing,
     /// A challenge token and its solution (a decimal counter).
-    Solution { token: &'a str, solution: &'a str },
+    Solution {
+        token: &'a str,
+        solution: &'a str,
+    },
     /// A wait ticket.
-    Ticket { token: &'a str },
+    Ticket {
+        token: &'a str,
+    },
 }
 
 /// The verdict on an order attempt.
@@ -52,7 +57,10 @@ pub enum Presented<'a> {
 pub enum Gate {
     Pass,
     /// Solve this first. `refused` says why what was presented did not do.
-    Challenge { challenge: Token, refused: Option<Refusal> },
+    Challenge {
+        challenge: Token,
+        refused: Option<Refusal>,
+    },
 }
 
 pub struct Abuse {
@@ -83,7 +91,11 @@ impl Abuse {
     }
 
     /// With the node's key from `data_dir`, made on first start.
-    pub fn load_or_create(config: AbuseConfig, data_dir: &Path, metrics: Arc<ChallengeMetrics>) -> Result<Self, String> {
+    pub fn load_or_create(
+        config: AbuseConfig,
+        data_dir: &Path,
+        metrics: Arc<ChallengeMetrics>,
+    ) -> Result<Self, String> {
         let path = data_dir.join(CHALLENGE_KEY_FILE);
         let key = match std::fs::read(&path) {
             Ok(key) if key.len() == KEY_BYTES => key,
@@ -213,7 +225,12 @@ mod tests {
     }
 
     fn flash(sku: &str) -> AbuseConfig {
-        AbuseConfig { flash_sale_skus: vec![sku.into()], min_difficulty: 6, max_difficulty: 8, ..AbuseConfig::default() }
+        AbuseConfig {
+            flash_sale_skus: vec![sku.into()],
+            min_difficulty: 6,
+            max_difficulty: 8,
+            ..AbuseConfig::default()
+        }
     }
 
     fn challenge_of(gate: Gate) -> (Token, Option<Refusal>) {

@@ -159,7 +159,8 @@ impl Suspicion {
         let key = net.unwrap_or(addr);
         let now_secs = now_ms / 1000;
         self.make_room(key, now_ms);
-        let counters = self.clients.entry(key).or_insert_with(|| Counters { window_start: now_ms, ..Counters::default() });
+        let counters =
+            self.clients.entry(key).or_insert_with(|| Counters { window_start: now_ms, ..Counters::default() });
         let due = now_secs.max(counters.next_ticket_at).saturating_add(delay_secs);
         counters.next_ticket_at = due;
         due
