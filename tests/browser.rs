@@ -275,10 +275,10 @@ async fn a_browser_solves_the_flash_sale_challenge_in_a_web_worker() {
     webdriver::require_browser();
     let env = TestEnv::new();
     let secrets = make_secrets(3);
-    let abuse = format!(
-        "\n[abuse]\nflash_sale_skus = [\"{SKU}\"]\nmin_difficulty = 14\nmax_difficulty = 14\nwait_ticket_secs = 600\n"
-    );
-    let node = env.start_node_with(&NodeOptions::with_grants(vec![env.grant_file(&secrets)]), &abuse);
+    let abuse =
+        format!("flash_sale_skus = [\"{SKU}\"]\nmin_difficulty = 14\nmax_difficulty = 14\nwait_ticket_secs = 600\n");
+    let node =
+        env.start_node(&NodeOptions { abuse: Some(abuse), ..NodeOptions::with_grants(vec![env.grant_file(&secrets)]) });
     let shot = Shot { dir: webdriver::artifacts_dir() };
     let driver = WebDriver::start(PHONE.0, PHONE.1, "en-US,en").await;
     driver.goto(&format!("{}/p/{SKU}", node.https_url)).await;

@@ -27,7 +27,7 @@ const PER_64: usize = 10;
 
 fn abuse_section(extra: &str) -> String {
     format!(
-        "\n[abuse]\nwindow_secs = 3600\norders_per_ip = {PER_IP}\norders_per_64 = {PER_64}\n\
+        "window_secs = 3600\norders_per_ip = {PER_IP}\norders_per_64 = {PER_64}\n\
          min_difficulty = 8\nmax_difficulty = 12\nwait_ticket_secs = 2\n{extra}\n"
     )
 }
@@ -37,9 +37,10 @@ fn start(env: &TestEnv, keys: usize, abuse: &str) -> NodeProcess {
     let options = NodeOptions {
         max_open_per_ip: 10_000,
         create_order_limit: (100_000, 100_000),
+        abuse: Some(abuse.to_string()),
         ..NodeOptions::with_grants(vec![env.grant_file(&make_secrets(keys))])
     };
-    env.start_node_with(&options, abuse)
+    env.start_node(&options)
 }
 
 fn order_request(address: &str) -> Request {
@@ -119,7 +120,7 @@ async fn a_flood_from_many_addresses_is_slowed_to_the_configured_rate() {
 
     // The same flood against a node with challenges off: every attempt is an order.
     let env = TestEnv::new();
-    let open = start(&env, 400, "\n[abuse]\nenabled = false\n");
+    let open = start(&env, 400, "enabled = false");
     let (created_open, challenged_open, secs_open) = flood(&open, &addresses).await;
     assert_eq!((created_open, challenged_open), (addresses.len(), 0));
     eprintln!(
@@ -152,7 +153,7 @@ async fn burst(client: &mut common::Client, secs: u64, first: u32) -> (usize, us
 #[tokio::test]
 async fn a_sustained_flood_gets_the_threshold_per_quiet_window_and_no_more() {
     let env = TestEnv::new();
-    let section = "\n[abuse]\nwindow_secs = 2\norders_per_ip = 4\norders_per_64 = 4\nmin_difficulty = 8\n";
+    let section = "window_secs = 2\norders_per_ip = 4\norders_per_64 = 4\nmin_difficulty = 8\n";
     let node = start(&env, 100, section);
     let mut client = node.client().await;
     let started = Instant::now();
@@ -203,7 +204,9 @@ async fn a_flooder_that_solves_pays_with_work_that_grows() {
 async fn a_normal_buyer_is_never_challenged() {
     let env = TestEnv::new();
     // The default [abuse] settings.
-    let node = env.start_node(&NodeOptions::with_grants(vec![env.grant_file(&make_secrets(10))]));
+    let options =
+        NodeOptions { abuse: Some(String::new()), ..NodeOptions::with_grants(vec![env.grant_file(&make_secrets(10))]) };
+    let node = env.start_node(&options);
     let mut client = node.client().await.forwarded_for("198.51.100.20");
     for _ in 0..5 {
         client.buy(1).await;
@@ -353,4 +356,30 @@ async fn bench_purchase_solves_challenges_and_counts_them_as_an_outcome() {
     assert_eq!(report["delivered"], 8, "{report}");
     assert_eq!(report["challenges_solved"], 8, "{report}");
     assert_eq!(report["errors"], json!({}), "challenges are no errors: {report}");
+}
+
+/// Reservation churn: an address whose unpaid reservations keep expiring is challenged, while its
+/// order attempts alone are far under their threshold.
+#[tokio::test]
+async fn expired_unpaid_reservations_make_an_address_suspicious() {
+    let env = TestEnv::new();
+    let options = NodeOptions {
+        reservation_ttl_secs: 1,
+        expiry_sweep_ms: 100,
+        abuse: Some("orders_per_ip = 100\nexpired_per_ip = 2\nmin_difficulty = 8\n".into()),
+        ..NodeOptions::with_grants(vec![env.grant_file(&make_secrets(10))])
+    };
+    let node = env.start_node(&options);
+    let mut client = node.client().await;
+    let hoarder = "198.51.100.60";
+    for _ in 0..2 {
+        assert_eq!(client.send(order_request(hoarder)).await.status, 201);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.metric("edgecard_orders_expired_total").await < 2.0 {
+        assert!(Instant::now() < deadline, "the reservations did not expire");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    challenge_of(&client.send(order_request(hoarder)).await);
+    assert_eq!(client.send(order_request("198.51.100.61")).await.status, 201, "another address is not");
 }

@@ -496,6 +496,10 @@ catalog = {quota}
 order_lookup = {quota}
 payment = {quota}
 
+# Many test buyers share the loopback address (tests/challenge.rs tests the challenges).
+[abuse]
+enabled = false
+
 [payments.sandbox]
 enabled = true
 "#

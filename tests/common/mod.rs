@@ -144,6 +144,9 @@ pub struct NodeOptions {
     /// (per_second, burst) of catalog, order lookup and payment.
     pub other_limits: (u32, u32),
     pub sandbox_secret: Option<String>,
+    /// The body of `[abuse]`; `None`: challenges off, because a test's many buyers share the
+    /// loopback address (tests/challenge.rs turns them on).
+    pub abuse: Option<String>,
     /// Extra environment for the node process (EDGECARD_LOG and friends).
     pub env: Vec<(String, String)>,
 }
@@ -162,6 +165,7 @@ impl Default for NodeOptions {
             create_order_limit: (1000, 1000),
             other_limits: (1000, 1000),
             sandbox_secret: None,
+            abuse: None,
             env: Vec::new(),
         }
     }
@@ -211,6 +215,9 @@ catalog = {other}
 order_lookup = {other}
 payment = {other}
 
+[abuse]
+{abuse}
+
 [payments.sandbox]
 enabled = true
 {sandbox_secret}
@@ -234,6 +241,7 @@ prices = [{{ amount_minor = {price}, currency = "USD" }}, {{ amount_minor = 900,
             other = quota(self.other_limits),
             sku = toml_str(SKU),
             price = PRICE_MINOR,
+            abuse = self.abuse.as_deref().unwrap_or("enabled = false"),
         )
     }
 }
