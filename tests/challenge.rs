@@ -240,7 +240,7 @@ async fn a_flash_sale_challenges_and_refuses_replayed_or_forged_solutions() {
     let solves = |n: u64| {
         edgecard_node::abuse::challenge::leading_zero_bits(&edgecard_node::abuse::challenge::proof_hash(&token, n)) >= 8
     };
-    let wrong = (0..).find(|n: &u64| !solves(*n)).unwrap().to_string();
+    let wrong = (0..1u64 << 20).find(|n| !solves(*n)).unwrap().to_string();
     let wrong_answer = client.send(solved_request(buyer, &token, &wrong)).await;
     assert_eq!(challenge_of(&wrong_answer)["error"]["reason"], "failed");
     let elsewhere = client.send(solved_request("198.51.100.31", &token, &solution)).await;

@@ -257,7 +257,7 @@ mod tests {
         let (_, refused) = challenge_of(a.gate(ip("198.51.100.2"), &sku, presented, 1_002_000));
         assert_eq!(refused, Some(Refusal::Forged));
         let (fresh, _) = challenge_of(a.gate(client, &sku, Presented::Nothing, 1_003_000));
-        let wrong = (0..).find(|n| !challenge::is_solution(&fresh, &n.to_string())).unwrap().to_string();
+        let wrong = (0..1u64 << 20).find(|n| !challenge::is_solution(&fresh, &n.to_string())).unwrap().to_string();
         let (_, refused) =
             challenge_of(a.gate(client, &sku, Presented::Solution { token: &fresh.text, solution: &wrong }, 1_003_000));
         assert_eq!(refused, Some(Refusal::WrongSolution));
