@@ -106,6 +106,8 @@ enum NodeCommand {
     Run(ConfigArg),
     /// Validate a config file and print the effective configuration (secrets elided).
     CheckConfig(ConfigArg),
+    /// Join a coordinator with a join token: make this node's key, get its certificate, write node.toml.
+    Enrol(edgecard::enrol::EnrolArgs),
 }
 
 #[derive(Args)]
@@ -186,6 +188,7 @@ fn run() -> Result<()> {
             Command::Demo(args) => demo::run(args).await,
             Command::Node(NodeCommand::Run(args)) => run_node(args).await,
             Command::Node(NodeCommand::CheckConfig(args)) => check_config(args),
+            Command::Node(NodeCommand::Enrol(args)) => edgecard::enrol::run(args).await,
             Command::Grant(command) => grant(command),
             Command::Bench(args) => bench::run(args).await,
             Command::Coordinator(command) => coordinator(command).await,
@@ -270,6 +273,7 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
                     "event": "ready",
                     "admin": running.admin_addr.to_string(),
                     "sync": running.sync_addr.to_string(),
+                    "enrol": running.enrol_addr.to_string(),
                 })
             );
             let poisoned = running.coordinator.store().until_poisoned();
