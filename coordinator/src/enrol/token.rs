@@ -61,6 +61,11 @@ impl TokenSecret {
         TokenSecret(secret)
     }
 
+    /// A secret from given bytes (tests and fuzz seeds; real secrets come from [`TokenSecret::generate`]).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        TokenSecret(bytes)
+    }
+
     /// What the coordinator stores and looks tokens up by.
     pub fn digest(&self) -> [u8; 32] {
         Sha256::new().chain_update(DIGEST_DOMAIN).chain_update(self.0).finalize().into()
