@@ -45,6 +45,8 @@ pub enum PkiError {
     BadNodeId(String),
     #[error("certificate signing request refused: {0}")]
     BadCsr(String),
+    #[error("the certificate is not the one asked for: {0}")]
+    NotAsked(String),
 }
 
 /// A leaf certificate and its private key, both PEM.
@@ -198,9 +200,9 @@ pub fn check_node_cert(cert_pem: &str, ca_cert_pem: &str, public_key_der: &[u8])
     let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
     let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::CaCert(e.to_string()))?;
     cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| PkiError::BadCertificate("not signed by the coordinator's CA".into()))?;
+        .map_err(|_| PkiError::NotAsked("it is not signed by the coordinator's CA".into()))?;
     if cert.public_key().raw != public_key_der {
-        return Err(PkiError::BadCertificate("it certifies another key than the one this node made".into()));
+        return Err(PkiError::NotAsked("it certifies another key than the one this node made".into()));
     }
     node_id_from_cert(&cert_der)
 }
