@@ -7,7 +7,7 @@
 //! never held its key; a token works once, also across a `kill -9` of the coordinator; expired,
 //! unknown, malformed and revoked-node tokens are refused with their reason and write nothing;
 //! a token whose pinned CA is not the one the endpoint presents makes the node refuse to send
-//! its request at all.
+//! its request at all; one client address gets a burst of requests, then one per 6 s.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -138,5 +138,37 @@ async fn expired_unknown_revoked_and_foreign_ca_tokens_are_refused() {
     // Every refusal above left the real token alone.
     let ok_dir = lab.dir.path().join("ap-1");
     let out = enrol(real, &ok_dir, &[]).await;
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_enrolment_endpoint_rate_limits_each_client_address() {
+    let lab = Lab::start(Ports::Any).await;
+    let real = join_token(&lab, "eu-1", &[]).await;
+    let unknown = JoinToken {
+        secret: TokenSecret::generate(),
+        ..JoinToken::parse(real["join_token"].as_str().unwrap()).unwrap()
+    };
+    let unknown = unknown.encode().unwrap();
+    let dir = lab.dir.path().join("node");
+    // The burst: each request is answered on its merits.
+    for _ in 0..10 {
+        assert_refused(&enrol(&unknown, &dir, &[]).await, "token_unknown", &dir);
+    }
+    // Then the address is held to one request per 6 s (bounded: these attempts take far less).
+    let mut limited = false;
+    for _ in 0..10 {
+        let out = enrol(&unknown, &dir, &[]).await;
+        if out.stderr.contains("rate_limited") {
+            assert_refused(&out, "rate_limited", &dir);
+            limited = true;
+            break;
+        }
+        assert_refused(&out, "token_unknown", &dir);
+    }
+    assert!(limited, "20 requests from one address within seconds were all served");
+    // Once the address's next request is due, the real token (untouched by all this) enrols.
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let out = enrol(real["join_token"].as_str().unwrap(), &dir, &[]).await;
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
 }

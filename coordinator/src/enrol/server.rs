@@ -262,6 +262,53 @@ mod tests {
         assert!(!refused.message.contains(&secret.to_wire()));
     }
 
+    #[tokio::test]
+    async fn a_refused_request_leaves_the_token_usable_and_a_used_token_is_refused() {
+        use crate::service::Settings;
+        use edgecard_protocol::NodeId;
+        use edgecard_store::{Store, StoreMetrics};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Arc::new(StoreMetrics::default())).unwrap();
+        let signing = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let coordinator = Arc::new(Coordinator::new(Arc::new(store), signing, Settings::default()));
+        let node = NodeId::new("eu-1").unwrap();
+        coordinator.add_node(&node, "eu").await.unwrap();
+        let (secret, _) = coordinator.issue_join_token(&node, Duration::from_secs(60), now_millis()).await.unwrap();
+        let ca = Arc::new(CertificateAuthority::generate("ca").unwrap());
+        let facts = NodeLinkFacts {
+            coordinator_key: "key".into(),
+            sync_addr: "127.0.0.1:7443".parse().unwrap(),
+            server_name: "localhost".into(),
+        };
+        let api = EnrolApi::new(coordinator.clone(), ca.clone(), facts);
+        let request = |csr_pem: &str| EnrolRequest { secret: secret.clone(), csr_pem: csr_pem.into() };
+
+        let refused = api.enrol(request("not a CSR")).await.unwrap_err();
+        assert_eq!((refused.status, refused.code), (StatusCode::BAD_REQUEST, "bad_csr"));
+        let unknown = EnrolRequest { secret: TokenSecret::generate(), csr_pem: "x".into() };
+        assert_eq!(api.enrol(unknown).await.unwrap_err().code, "token_unknown");
+
+        // The refusals spent nothing: the token still enrols, once.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(vec!["us-9.node.edgecard".to_string()])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let answer = api.enrol(request(&csr)).await.unwrap();
+        assert_eq!(answer["node_id"], "eu-1");
+        let cert = answer["node_cert_pem"].as_str().unwrap();
+        let named = crate::pki::check_node_cert(cert, &ca.cert_pem(), &key.public_key_der()).unwrap();
+        assert_eq!(named, node, "the token's node, not the one the request asked for");
+        assert!(!answer.to_string().contains("PRIVATE KEY"));
+        let again = api.enrol(request(&csr)).await.unwrap_err();
+        assert_eq!((again.status, again.code), (StatusCode::CONFLICT, "token_used"));
+        let record = coordinator.join_token(&secret, now_millis()).unwrap_err();
+        assert!(matches!(record, RedeemError::Used { .. }));
+    }
+
     #[test]
     fn ipv6_clients_are_limited_by_their_64() {
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
