@@ -32,7 +32,7 @@ enum Command {
     /// Create or run the coordinator.
     #[command(subcommand)]
     Coordinator(CoordinatorCommand),
-    /// Register, list or revoke nodes.
+    /// Register nodes (with a join token), list or revoke them.
     Nodes {
         #[command(subcommand)]
         command: ops::NodesCommand,

@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 use super::token::{fingerprint, TokenSecret};
 use super::tokens::RedeemError;
 use crate::pki::{certificate_der, CertificateAuthority, PkiError, MAX_CSR_PEM_BYTES};
-use crate::service::{now_millis, Coordinator, CoordinatorError};
+use crate::service::{now_millis, Coordinator};
 
 /// The enrolment request's path.
 pub const ENROL_PATH: &str = "/v1/enrol";
@@ -222,7 +222,7 @@ fn redeem_refusal(e: RedeemError) -> Refusal {
         RedeemError::Used { .. } => refusal(StatusCode::CONFLICT, "token_used", message),
         RedeemError::Expired { .. } => refusal(StatusCode::GONE, "token_expired", message),
         RedeemError::Revoked(_) => refusal(StatusCode::FORBIDDEN, "node_revoked", message),
-        RedeemError::Coordinator(CoordinatorError::Store(_)) | RedeemError::Coordinator(_) => {
+        RedeemError::Coordinator(_) => {
             tracing::error!(error = %message, "enrolment failed");
             refusal(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the coordinator cannot enrol now; retry later")
         }
