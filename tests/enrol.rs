@@ -171,4 +171,14 @@ async fn the_enrolment_endpoint_rate_limits_each_client_address() {
     tokio::time::sleep(Duration::from_millis(6500)).await;
     let out = enrol(real["join_token"].as_str().unwrap(), &dir, &[]).await;
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+
+    // The operator sees it all in the coordinator's metrics.
+    let admin = edgecard::https_client::Endpoint::parse(&lab.admin_url(), None).unwrap();
+    let bearer = format!("Bearer {}", lab.token);
+    let metrics = admin.request(edgecard::https_client::Request::get("/metrics").header("authorization", &bearer));
+    let metrics = parse_metrics(&metrics.await.unwrap().text());
+    let count = |result: &str| metrics.get(&format!("edgecard_enrol_requests_total{{result=\"{result}\"}}")).copied();
+    assert!(count("token_unknown").is_some_and(|n| n >= 10.0), "{metrics:?}");
+    assert_eq!(count("rate_limited"), Some(1.0), "{metrics:?}");
+    assert_eq!(count("enrolled"), Some(1.0), "{metrics:?}");
 }

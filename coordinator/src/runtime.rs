@@ -453,9 +453,11 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
             server_name: config.sync_server_name.clone(),
         },
     ));
+    let enrol_metrics = enrol.metrics().clone();
     let enrol_handler: Handler = Arc::new(move |request, peer| Box::pin(enrol.clone().handle(request, peer)));
     let quic_metrics = Arc::new(quic::QuicMetrics::default());
-    let registry = crate::metrics::coordinator_registry(coordinator.clone(), &quic_metrics);
+    let mut registry = crate::metrics::coordinator_registry(coordinator.clone(), &quic_metrics);
+    enrol_metrics.register(&mut registry);
     let admin = Arc::new(AdminApi {
         coordinator: coordinator.clone(),
         token: config.admin_token.clone(),

@@ -27,6 +27,9 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -98,11 +101,28 @@ pub struct NodeLinkFacts {
     pub server_name: String,
 }
 
+/// Enrolment requests by result: `enrolled`, or the refusal's code (a fixed set).
+#[derive(Debug, Default)]
+pub struct EnrolMetrics {
+    pub requests: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl EnrolMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "edgecard_enrol_requests",
+            "Node enrolment requests by result (enrolled, or the refusal's code)",
+            self.requests.clone(),
+        );
+    }
+}
+
 pub struct EnrolApi {
     coordinator: Arc<Coordinator>,
     ca: Arc<CertificateAuthority>,
     facts: NodeLinkFacts,
     per_ip: DefaultKeyedRateLimiter<IpAddr>,
+    metrics: Arc<EnrolMetrics>,
 }
 
 impl EnrolApi {
@@ -110,11 +130,18 @@ impl EnrolApi {
         let quota = Quota::with_period(PER_IP_PERIOD)
             .unwrap_or_else(|| Quota::per_minute(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(PER_IP_BURST).unwrap_or(NonZeroU32::MIN));
-        EnrolApi { coordinator, ca, facts, per_ip: RateLimiter::keyed(quota) }
+        EnrolApi { coordinator, ca, facts, per_ip: RateLimiter::keyed(quota), metrics: Arc::default() }
+    }
+
+    pub fn metrics(&self) -> &Arc<EnrolMetrics> {
+        &self.metrics
     }
 
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
-        match self.serve(request, peer).await {
+        let outcome = self.serve(request, peer).await;
+        let result = outcome.as_ref().map_or_else(|refused| refused.code, |_| "enrolled");
+        self.metrics.requests.get_or_create(&[("result", result)]).inc();
+        match outcome {
             Ok(body) => respond(StatusCode::OK, &body),
             Err(refused) => {
                 let mut response =
