@@ -134,7 +134,11 @@ impl JoinToken {
         if !rest.is_empty() {
             return Err(TokenError::Length);
         }
-        let enrol_addr = addr.parse().map_err(|_| TokenError::Field("enrolment address"))?;
+        let enrol_addr: SocketAddr = addr.parse().map_err(|_| TokenError::Field("enrolment address"))?;
+        // Only the canonical spelling (`[2001:db8::1]`, not `[2001:DB8:0::1]`): one token, one string.
+        if enrol_addr.to_string() != addr {
+            return Err(TokenError::Field("enrolment address"));
+        }
         check_server_name(server_name)?;
         Ok(JoinToken { secret: TokenSecret(secret), ca_fingerprint, enrol_addr, server_name: server_name.to_owned() })
     }
@@ -233,6 +237,12 @@ mod tests {
         addr[66] = b'x';
         assert_eq!(JoinToken::parse(&reencode(&addr)), Err(TokenError::Field("enrolment address")));
         assert!(JoinToken { server_name: "bad name".into(), ..sample() }.encode().is_err());
+        // An address spelled otherwise than it is written back (found by the join_token fuzz target).
+        let v6 = JoinToken { enrol_addr: "[2001:db8::1]:7443".parse().unwrap(), ..sample() }.encode().unwrap();
+        let mut bytes = URL_SAFE_NO_PAD.decode(&v6[TOKEN_PREFIX.len()..]).unwrap();
+        let at = bytes.windows(4).position(|w| w == b"2001").unwrap();
+        bytes.splice(at..at + 4, b"200A".iter().copied());
+        assert_eq!(JoinToken::parse(&reencode(&bytes)), Err(TokenError::Field("enrolment address")));
         assert!(TokenSecret::from_wire("short").is_err());
     }
 }
