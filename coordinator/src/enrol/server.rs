@@ -87,8 +87,15 @@ pub fn decode_request(authorization: Option<&[u8]>, body: &[u8]) -> Result<Enrol
     let secret = TokenSecret::from_wire(secret.trim()).map_err(|e| {
         refusal(StatusCode::UNAUTHORIZED, "token_malformed", format!("the token secret is malformed: {e}"))
     })?;
-    let body: EnrolBody = serde_json::from_slice(body)
-        .map_err(|e| refusal(StatusCode::BAD_REQUEST, "invalid_request", format!("invalid JSON: {e}")))?;
+    // serde's own message can quote the body; the reason is logged, so only the position is given.
+    let body: EnrolBody = serde_json::from_slice(body).map_err(|e| {
+        let message = format!(
+            "the body must be {{\"csr_pem\": \"<PEM>\"}} and nothing else (error at line {} column {})",
+            e.line(),
+            e.column()
+        );
+        refusal(StatusCode::BAD_REQUEST, "invalid_request", message)
+    })?;
     Ok(EnrolRequest { secret, csr_pem: body.csr_pem })
 }
 
@@ -284,9 +291,12 @@ mod tests {
         let bad = decode_request(Some(auth.as_bytes()), br#"{"csr_pem":"x","name":"other"}"#).unwrap_err();
         assert_eq!((bad.status, bad.code), (StatusCode::BAD_REQUEST, "invalid_request"));
         assert_eq!(decode_request(Some(auth.as_bytes()), b"").unwrap_err().code, "invalid_request");
-        // Messages never carry the secret.
+        // Messages never carry the secret, nor quote the body (where one could be pasted by mistake).
         let refused = decode_request(Some(auth.as_bytes()), b"{").unwrap_err();
         assert!(!refused.message.contains(&secret.to_wire()));
+        let pasted = format!("\"{}\"", secret.to_wire());
+        let refused = decode_request(Some(auth.as_bytes()), pasted.as_bytes()).unwrap_err();
+        assert!(!refused.message.contains(&secret.to_wire()), "{}", refused.message);
     }
 
     #[tokio::test]
