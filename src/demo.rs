@@ -115,7 +115,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     for (i, (name, region)) in REGIONS.iter().enumerate() {
         let node_dir = dir.join(name);
         if !node_dir.join("node-key.pem").exists() {
-            let bundle = admin.post_json("/v1/nodes", &json!({ "name": name, "region": region })).await?;
+            let bundle =
+                admin.post_json("/v1/nodes", &json!({ "name": name, "region": region, "bundle": true })).await?;
             crate::ops::write_bundle(&node_dir, &bundle)?;
             for (sku, ..) in PRODUCTS {
                 admin.post_json("/v1/slices", &json!({ "sku": sku, "node": name, "count": args.keys })).await?;

@@ -195,6 +195,30 @@ impl Endpoint {
     /// or the server's own self-signed certificate) and is required; for http it is ignored.
     /// The TLS server name is the host, which may be an IP address.
     pub fn parse(url: &str, ca_pem: Option<&[u8]>) -> Result<Endpoint, ClientError> {
+        Endpoint::parse_with(url, TrustSource::Pem(ca_pem))
+    }
+
+    /// Parses an `https://host:port` URL whose server is verified by `config` (its own
+    /// certificate verifier) under the TLS name `server_name` rather than the URL's host.
+    pub fn parse_with_tls(
+        url: &str,
+        mut config: rustls::ClientConfig,
+        server_name: &str,
+    ) -> Result<Endpoint, ClientError> {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = ServerName::try_from(server_name.to_owned()).map_err(|e| ClientError::InvalidUrl {
+            url: url.to_owned(),
+            reason: format!("{server_name:?} is not a valid TLS server name: {e}"),
+        })?;
+        let target = TlsTarget { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), server_name: name };
+        let endpoint = Endpoint::parse_with(url, TrustSource::Given(target))?;
+        if !endpoint.is_https() {
+            return Err(ClientError::InvalidUrl { url: url.to_owned(), reason: "expected https".into() });
+        }
+        Ok(endpoint)
+    }
+
+    fn parse_with(url: &str, trust: TrustSource<'_>) -> Result<Endpoint, ClientError> {
         let invalid = |reason: &str| ClientError::InvalidUrl { url: url.to_owned(), reason: reason.to_owned() };
         let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
         let https = match uri.scheme_str() {
@@ -236,11 +260,13 @@ impl Endpoint {
         let scheme = if https { "https" } else { "http" };
         let base = format!("{scheme}://{authority}");
 
-        let tls = if https {
-            let pem = ca_pem.ok_or_else(|| ClientError::MissingCa { url: base.clone() })?;
-            Some(tls_target(&base, host, pem)?)
-        } else {
-            None
+        let tls = match (https, trust) {
+            (false, _) => None,
+            (true, TrustSource::Given(target)) => Some(target),
+            (true, TrustSource::Pem(ca_pem)) => {
+                let pem = ca_pem.ok_or_else(|| ClientError::MissingCa { url: base.clone() })?;
+                Some(tls_target(&base, host, pem)?)
+            }
         };
         Ok(Endpoint {
             url: base.into(),
@@ -396,6 +422,14 @@ impl Endpoint {
         })?;
         Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body: collected.to_bytes() })
     }
+}
+
+/// How an https endpoint's server is verified.
+enum TrustSource<'a> {
+    /// Certificates to trust, PEM (none: an error for https).
+    Pem(Option<&'a [u8]>),
+    /// A ready connector and server name.
+    Given(TlsTarget),
 }
 
 fn tls_target(url: &str, host: &str, pem: &[u8]) -> Result<TlsTarget, ClientError> {

@@ -3,6 +3,7 @@
 pub mod admin_client;
 pub mod bench;
 pub mod demo;
+pub mod enrol;
 pub mod grant_tool;
 pub mod https_client;
 pub mod logging;

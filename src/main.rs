@@ -35,7 +35,7 @@ enum Command {
     /// Create or run the coordinator.
     #[command(subcommand)]
     Coordinator(CoordinatorCommand),
-    /// Register, list or revoke nodes.
+    /// Register nodes (with a join token), list or revoke them.
     Nodes {
         #[command(subcommand)]
         command: ops::NodesCommand,
@@ -121,6 +121,8 @@ enum NodeCommand {
     Run(ConfigArg),
     /// Validate a config file and print the effective configuration (secrets elided).
     CheckConfig(ConfigArg),
+    /// Join a coordinator with a join token: make this node's key, get its certificate, write node.toml.
+    Enrol(edgecard::enrol::EnrolArgs),
 }
 
 #[derive(Args)]
@@ -215,6 +217,7 @@ fn run() -> Result<()> {
             Command::Demo(args) => demo::run(args).await,
             Command::Node(NodeCommand::Run(args)) => run_node(args).await,
             Command::Node(NodeCommand::CheckConfig(args)) => check_config(args),
+            Command::Node(NodeCommand::Enrol(args)) => edgecard::enrol::run(args).await,
             Command::Grant(command) => grant(command),
             Command::Bench(args) => bench::run(args).await,
             Command::Challenge(ChallengeCommand::Solve { token, max_tries }) => solve_challenge(&token, max_tries),
@@ -300,6 +303,7 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
                     "event": "ready",
                     "admin": running.admin_addr.to_string(),
                     "sync": running.sync_addr.to_string(),
+                    "enrol": running.enrol_addr.to_string(),
                 })
             );
             let poisoned = running.coordinator.store().until_poisoned();

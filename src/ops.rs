@@ -35,14 +35,28 @@ impl AdminArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum NodesCommand {
-    /// Register a node and write its bundle (certificate, key, trust anchors, node.toml).
+    /// Register a node and print its one-time join token (`--bundle`: write a lab bundle instead).
     Add {
         name: String,
         #[arg(long)]
         region: String,
-        /// Directory for the bundle; default ./<name>.
+        /// Labs and the demo only: have the coordinator make the node's key and write it, with
+        /// the certificates and node.toml, into a bundle directory.
         #[arg(long)]
+        bundle: bool,
+        /// Directory for the bundle (with --bundle); default ./<name>.
+        #[arg(long, requires = "bundle")]
         out: Option<PathBuf>,
+        /// How long the join token stays valid: seconds, or with s, m, h or d (default 1h, at most 7d).
+        #[arg(long, conflicts_with = "bundle")]
+        ttl: Option<String>,
+    },
+    /// A new join token for a registered node (the last one expired, or the machine was rebuilt).
+    Token {
+        name: String,
+        /// How long it stays valid (default 1h, at most 7d).
+        #[arg(long)]
+        ttl: Option<String>,
     },
     /// Nodes with last contact, sync high-water mark and stock per slice.
     List,
@@ -250,12 +264,25 @@ fn text(v: &Value) -> String {
 pub async fn nodes(args: &AdminArgs, command: NodesCommand) -> Result<()> {
     let client = args.client()?;
     match command {
-        NodesCommand::Add { name, region, out } => {
-            let bundle = client.post_json("/v1/nodes", &json!({ "name": name, "region": region })).await?;
+        NodesCommand::Add { name, region, bundle: true, out, .. } => {
+            let bundle =
+                client.post_json("/v1/nodes", &json!({ "name": name, "region": region, "bundle": true })).await?;
             let dir = out.unwrap_or_else(|| PathBuf::from(&name));
             write_bundle(&dir, &bundle)?;
             println!("node {name} registered; bundle written to {}", dir.display());
             println!("start it with: edgecard node run --config {}", dir.join("node.toml").display());
+        }
+        NodesCommand::Add { name, region, bundle: false, ttl, .. } => {
+            let ttl_secs = ttl.as_deref().map(parse_ttl).transpose()?;
+            let answer =
+                client.post_json("/v1/nodes", &json!({ "name": name, "region": region, "ttl_secs": ttl_secs })).await?;
+            print_join_token(args, &answer, &format!("node {name} registered."))?;
+        }
+        NodesCommand::Token { name, ttl } => {
+            let ttl_secs = ttl.as_deref().map(parse_ttl).transpose()?;
+            let answer =
+                client.post_json(&format!("/v1/nodes/{name}/join-token"), &json!({ "ttl_secs": ttl_secs })).await?;
+            print_join_token(args, &answer, &format!("new join token for node {name}."))?;
         }
         NodesCommand::List => {
             let nodes = client.get("/v1/nodes").await?;
@@ -285,6 +312,38 @@ pub async fn nodes(args: &AdminArgs, command: NodesCommand) -> Result<()> {
     Ok(())
 }
 
+/// Prints a join token and how to use it (or the answer as JSON with `--json`).
+fn print_join_token(args: &AdminArgs, answer: &Value, headline: &str) -> Result<()> {
+    print(args, answer, |answer| {
+        let token = text(&answer["join_token"]);
+        let until = answer["expires_at"]
+            .as_u64()
+            .map_or_else(|| "-".into(), |ms| edgecard_node::time_fmt::rfc3339(edgecard_protocol::UnixMillis(ms)));
+        println!("{headline}");
+        println!("join token (one use, valid until {until}):");
+        println!("  {token}");
+        println!("on the node's machine:");
+        println!("  edgecard node enrol --join-token {token} --dir /etc/edgecard/node");
+    })
+}
+
+/// A token lifetime: seconds, or a number with `s`, `m`, `h` or `d`.
+pub fn parse_ttl(raw: &str) -> Result<u64> {
+    let (digits, unit) = match raw.char_indices().last() {
+        Some((at, c)) if c.is_ascii_alphabetic() => (&raw[..at], c),
+        _ => (raw, 's'),
+    };
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => bail!("--ttl {raw:?}: use seconds, or a number with s, m, h or d"),
+    };
+    let value: u64 = digits.parse().with_context(|| format!("--ttl {raw:?} is not a whole number"))?;
+    value.checked_mul(scale).with_context(|| format!("--ttl {raw:?} is too long"))
+}
+
 /// Writes the files a node needs; the private key and the config are owner-only.
 pub fn write_bundle(dir: &Path, bundle: &Value) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -296,7 +355,7 @@ pub fn write_bundle(dir: &Path, bundle: &Value) -> Result<PathBuf> {
     std::fs::write(dir.join("node-cert.pem"), field("node_cert_pem")?)?;
     write_private(&dir.join("node-key.pem"), field("node_key_pem")?.as_bytes())?;
     let config = format!(
-        "# Written by `edgecard nodes add`. See docs/node-config.md for every field.\n\
+        "# Written by `edgecard node enrol` (or `nodes add --bundle`). See docs/node-config.md for every field.\n\
          node_id = \"{node_id}\"\nregion = \"{region}\"\ndata_dir = \"data\"\n\n\
          [trust]\ncoordinator_key = \"{key}\"\n\n\
          [coordinator]\naddr = \"{addr}\"\nserver_name = \"{server_name}\"\n\

@@ -32,6 +32,8 @@ const TARGETS: &[(&str, Harness)] = &[
     ("sync_upload", edgecard_protocol::fuzzing::sync_upload),
     ("sync_ack", edgecard_protocol::fuzzing::sync_ack),
     ("import_keys", edgecard_coordinator::fuzzing::import_keys),
+    ("join_token", edgecard_coordinator::fuzzing::join_token),
+    ("enrol_request", edgecard_coordinator::fuzzing::enrol_request),
     ("stripe_webhook", edgecard_node::fuzzing::stripe_webhook),
     ("epay_notify", edgecard_node::fuzzing::epay_notify),
     ("storefront_form", edgecard_node::fuzzing::storefront_form),
@@ -132,6 +134,7 @@ fn seeds() -> Vec<Seed> {
     let mut all = Vec::new();
     all.extend(protocol_seeds());
     all.extend(import_seeds());
+    all.extend(enrol_seeds());
     all.extend(stripe_seeds());
     all.extend(epay_seeds());
     all.extend(storefront_seeds());
@@ -402,6 +405,59 @@ fn import_seeds() -> Vec<Seed> {
         ("empty", String::new()),
     ];
     files.into_iter().map(|(name, text)| ("import_keys", name.to_string(), text.into_bytes())).collect()
+}
+
+/// A P-256 certificate signing request (made once; ECDSA signatures are randomized, so a seed
+/// made at each run would differ).
+const CSR_PEM: &str = "-----BEGIN CERTIFICATE REQUEST-----
+MIHIMHECAQAwDzENMAsGA1UEAwwEZXUtMTBZMBMGByqGSM49AgEGCCqGSM49AwEH
+A0IABJQSZXMIJY8JEiw2goZGKjhvxPOcxxCBQzmBc83Pva15zLZcKGujO6sdwItw
+EFOEQq7WXf3S7vcCqNLAHvTOJ2qgADAKBggqhkjOPQQDAgNHADBEAiAuO/2yK/uL
+kRUp0hun8YBhApiSS+diFHro6BqszlhJOAIgNfR6XyqXiAeylhoKo6bq50VG5J0n
+m1TozsXiVW4Dq6g=
+-----END CERTIFICATE REQUEST-----
+";
+
+fn enrol_seeds() -> Vec<Seed> {
+    use edgecard_coordinator::enrol::token::{JoinToken, TokenSecret};
+    let token = |addr: &str, name: &str, fill: u8| {
+        JoinToken {
+            secret: TokenSecret::from_bytes([fill; 32]),
+            ca_fingerprint: [fill.wrapping_add(1); 32],
+            enrol_addr: addr.parse().unwrap(),
+            server_name: name.into(),
+        }
+        .encode()
+        .unwrap()
+    };
+    let mut seeds: Vec<Seed> = vec![
+        ("join_token", "v4".into(), token("203.0.113.10:7443", "coordinator.example", 7).into_bytes()),
+        ("join_token", "v6".into(), token("[2001:db8::1]:7443", "localhost", 9).into_bytes()),
+        ("join_token", "pasted".into(), format!("  {}\n", token("127.0.0.1:7443", "localhost", 1)).into_bytes()),
+        ("join_token", "other-format".into(), b"ecj1_AgAAAA".to_vec()),
+        ("join_token", "not-a-token".into(), b"edgecard".to_vec()),
+    ];
+    let request = |auth: &str, body: &str| {
+        let mut bytes = vec![u8::try_from(auth.len()).unwrap()];
+        bytes.extend_from_slice(auth.as_bytes());
+        bytes.extend_from_slice(body.as_bytes());
+        bytes
+    };
+    let bearer = format!("Bearer {}", TokenSecret::from_bytes([3; 32]).to_wire());
+    let csr_body = json!({ "csr_pem": CSR_PEM }).to_string();
+    seeds.push(("enrol_request", "csr".into(), request(&bearer, &csr_body)));
+    seeds.push((
+        "enrol_request",
+        "csr-garbage".into(),
+        request(
+            &bearer,
+            r#"{"csr_pem":"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"}"#,
+        ),
+    ));
+    seeds.push(("enrol_request", "unknown-field".into(), request(&bearer, r#"{"csr_pem":"x","node":"us-1"}"#)));
+    seeds.push(("enrol_request", "no-bearer".into(), request("Basic dXNlcjpwdw==", &csr_body)));
+    seeds.push(("enrol_request", "short-secret".into(), request("Bearer abc", &csr_body)));
+    seeds
 }
 
 const NOW: u64 = edgecard_node::fuzzing::NOW;

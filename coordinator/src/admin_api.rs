@@ -29,6 +29,11 @@ const MAX_JSON_BYTES: usize = 64 * 1024;
 /// the CA.
 pub trait BundleIssuer: Send + Sync {
     fn issue(&self, node: &NodeId, region: &str) -> Result<Value, String>;
+
+    /// The join token string for `secret`: the secret plus where and how to enrol.
+    fn join_token(&self, _secret: &crate::enrol::token::TokenSecret) -> Result<String, String> {
+        Err("this coordinator offers no enrolment endpoint".into())
+    }
 }
 
 pub struct AdminApi {
@@ -91,6 +96,19 @@ struct NewProduct {
 struct NewNode {
     name: String,
     region: String,
+    /// The lab flow: a bundle with the node's private key in the answer. Default: a join token.
+    #[serde(default)]
+    bundle: bool,
+    /// Lifetime of the join token, in seconds (default 1 h, at most 7 days).
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewJoinToken {
+    #[serde(default)]
+    ttl_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +170,19 @@ impl AdminApi {
 
     fn metrics_authorized(&self, request: &Request<Incoming>) -> bool {
         self.metrics_token.as_deref().is_some_and(|token| edgecard_net::auth::bearer_matches(request.headers(), token))
+    }
+
+    /// Issues a join token for a registered node and answers with the token string.
+    async fn join_token(&self, node: &NodeId, ttl: std::time::Duration) -> Result<HttpResponse, ApiError> {
+        let c = &self.coordinator;
+        let (secret, record) = c.issue_join_token(node, ttl, crate::service::now_millis()).await?;
+        let token = self.bundles.join_token(&secret).map_err(|e| ApiError(StatusCode::CONFLICT, "no_enrolment", e))?;
+        Ok(ok(json!({
+            "node_id": node.as_str(),
+            "region": record.region,
+            "join_token": token,
+            "expires_at": record.expires_at.0,
+        })))
     }
 
     async fn route(&self, request: Request<Incoming>) -> Result<HttpResponse, ApiError> {
@@ -226,12 +257,23 @@ impl AdminApi {
                 if new.region.is_empty() || new.region.len() > 32 {
                     return Err(bad_request("region must be 1 to 32 characters"));
                 }
+                if !new.bundle {
+                    let ttl = token_ttl(new.ttl_secs)?;
+                    c.add_node(&node, &new.region).await?;
+                    return self.join_token(&node, ttl).await;
+                }
                 let bundle = self
                     .bundles
                     .issue(&node, &new.region)
                     .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
                 c.add_node(&node, &new.region).await?;
                 Ok(ok(bundle))
+            }
+            (Method::POST, ["v1", "nodes", name, "join-token"]) => {
+                let node = NodeId::new(*name).map_err(|e| bad_request(e.to_string()))?;
+                let new: NewJoinToken = read_json(request).await?;
+                let ttl = token_ttl(new.ttl_secs)?;
+                self.join_token(&node, ttl).await
             }
             (Method::POST, ["v1", "nodes", name, "revoke"]) => {
                 let node = NodeId::new(*name).map_err(|e| bad_request(e.to_string()))?;
@@ -358,6 +400,15 @@ impl AdminApi {
             "alarms": alarms.len(), "latest_alarms": alarms.iter().rev().take(10).collect::<Vec<_>>(),
         }))
     }
+}
+
+fn token_ttl(secs: Option<u64>) -> Result<std::time::Duration, ApiError> {
+    use crate::enrol::tokens::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};
+    let ttl = secs.map_or(DEFAULT_TOKEN_TTL, std::time::Duration::from_secs);
+    if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+        return Err(bad_request(format!("ttl_secs must be 1 to {}", MAX_TOKEN_TTL.as_secs())));
+    }
+    Ok(ttl)
 }
 
 fn titles_json(product: &ProductRecord) -> Value {

@@ -1,4 +1,5 @@
-//! Fuzz harness for the key-import parser. The coordinator never calls it: it exists so that the
+//! Fuzz harnesses for the key-import parser, the join token and the enrolment request. The
+//! coordinator never calls them: it exists so that the
 //! cargo-fuzz target in `fuzz/` and the stable replay of its corpus (`tests/fuzz_corpora.rs`)
 //! run the very same checks. It must not panic on any input, and asserts what must hold.
 
@@ -84,4 +85,54 @@ fn check(text: &str, format: KeyFormat, parsed: &ParsedKeys) {
     let before: Vec<&str> = parsed.keys.iter().map(|k| k.secret.expose()).collect();
     let after: Vec<&str> = again.keys.iter().map(|k| k.secret.expose()).collect();
     assert_eq!(before, after, "keys written back parse to other keys");
+}
+
+/// `data` as a join token (lossy UTF-8, as pasted): a token that parses encodes back to exactly
+/// the text given (one token, one string), parses to itself again, and never prints its secret.
+pub fn join_token(data: &[u8]) {
+    use crate::enrol::token::JoinToken;
+    let text = String::from_utf8_lossy(data);
+    let Ok(token) = JoinToken::parse(&text) else { return };
+    let encoded = token.encode().expect("a parsed token encodes");
+    assert_eq!(encoded, text.trim(), "a token has one spelling");
+    assert_eq!(JoinToken::parse(&encoded).as_ref(), Ok(&token));
+    assert!(!format!("{token:?}").contains(&token.secret.to_wire()));
+}
+
+/// `data` as an enrolment request: the first byte is the length of the `Authorization` value
+/// that follows, the rest is the body. A request that decodes has a secret that round-trips;
+/// its signing request either is refused with `BadCsr` or yields a certificate naming exactly
+/// the token's node, whatever the request asked for. Refusals never quote a well-formed secret.
+pub fn enrol_request(data: &[u8]) {
+    use crate::enrol::server::decode_request;
+    use crate::enrol::token::TokenSecret;
+    use crate::pki::{certificate_der, node_id_from_cert, CertificateAuthority, PkiError};
+    use edgecard_protocol::NodeId;
+    use std::sync::OnceLock;
+
+    static CA: OnceLock<CertificateAuthority> = OnceLock::new();
+    let Some((&len, rest)) = data.split_first() else { return };
+    let (authorization, body) = rest.split_at(usize::from(len).min(rest.len()));
+    let request = match decode_request(Some(authorization), body) {
+        Ok(request) => request,
+        Err(refusal) => {
+            // A well-formed secret (43 base64url characters) never appears in a refusal.
+            let secret = std::str::from_utf8(authorization).ok().and_then(|a| a.get(7..)).map(str::trim);
+            if let Some(secret) = secret.filter(|s| TokenSecret::from_wire(s).is_ok()) {
+                assert!(!refusal.message.contains(secret), "a refusal quotes the secret");
+            }
+            return;
+        }
+    };
+    assert_eq!(TokenSecret::from_wire(&request.secret.to_wire()).as_ref(), Ok(&request.secret));
+    let ca = CA.get_or_init(|| CertificateAuthority::generate("fuzz CA").expect("a CA"));
+    let node = NodeId::new("eu-1").expect("a node id");
+    match ca.issue_node_from_csr(&node, &request.csr_pem) {
+        Ok(cert_pem) => {
+            let der = certificate_der(&cert_pem).expect("an issued certificate parses");
+            assert_eq!(node_id_from_cert(&der).expect("it names a node"), node);
+        }
+        Err(PkiError::BadCsr(_)) => {}
+        Err(other) => panic!("a signing request failed otherwise than BadCsr: {other}"),
+    }
 }

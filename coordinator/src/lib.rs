@@ -3,6 +3,7 @@
 //! Pure logic (key-file parsing, records) sits apart from the modules that do I/O (the service
 //! over the store, the QUIC server, the admin API).
 pub mod admin_api;
+pub mod enrol;
 /// Fuzz harness (see `fuzz/`); not used by the coordinator itself.
 #[doc(hidden)]
 pub mod fuzzing;

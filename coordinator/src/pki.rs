@@ -43,6 +43,10 @@ pub enum PkiError {
     AmbiguousNodeName,
     #[error("certificate names an invalid node id: {0}")]
     BadNodeId(String),
+    #[error("certificate signing request refused: {0}")]
+    BadCsr(String),
+    #[error("the certificate is not the one asked for: {0}")]
+    NotAsked(String),
 }
 
 /// A leaf certificate and its private key, both PEM.
@@ -119,16 +123,17 @@ impl CertificateAuthority {
     /// A client certificate for `node`: client-auth only, DNS SAN `<node-id>.node.edgecard`,
     /// CN the node id.
     pub fn issue_node(&self, node: &NodeId) -> Result<IssuedCert, PkiError> {
-        node.validate().map_err(|e| PkiError::BadNodeId(e.to_string()))?;
-        let san = format!("{node}{NODE_SAN_SUFFIX}");
-        let mut params = CertificateParams::new(vec![san.clone()])
-            .map_err(|e| PkiError::BadName { name: san, reason: e.to_string() })?;
-        params.distinguished_name = distinguished_name(node.as_str());
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        self.sign(params)
+        self.sign(node_params(node)?)
+    }
+
+    /// A client certificate for `node` on the public key of a certificate signing request (PEM),
+    /// whose signature proves the requester holds the private key. Everything else the request
+    /// asks for (names, usages, extensions) is ignored: the certificate is exactly what
+    /// [`CertificateAuthority::issue_node`] makes. Only ECDSA P-256 keys are accepted.
+    pub fn issue_node_from_csr(&self, node: &NodeId, csr_pem: &str) -> Result<String, PkiError> {
+        let mut csr = parse_csr(csr_pem)?;
+        csr.params = node_params(node)?;
+        Ok(csr.signed_by(&self.cert, &self.key)?.pem())
     }
 
     /// A server certificate for the coordinator's sync endpoint: server-auth only. Names that
@@ -155,6 +160,56 @@ impl CertificateAuthority {
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+}
+
+fn node_params(node: &NodeId) -> Result<CertificateParams, PkiError> {
+    node.validate().map_err(|e| PkiError::BadNodeId(e.to_string()))?;
+    let san = format!("{node}{NODE_SAN_SUFFIX}");
+    let mut params = CertificateParams::new(vec![san.clone()])
+        .map_err(|e| PkiError::BadName { name: san, reason: e.to_string() })?;
+    params.distinguished_name = distinguished_name(node.as_str());
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// Largest certificate signing request read (a P-256 request is about 500 bytes of PEM).
+pub const MAX_CSR_PEM_BYTES: usize = 8 * 1024;
+
+/// Parses a PEM certificate signing request and checks its self-signature and key type.
+pub fn parse_csr(csr_pem: &str) -> Result<rcgen::CertificateSigningRequestParams, PkiError> {
+    if csr_pem.len() > MAX_CSR_PEM_BYTES {
+        return Err(PkiError::BadCsr(format!("larger than {MAX_CSR_PEM_BYTES} bytes")));
+    }
+    // rcgen verifies the request's signature with its own key while parsing.
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+        return Err(PkiError::BadCsr("the key must be ECDSA P-256".into()));
+    }
+    Ok(csr)
+}
+
+/// What a node checks of the certificate it got back from enrolment: it parses, it is signed
+/// by `ca_cert_pem`'s key, it names exactly one node, and it certifies `public_key_der` (the
+/// SubjectPublicKeyInfo of the key the node made). Returns the node it names.
+pub fn check_node_cert(cert_pem: &str, ca_cert_pem: &str, public_key_der: &[u8]) -> Result<NodeId, PkiError> {
+    let cert_der = first_pem_der(cert_pem).ok_or_else(|| PkiError::BadCertificate("no CERTIFICATE block".into()))?;
+    let ca_der = first_pem_der(ca_cert_pem).ok_or_else(|| PkiError::CaCert("no CERTIFICATE block".into()))?;
+    let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::CaCert(e.to_string()))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| PkiError::NotAsked("it is not signed by the coordinator's CA".into()))?;
+    if cert.public_key().raw != public_key_der {
+        return Err(PkiError::NotAsked("it certifies another key than the one this node made".into()));
+    }
+    node_id_from_cert(&cert_der)
+}
+
+/// The DER of the first CERTIFICATE block of `pem`.
+pub fn certificate_der(pem: &str) -> Option<Vec<u8>> {
+    first_pem_der(pem)
 }
 
 /// The node a (DER) client certificate was issued to, from its one DNS SAN
@@ -255,6 +310,58 @@ mod tests {
         let leaf = ca.issue_node(&NodeId::new("eu-1").unwrap()).unwrap();
         assert!(CertificateAuthority::from_pem(&leaf.cert_pem, &leaf.key_pem).is_err(), "a leaf is no CA");
         assert!(CertificateAuthority::generate("").is_err());
+    }
+
+    fn csr_for(key: &KeyPair, names: Vec<String>) -> String {
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name = distinguished_name("someone-else");
+        params.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn certificates_from_requests_name_the_given_node_and_the_requesters_key() {
+        let ca = CertificateAuthority::generate("ca").unwrap();
+        let key = KeyPair::generate().unwrap();
+        // The request asks for a server certificate of another node: ignored.
+        let csr = csr_for(&key, vec!["us-9.node.edgecard".into(), "coordinator.example".into()]);
+        let node = NodeId::new("eu-1").unwrap();
+        let cert_pem = ca.issue_node_from_csr(&node, &csr).unwrap();
+        assert_eq!(check_node_cert(&cert_pem, &ca.cert_pem(), &key.public_key_der()).unwrap(), node);
+        let der = certificate_der(&cert_pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth, "client-auth only");
+        assert!(!cert.is_ca());
+        // Another key, another CA: refused.
+        let other_key = KeyPair::generate().unwrap();
+        assert!(check_node_cert(&cert_pem, &ca.cert_pem(), &other_key.public_key_der()).is_err());
+        let other_ca = CertificateAuthority::generate("other").unwrap();
+        assert!(check_node_cert(&cert_pem, &other_ca.cert_pem(), &key.public_key_der()).is_err());
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let ca = CertificateAuthority::generate("ca").unwrap();
+        let node = NodeId::new("eu-1").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let csr = csr_for(&key, vec![]);
+        for bad in ["", "garbage", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"] {
+            assert!(matches!(ca.issue_node_from_csr(&node, bad), Err(PkiError::BadCsr(_))), "{bad:?}");
+        }
+        // A request whose signature does not match its key (a byte of the signature flipped).
+        let mut der =
+            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap().as_ref().to_vec();
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        let forged = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            base64::engine::Engine::encode(&base64::engine::general_purpose::STANDARD, &der)
+        );
+        assert!(matches!(ca.issue_node_from_csr(&node, &forged), Err(PkiError::BadCsr(_))));
+        let ed25519 = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        assert!(matches!(ca.issue_node_from_csr(&node, &csr_for(&ed25519, vec![])), Err(PkiError::BadCsr(_))));
+        assert!(matches!(ca.issue_node_from_csr(&node, &"A".repeat(MAX_CSR_PEM_BYTES + 1)), Err(PkiError::BadCsr(_))));
+        assert!(ca.issue_node_from_csr(&node, &csr).is_ok());
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! | `a/` | alarm seq (8 bytes BE) | [`Alarm`] |
 //! | `t/` | ticket (8 bytes BE) | [`MoveRecord`]: a shrink or close sent to a node, and its outcome |
 //! | `u/` | order id (16 bytes) | [`RefundRequest`]: a refund asked of the order's node, and its outcome |
+//! | `j/` | digest of a join token's secret | `enrol::tokens::JoinTokenRecord`: the node it enrols, expiry, use |
 //! | `r/staged` | | [`StagedLayout`]: the operator's staged changes |
 //! | `m/…` | counter name | next id (8 bytes BE) |
 

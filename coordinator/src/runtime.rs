@@ -21,6 +21,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin_api::{AdminApi, BundleIssuer};
+use crate::enrol::server::{EnrolApi, NodeLinkFacts};
+use crate::enrol::token::{fingerprint, JoinToken, TokenSecret};
 use crate::pki::CertificateAuthority;
 use crate::quic::{self, HandlerError, SyncHandler};
 use crate::service::{self, Coordinator, CoordinatorError, Settings};
@@ -57,6 +59,14 @@ pub struct CoordinatorConfig {
     /// The address nodes dial, written into node bundles. Default: `sync_listen`.
     #[serde(default)]
     pub sync_public_addr: Option<SocketAddr>,
+    /// TCP listener of the enrolment endpoint (HTTPS; see `enrol::server`). Default: the sync
+    /// listener's address and port, over TCP (any free port when the sync port is 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrol_listen: Option<SocketAddr>,
+    /// The address join tokens send nodes to enrol. Default: the IP of `sync_public_addr` with
+    /// the enrolment listener's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrol_public_addr: Option<SocketAddr>,
     /// The name in the sync server certificate that nodes verify. Default "localhost".
     #[serde(default = "default_server_name")]
     pub sync_server_name: String,
@@ -118,6 +128,8 @@ impl CoordinatorConfig {
             metrics_token: String::new(),
             sync_listen,
             sync_public_addr: None,
+            enrol_listen: None,
+            enrol_public_addr: None,
             sync_server_name: default_server_name(),
             lease_hours: default_lease_hours(),
             lease_secs: None,
@@ -264,6 +276,8 @@ pub fn load_config(dir: &Path) -> Result<CoordinatorConfig, RuntimeError> {
 pub struct RunningCoordinator {
     pub admin_addr: SocketAddr,
     pub sync_addr: SocketAddr,
+    /// Where the enrolment endpoint listens (TCP).
+    pub enrol_addr: SocketAddr,
     pub coordinator: Arc<Coordinator>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -281,10 +295,13 @@ impl RunningCoordinator {
 }
 
 struct Bundles {
-    ca: CertificateAuthority,
+    ca: Arc<CertificateAuthority>,
     verifying_key: String,
     sync_addr: SocketAddr,
     server_name: String,
+    /// What join tokens pin and point at.
+    ca_fingerprint: [u8; 32],
+    enrol_addr: SocketAddr,
 }
 
 impl BundleIssuer for Bundles {
@@ -300,6 +317,16 @@ impl BundleIssuer for Bundles {
             "coordinator_addr": self.sync_addr.to_string(),
             "coordinator_server_name": self.server_name,
         }))
+    }
+
+    fn join_token(&self, secret: &TokenSecret) -> Result<String, String> {
+        let token = JoinToken {
+            secret: secret.clone(),
+            ca_fingerprint: self.ca_fingerprint,
+            enrol_addr: self.enrol_addr,
+            server_name: self.server_name.clone(),
+        };
+        token.encode().map_err(|e| e.to_string())
     }
 }
 
@@ -367,15 +394,32 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
         tracing::info!(keys = reindexed, "key deduplication index rebuilt under a keyed hash");
     }
 
+    let server_cert_pem = read(dir, SERVER_CERT_FILE)?;
+    let server_key_pem = read(dir, SERVER_KEY_FILE)?;
     let endpoint = quic::server_endpoint_with_reset_key(
         config.sync_listen,
         &ca.cert_pem(),
-        &read(dir, SERVER_CERT_FILE)?,
-        &read(dir, SERVER_KEY_FILE)?,
+        &server_cert_pem,
+        &server_key_pem,
         &reset_key(dir)?,
     )
     .map_err(|e| RuntimeError::Other(e.to_string()))?;
     let sync_addr = endpoint.local_addr().map_err(io(dir))?;
+    let enrol_bind = config.enrol_listen.unwrap_or(if config.sync_listen.port() == 0 {
+        SocketAddr::new(sync_addr.ip(), 0)
+    } else {
+        sync_addr
+    });
+    let enrol_listener = TcpListener::bind(enrol_bind)
+        .await
+        .map_err(|e| RuntimeError::Other(format!("cannot listen for enrolment on tcp {enrol_bind}: {e}")))?;
+    let enrol_addr = enrol_listener.local_addr().map_err(io(dir))?;
+    // The CA follows the server certificate, so a node can find the CA its join token pins.
+    let enrol_tls = edgecard_net::tls::server_config_from_pem(
+        format!("{server_cert_pem}\n{}", ca.cert_pem()).as_bytes(),
+        server_key_pem.as_bytes(),
+    )
+    .map_err(|e| RuntimeError::Invalid { path: dir.join(SERVER_CERT_FILE), message: e.to_string() })?;
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .map_err(|e| RuntimeError::Other(format!("cannot listen on {}: {e}", config.admin_listen)))?;
@@ -386,14 +430,34 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
     } else {
         sync_addr
     });
+    let ca = Arc::new(ca);
+    let ca_der = crate::pki::certificate_der(&ca.cert_pem()).ok_or_else(|| RuntimeError::Invalid {
+        path: dir.join(CA_CERT_FILE),
+        message: "no CERTIFICATE block".into(),
+    })?;
+    let enrol_public = config.enrol_public_addr.unwrap_or(SocketAddr::new(public_sync.ip(), enrol_addr.port()));
     let bundles = Arc::new(Bundles {
-        ca,
+        ca: ca.clone(),
         verifying_key: encode_verifying_key(&signing.verifying_key()),
         sync_addr: public_sync,
         server_name: config.sync_server_name.clone(),
+        ca_fingerprint: fingerprint(&ca_der),
+        enrol_addr: enrol_public,
     });
+    let enrol = Arc::new(EnrolApi::new(
+        coordinator.clone(),
+        ca,
+        NodeLinkFacts {
+            coordinator_key: encode_verifying_key(&signing.verifying_key()),
+            sync_addr: public_sync,
+            server_name: config.sync_server_name.clone(),
+        },
+    ));
+    let enrol_metrics = enrol.metrics().clone();
+    let enrol_handler: Handler = Arc::new(move |request, peer| Box::pin(enrol.clone().handle(request, peer)));
     let quic_metrics = Arc::new(quic::QuicMetrics::default());
-    let registry = crate::metrics::coordinator_registry(coordinator.clone(), &quic_metrics);
+    let mut registry = crate::metrics::coordinator_registry(coordinator.clone(), &quic_metrics);
+    enrol_metrics.register(&mut registry);
     let admin = Arc::new(AdminApi {
         coordinator: coordinator.clone(),
         token: config.admin_token.clone(),
@@ -408,6 +472,19 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
     tasks.push(tokio::spawn(async move {
         if let Err(e) = http_server::serve(admin_listener, None, handler, ServerOptions::default(), rx).await {
             tracing::error!(error = %e, "admin listener failed");
+        }
+    }));
+    let rx = shutdown_rx.clone();
+    // Enrolment is rare: few connections, short timeouts.
+    let enrol_options = ServerOptions {
+        max_connections: 256,
+        header_read_timeout: Duration::from_secs(5),
+        tls_handshake_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(2),
+    };
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = http_server::serve(enrol_listener, Some(enrol_tls), enrol_handler, enrol_options, rx).await {
+            tracing::error!(error = %e, "enrolment listener failed");
         }
     }));
     let housekeeping = coordinator.clone();
@@ -434,6 +511,6 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
             tracing::error!(error = %e, "sync endpoint failed");
         }
     }));
-    tracing::info!(%admin_addr, %sync_addr, "coordinator serving");
-    Ok(RunningCoordinator { admin_addr, sync_addr, coordinator, shutdown, tasks })
+    tracing::info!(%admin_addr, %sync_addr, %enrol_addr, "coordinator serving");
+    Ok(RunningCoordinator { admin_addr, sync_addr, enrol_addr, coordinator, shutdown, tasks })
 }

@@ -136,6 +136,8 @@ pub struct CoordinatorProcess {
     pub dir: PathBuf,
     pub admin_addr: SocketAddr,
     pub sync_addr: SocketAddr,
+    /// The enrolment endpoint (TCP).
+    pub enrol_addr: SocketAddr,
     /// Extra environment of the process (kept for restarts).
     pub env: Vec<(String, String)>,
     process: Spawned,
@@ -158,6 +160,7 @@ impl CoordinatorProcess {
             dir: dir.to_path_buf(),
             admin_addr: addr("admin"),
             sync_addr: addr("sync"),
+            enrol_addr: addr("enrol"),
             env: env.to_vec(),
             process,
             earlier_runs: Vec::new(),
@@ -319,6 +322,11 @@ impl Lab {
         self.dir.path().join("coordinator")
     }
 
+    /// The enrolment endpoint's address, as `--coordinator` takes it.
+    pub fn coordinator_enrol_addr(&self) -> String {
+        self.coordinator.enrol_addr.to_string()
+    }
+
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.coordinator.admin_addr)
     }
@@ -386,12 +394,13 @@ impl Lab {
         report
     }
 
-    /// `nodes add NAME --region R --out DIR`, then rewrites the bundle's node.toml into a
+    /// `nodes add NAME --region R --bundle --out DIR`, then rewrites the bundle's node.toml into a
     /// runnable config (see [`make_runnable`]). Returns the config's path.
     pub async fn add_node(&self, name: &str, region: &str) -> PathBuf {
         let out_dir = self.dir.path().join(name);
-        let stdout =
-            self.ok(&["nodes", "add", name, "--region", region, "--out", &out_dir.display().to_string()]).await;
+        let stdout = self
+            .ok(&["nodes", "add", name, "--region", region, "--bundle", "--out", &out_dir.display().to_string()])
+            .await;
         assert!(stdout.contains(&format!("node {name} registered")), "{stdout}");
         let config = out_dir.join("node.toml");
         make_runnable(&config);
