@@ -98,6 +98,12 @@ enum CoordinatorCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Replace the store's sealing key (coordinator stopped): a new key, the store re-sealed
+    /// under it, the old key dropped from the key file.
+    RotateKey {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -106,6 +112,9 @@ enum NodeCommand {
     Run(ConfigArg),
     /// Validate a config file and print the effective configuration (secrets elided).
     CheckConfig(ConfigArg),
+    /// Replace the store's sealing key (node stopped): a new key, the store re-sealed under it,
+    /// the old key dropped from the key file.
+    RotateKey(ConfigArg),
 }
 
 #[derive(Args)]
@@ -186,6 +195,14 @@ fn run() -> Result<()> {
             Command::Demo(args) => demo::run(args).await,
             Command::Node(NodeCommand::Run(args)) => run_node(args).await,
             Command::Node(NodeCommand::CheckConfig(args)) => check_config(args),
+            Command::Node(NodeCommand::RotateKey(args)) => {
+                let config = NodeConfig::load(&args.config)?;
+                rotate_key(
+                    &config.sealing_key_file(),
+                    &config.data_dir.join("store"),
+                    config.store.cache_capacity_mb.saturating_mul(1 << 20),
+                )
+            }
             Command::Grant(command) => grant(command),
             Command::Bench(args) => bench::run(args).await,
             Command::Coordinator(command) => coordinator(command).await,
@@ -261,6 +278,14 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
             println!("  {}", made.metrics_token);
             println!("start it with: edgecard coordinator run --dir {}", dir.display());
         }
+        CoordinatorCommand::RotateKey { dir } => {
+            let config = runtime::load_config(&dir)?;
+            rotate_key(
+                &runtime::sealing_key_file(&dir, &config),
+                &dir.join("store"),
+                config.cache_capacity_mb.saturating_mul(1 << 20),
+            )?;
+        }
         CoordinatorCommand::Run { dir } => {
             let config = runtime::load_config(&dir)?;
             let running = runtime::start(&dir, config).await?;
@@ -279,6 +304,23 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
             outcome?;
         }
     }
+    Ok(())
+}
+
+/// `rotate-key` for a node or the coordinator: the service must be stopped (its store is locked
+/// while it runs, and opening it here fails).
+fn rotate_key(key_file: &std::path::Path, store_dir: &std::path::Path, cache_capacity: u64) -> Result<()> {
+    let started = std::time::Instant::now();
+    let done = edgecard_store::seal::rotate_key(key_file, store_dir, cache_capacity)
+        .with_context(|| format!("rotating the sealing key of {} (stop the service first)", store_dir.display()))?;
+    println!(
+        "store {} re-sealed under key version {} ({} entries, {:.1} s); {} now holds only that key: back it up",
+        store_dir.display(),
+        done.new_version,
+        done.entries,
+        started.elapsed().as_secs_f64(),
+        key_file.display()
+    );
     Ok(())
 }
 

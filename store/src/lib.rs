@@ -31,5 +31,5 @@ pub use health::Health;
 pub use log::LogOptions;
 pub use metrics::StoreMetrics;
 pub use record::{Storable, Table};
-pub use seal::{KeyRing, SealError, Sealer};
+pub use seal::{KeyRing, RotateError, Rotation, SealError, Sealer};
 pub use store::{Store, StoreOptions};

@@ -292,6 +292,101 @@ impl Sealer {
     }
 }
 
+/// The default key file of a data dir: beside it, never in it (`/srv/eu-1/data` →
+/// `/srv/eu-1/data.sealing-key`).
+pub fn default_key_file(data_dir: &Path) -> std::path::PathBuf {
+    let mut name = data_dir.as_os_str().to_owned();
+    name.push(".sealing-key");
+    std::path::PathBuf::from(name)
+}
+
+/// Whether the store in `store_dir` is sealed (its `FORMAT` says so).
+pub fn store_is_sealed(store_dir: &Path) -> bool {
+    std::fs::read_to_string(store_dir.join("FORMAT")).is_ok_and(|f| f == crate::store::FORMAT_SEALED)
+}
+
+/// The sealer of the store in `store_dir` (part of `data_dir`): the ring from
+/// `EDGECARD_SEALING_KEY` if set, else from `key_file`, which must lie outside `data_dir`. A
+/// missing key file is made (0600, fresh key) only for a store not sealed yet: a sealed store
+/// without its key stays closed. Returns whether a key file was made.
+pub fn load_sealer(key_file: &Path, data_dir: &Path, store_dir: &Path) -> Result<(Sealer, bool), SealError> {
+    let env = std::env::var(ENV_SEALING_KEY).ok();
+    let shown = key_file.display().to_string();
+    if env.is_none() {
+        if is_inside(key_file, data_dir) {
+            return Err(SealError::KeyFile {
+                path: shown,
+                message: format!("it lies inside the data dir {}: keep it elsewhere", data_dir.display()),
+            });
+        }
+        if !key_file.exists() && store_is_sealed(store_dir) {
+            return Err(SealError::KeyFile {
+                path: shown,
+                message: format!(
+                    "missing, and the store {} is sealed: restore the key file it was sealed with",
+                    store_dir.display()
+                ),
+            });
+        }
+    }
+    let (ring, created) = KeyRing::load_or_create(key_file, env)?;
+    Ok((Sealer::new(&ring), created))
+}
+
+/// What `rotate-key` did.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub new_version: u8,
+    pub entries: u64,
+}
+
+/// Rotates the key of the store in `store_dir` (the process that owns it must be stopped): a
+/// new key is added to `key_file` and becomes current, the store is re-sealed under it whole
+/// (old log segments and sled files deleted), and only then are the older keys dropped from the
+/// file. Interrupted anywhere, the key file still holds every key needed, and the next open
+/// finishes the re-seal.
+pub fn rotate_key(key_file: &Path, store_dir: &Path, cache_capacity: u64) -> Result<Rotation, RotateError> {
+    if std::env::var(ENV_SEALING_KEY).is_ok() {
+        return Err(RotateError::Env);
+    }
+    if !store_is_sealed(store_dir) {
+        return Err(RotateError::NotSealed(store_dir.display().to_string()));
+    }
+    let (mut ring, _) = KeyRing::load_or_create(key_file, None)?;
+    let open = |ring: &KeyRing| {
+        let options = crate::StoreOptions {
+            cache_capacity,
+            sealer: Some(std::sync::Arc::new(Sealer::new(ring))),
+            ..crate::StoreOptions::default()
+        };
+        crate::Store::open_with(store_dir, options, std::sync::Arc::new(crate::StoreMetrics::default()))
+    };
+    // First with the key file as it is: refused (and nothing changed) if it is the wrong key or
+    // the service still runs (sled locks its files).
+    open(&ring)?.close();
+    let new_version = ring.rotate()?;
+    ring.write(key_file)?;
+    let store = open(&ring)?;
+    let entries = store.scan_prefix(b"").count() as u64;
+    store.close();
+    drop(store);
+    ring.retire_old();
+    ring.write(key_file)?;
+    Ok(Rotation { new_version, entries })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("the key ring comes from {ENV_SEALING_KEY}: rotate it there (add a higher version, restart, then drop the old one)")]
+    Env,
+    #[error("the store {0} is not sealed yet: start the service once first")]
+    NotSealed(String),
+    #[error(transparent)]
+    Key(#[from] SealError),
+    #[error(transparent)]
+    Store(#[from] crate::StoreError),
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
