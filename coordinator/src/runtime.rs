@@ -114,7 +114,8 @@ fn open_sealed_store(dir: &Path, config: &CoordinatorConfig) -> Result<Store, Ru
         sealer: Some(Arc::new(sealer)),
         ..edgecard_store::StoreOptions::default()
     };
-    Store::open_with(&store_dir, options, Arc::new(StoreMetrics::default())).map_err(|e| RuntimeError::Other(e.to_string()))
+    Store::open_with(&store_dir, options, Arc::new(StoreMetrics::default()))
+        .map_err(|e| RuntimeError::Other(e.to_string()))
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -240,7 +241,8 @@ pub fn init(dir: &Path, mut config: CoordinatorConfig) -> Result<Initialised, Ru
     }
     // The store's sealing key, outside the dir; its store is sealed from the first write.
     let key_file = sealing_key_file(dir, &config);
-    edgecard_store::seal::load_sealer(&key_file, dir, &dir.join("store")).map_err(|e| RuntimeError::Other(e.to_string()))?;
+    edgecard_store::seal::load_sealer(&key_file, dir, &dir.join("store"))
+        .map_err(|e| RuntimeError::Other(e.to_string()))?;
     let text = toml::to_string_pretty(&config).map_err(|e| RuntimeError::Other(e.to_string()))?;
     write_private(&config_path, text.as_bytes())?;
     Ok(Initialised {

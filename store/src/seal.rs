@@ -31,7 +31,8 @@ pub const ENV_SEALING_KEY: &str = "EDGECARD_SEALING_KEY";
 const CHECK_PLAIN: &[u8] = b"edgecard sealed store";
 const CHECK_AAD: &[u8] = b"\0edgecard sealing check";
 
-const KEY_FILE_HEADER: &str = "# edgecard sealing key ring: version, then 32 bytes in hex; the highest version seals.\n\
+const KEY_FILE_HEADER: &str =
+    "# edgecard sealing key ring: version, then 32 bytes in hex; the highest version seals.\n\
 # Keep this file outside the data dir, mode 0600; without it the data dir cannot be read.\n";
 
 #[derive(Debug, thiserror::Error)]
@@ -161,8 +162,7 @@ impl KeyRing {
         tmp_name.push(".tmp");
         let tmp = std::path::PathBuf::from(tmp_name);
         let _ = std::fs::remove_file(&tmp);
-        let mut file =
-            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(fail)?;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(fail)?;
         file.write_all(self.to_text().as_bytes()).map_err(fail)?;
         file.sync_all().map_err(fail)?;
         std::fs::rename(&tmp, path).map_err(fail)?;
