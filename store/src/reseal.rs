@@ -113,13 +113,7 @@ fn build(source: &Store, building: &Path, options: &StoreOptions, writer: &Seale
     }
     let sled_dir = building.join("sled");
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&sled_dir).map_err(io_at(&sled_dir))?;
-    let db = sled::Config::new()
-        .path(&sled_dir)
-        .cache_capacity(options.cache_capacity)
-        .mode(sled::Mode::HighThroughput)
-        .flush_every_ms(None)
-        .open()
-        .map_err(|source| StoreError::Open { path: sled_dir.clone(), source })?;
+    let db = crate::store::open_sled(&sled_dir, options.cache_capacity)?;
     let mut written = 0u64;
     for entry in source.scan_prefix(b"") {
         let (key, value) = entry?;

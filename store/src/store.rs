@@ -154,14 +154,7 @@ impl Store {
         if !sealed_values {
             options.sealer = None;
         }
-        let db = sled::Config::new()
-            .path(&sled_dir)
-            .cache_capacity(options.cache_capacity)
-            .mode(sled::Mode::HighThroughput)
-            // Checkpoints flush sled; its own periodic flusher would only add writes.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Open { path: sled_dir.clone(), source })?;
+        let db = open_sled(&sled_dir, options.cache_capacity)?;
         // sled makes its files with the process's umask; the store's dirs are 0700 anyway, and
         // its files 0600 from here on (a store from an earlier release is tightened too).
         let tightened = crate::private::make_private(dir).map_err(io_at(dir))?;
@@ -513,6 +506,31 @@ impl Inner {
         }
         self.db.flush().map_err(|e| self.fail_sled(e))?;
         fsync_tree(&self.sled_dir).map_err(|e| self.fail(&self.sled_dir, e))
+    }
+}
+
+/// Opens sled in `sled_dir`. sled releases its file lock only once its last handle is gone,
+/// which can trail a drop in this process by a moment (a store closed and opened again, the
+/// copy a re-seal just wrote): a lock refusal is retried for up to a second. Another process
+/// holding the store keeps it for longer and gets the error.
+pub(crate) fn open_sled(sled_dir: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let opened = sled::Config::new()
+            .path(sled_dir)
+            .cache_capacity(cache_capacity)
+            .mode(sled::Mode::HighThroughput)
+            // Checkpoints flush sled; its own periodic flusher would only add writes.
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.map_err(|source| StoreError::Open { path: sled_dir.to_path_buf(), source }),
+        }
     }
 }
 
