@@ -152,3 +152,86 @@ async fn no_imported_key_is_on_disk_and_the_wrong_key_is_refused() {
     assert_eq!(lab.orders().await.len(), 3, "the ledger is intact after rotation");
     assert_eq!(keys_found_under(&data_dir, &keys), vec![]);
 }
+
+/// Waits (at most 30 s) until the coordinator confirmed the restarted node's data dir.
+async fn wait_until_confirmed(node: &NodeProcess) {
+    let started = std::time::Instant::now();
+    while node.metric("edgecard_sync_confirmed").await != 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "node not confirmed\n{}", node.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Rewrites the sealed store in `store_dir` as the previous release wrote it: the same records,
+/// in plaintext (`edgecard-store 2`), half checkpointed into sled, half only in the log.
+fn unseal_as_an_earlier_release_wrote_it(store_dir: &Path, key_file: &Path) {
+    use edgecard_store::{KeyRing, Sealer, Store, StoreMetrics, StoreOptions, WriteBatch};
+    use std::sync::Arc;
+    let ring = KeyRing::parse(&std::fs::read_to_string(key_file).unwrap(), "test").unwrap();
+    let options = StoreOptions { sealer: Some(Arc::new(Sealer::new(&ring))), ..StoreOptions::default() };
+    let sealed = Store::open_with(store_dir, options, Arc::new(StoreMetrics::default())).unwrap();
+    let entries: Vec<(Vec<u8>, Vec<u8>)> = sealed.scan_prefix(b"").map(Result::unwrap).collect();
+    sealed.close();
+    drop(sealed);
+    std::fs::remove_dir_all(store_dir).unwrap();
+    let plain = Store::open(store_dir, 8 << 20, Arc::new(StoreMetrics::default())).unwrap();
+    assert!(!plain.is_sealed());
+    let half = entries.len() / 2;
+    for (i, chunk) in [&entries[..half], &entries[half..]].into_iter().enumerate() {
+        let mut batch = WriteBatch::default();
+        for (key, value) in chunk {
+            batch.put(key.clone(), value.clone());
+        }
+        let lsn = plain.apply(batch).unwrap();
+        plain.wait_durable_blocking(lsn).unwrap();
+        if i == 0 {
+            plain.checkpoint_now().unwrap();
+        }
+    }
+    plain.halt();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_stores_of_an_earlier_release_are_resealed_at_start_and_their_plaintext_is_gone() {
+    let mut lab = Lab::start(Ports::Fixed).await;
+    lab.add_product(SKU, PRICE_MINOR).await;
+    let keys = long_random_keys(12);
+    lab.import(SKU, &keys).await;
+    let config = lab.add_node("eu-1", "eu").await;
+    lab.allocate(SKU, "eu-1", 8).await;
+    let mut node = start_node(&config).await;
+    wait_for_stock(&node, 8).await;
+    let (order, delivered) = node.client().await.buy(2).await;
+    lab.wait_for_ledger("the sale reached the ledger", Duration::from_secs(20), |orders| {
+        orders.iter().any(|o| o["status"] == "delivered")
+    })
+    .await;
+    assert!(node.terminate().success());
+    assert!(lab.coordinator.terminate());
+
+    let coordinator_dir = lab.coordinator_dir();
+    let data_dir = config.parent().unwrap().join("data");
+    let node_key = PathBuf::from(format!("{}.sealing-key", data_dir.display()));
+    let coordinator_key = PathBuf::from(format!("{}.sealing-key", coordinator_dir.display()));
+    unseal_as_an_earlier_release_wrote_it(&data_dir.join("store"), &node_key);
+    unseal_as_an_earlier_release_wrote_it(&coordinator_dir.join("store"), &coordinator_key);
+    assert!(!keys_found_under(&data_dir, &keys).is_empty(), "the node's old store holds plaintext keys");
+    assert!(!keys_found_under(&coordinator_dir, &keys).is_empty(), "the coordinator's old store does");
+
+    lab.restart_coordinator().await;
+    let node = start_node(&config).await;
+    let mut client = node.client().await;
+    assert_eq!(keys_of(&client.fetch_ok(&order).await), delivered, "the migrated order still shows its keys");
+    wait_until_confirmed(&node).await;
+    let (_, more) = client.buy(1).await;
+    assert!(keys.contains(&more[0]), "the migrated slice still sells");
+    drop(client);
+    let mut node = node;
+    assert!(node.terminate().success());
+    assert!(lab.coordinator.terminate());
+    let mut found = keys_found_under(&coordinator_dir, &keys);
+    found.extend(keys_found_under(config.parent().unwrap(), &keys));
+    assert_eq!(found, vec![], "plaintext left behind by the migration");
+    let store_dirs: Vec<_> = std::fs::read_dir(&data_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!store_dirs.iter().any(|n| n.to_string_lossy().contains("reseal")), "{store_dirs:?}");
+}

@@ -622,8 +622,19 @@ pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StoreError>
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(io_at(&tmp))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_at(&tmp))?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // 0600 from the start: the store's files are private (`private.rs`).
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
+        file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io_at(&tmp))?;
+    }
     std::fs::rename(&tmp, path).map_err(io_at(path))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_at(dir))
