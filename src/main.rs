@@ -113,6 +113,12 @@ enum CoordinatorCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Replace the store's sealing key (coordinator stopped): a new key, the store re-sealed
+    /// under it, the old key dropped from the key file.
+    RotateKey {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,6 +129,9 @@ enum NodeCommand {
     CheckConfig(ConfigArg),
     /// Join a coordinator with a join token: make this node's key, get its certificate, write node.toml.
     Enrol(edgecard::enrol::EnrolArgs),
+    /// Replace the store's sealing key (node stopped): a new key, the store re-sealed under it,
+    /// the old key dropped from the key file.
+    RotateKey(ConfigArg),
 }
 
 #[derive(Args)]
@@ -218,6 +227,14 @@ fn run() -> Result<()> {
             Command::Node(NodeCommand::Run(args)) => run_node(args).await,
             Command::Node(NodeCommand::CheckConfig(args)) => check_config(args),
             Command::Node(NodeCommand::Enrol(args)) => edgecard::enrol::run(args).await,
+            Command::Node(NodeCommand::RotateKey(args)) => {
+                let config = NodeConfig::load(&args.config)?;
+                rotate_key(
+                    &config.sealing_key_file(),
+                    &config.data_dir.join("store"),
+                    config.store.cache_capacity_mb.saturating_mul(1 << 20),
+                )
+            }
             Command::Grant(command) => grant(command),
             Command::Bench(args) => bench::run(args).await,
             Command::Challenge(ChallengeCommand::Solve { token, max_tries }) => solve_challenge(&token, max_tries),
@@ -294,6 +311,14 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
             println!("  {}", made.metrics_token);
             println!("start it with: edgecard coordinator run --dir {}", dir.display());
         }
+        CoordinatorCommand::RotateKey { dir } => {
+            let config = runtime::load_config(&dir)?;
+            rotate_key(
+                &runtime::sealing_key_file(&dir, &config),
+                &dir.join("store"),
+                config.cache_capacity_mb.saturating_mul(1 << 20),
+            )?;
+        }
         CoordinatorCommand::Run { dir } => {
             let config = runtime::load_config(&dir)?;
             let running = runtime::start(&dir, config).await?;
@@ -313,6 +338,23 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
             outcome?;
         }
     }
+    Ok(())
+}
+
+/// `rotate-key` for a node or the coordinator: the service must be stopped (its store is locked
+/// while it runs, and opening it here fails).
+fn rotate_key(key_file: &std::path::Path, store_dir: &std::path::Path, cache_capacity: u64) -> Result<()> {
+    let started = std::time::Instant::now();
+    let done = edgecard_store::seal::rotate_key(key_file, store_dir, cache_capacity)
+        .with_context(|| format!("rotating the sealing key of {} (stop the service first)", store_dir.display()))?;
+    println!(
+        "store {} re-sealed under key version {} ({} entries, {:.1} s); {} now holds only that key: back it up",
+        store_dir.display(),
+        done.new_version,
+        done.entries,
+        started.elapsed().as_secs_f64(),
+        key_file.display()
+    );
     Ok(())
 }
 

@@ -92,6 +92,40 @@ pub struct CoordinatorConfig {
     /// sled page cache in MiB. Default 64.
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
+    /// The key file that seals the store at rest (0600, made by `init` with a fresh key).
+    /// Relative paths are relative to the coordinator's dir, and it must lie outside it.
+    /// Default: beside the dir, `<dir>.sealing-key`. EDGECARD_SEALING_KEY, when set, holds the
+    /// key ring instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealing_key_file: Option<PathBuf>,
+}
+
+/// The sealing key file of the coordinator in `dir` (see [`CoordinatorConfig::sealing_key_file`]).
+pub fn sealing_key_file(dir: &Path, config: &CoordinatorConfig) -> PathBuf {
+    match &config.sealing_key_file {
+        Some(path) => dir.join(path),
+        None => edgecard_store::seal::default_key_file(dir),
+    }
+}
+
+/// Opens the coordinator's store sealed under its key: refused with the wrong key, a plaintext
+/// store from an earlier release migrated.
+fn open_sealed_store(dir: &Path, config: &CoordinatorConfig) -> Result<Store, RuntimeError> {
+    let store_dir = dir.join("store");
+    std::fs::create_dir_all(&store_dir).map_err(io(&store_dir))?;
+    let key_file = sealing_key_file(dir, config);
+    let (sealer, created) = edgecard_store::seal::load_sealer(&key_file, dir, &store_dir)
+        .map_err(|e| RuntimeError::Other(e.to_string()))?;
+    if created {
+        tracing::info!(key_file = %key_file.display(), "made a new sealing key (0600); back it up: the store cannot be read without it");
+    }
+    let options = edgecard_store::StoreOptions {
+        cache_capacity: config.cache_capacity_mb.saturating_mul(1 << 20),
+        sealer: Some(Arc::new(sealer)),
+        ..edgecard_store::StoreOptions::default()
+    };
+    Store::open_with(&store_dir, options, Arc::new(StoreMetrics::default()))
+        .map_err(|e| RuntimeError::Other(e.to_string()))
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -137,6 +171,7 @@ impl CoordinatorConfig {
             take_window: default_take_window(),
             reclaim_check_secs: default_reclaim_check_secs(),
             cache_capacity_mb: default_cache_mb(),
+            sealing_key_file: None,
         }
     }
 
@@ -216,6 +251,10 @@ pub fn init(dir: &Path, mut config: CoordinatorConfig) -> Result<Initialised, Ru
     if config.metrics_token.is_empty() {
         config.metrics_token = random_token();
     }
+    // The store's sealing key, outside the dir; its store is sealed from the first write.
+    let key_file = sealing_key_file(dir, &config);
+    edgecard_store::seal::load_sealer(&key_file, dir, &dir.join("store"))
+        .map_err(|e| RuntimeError::Other(e.to_string()))?;
     let text = toml::to_string_pretty(&config).map_err(|e| RuntimeError::Other(e.to_string()))?;
     write_private(&config_path, text.as_bytes())?;
     Ok(Initialised {
@@ -382,11 +421,7 @@ pub async fn start(dir: &Path, config: CoordinatorConfig) -> Result<RunningCoord
     if !tightened.is_empty() {
         tracing::warn!(dir = %dir.display(), paths = tightened.len(), "the coordinator's dir was readable by other users; made private (0700 dirs, 0600 files)");
     }
-    let store_dir = dir.join("store");
-    std::fs::create_dir_all(&store_dir).map_err(io(&store_dir))?;
-    let store =
-        Store::open(&store_dir, config.cache_capacity_mb.saturating_mul(1 << 20), Arc::new(StoreMetrics::default()))
-            .map_err(|e| RuntimeError::Other(e.to_string()))?;
+    let store = open_sealed_store(dir, &config)?;
     let settings = config.settings();
     let coordinator = Arc::new(Coordinator::new(Arc::new(store), signing.clone(), settings));
     let reindexed = coordinator.migrate_dedup_index().await.map_err(|e| RuntimeError::Other(e.to_string()))?;

@@ -436,11 +436,22 @@ fn default_idle_poll_ms() -> u64 {
 pub struct StoreConfig {
     /// sled page cache size. Default 32 MiB; kept small so a node's memory is predictable.
     pub cache_capacity_mb: u64,
+    /// The key file that seals the store at rest (0600, made with a fresh key at the first
+    /// start). Must lie outside `data_dir`. Default: beside it, `<data_dir>.sealing-key`. The
+    /// environment variable EDGECARD_SEALING_KEY, when set, holds the key ring instead.
+    pub sealing_key_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { cache_capacity_mb: 32 }
+        StoreConfig { cache_capacity_mb: 32, sealing_key_file: None }
+    }
+}
+
+impl NodeConfig {
+    /// The sealing key file in force (see [`StoreConfig::sealing_key_file`]).
+    pub fn sealing_key_file(&self) -> PathBuf {
+        self.store.sealing_key_file.clone().unwrap_or_else(|| edgecard_store::seal::default_key_file(&self.data_dir))
     }
 }
 
@@ -574,6 +585,9 @@ impl NodeConfig {
             }
         };
         fix(&mut self.data_dir);
+        if let Some(p) = self.store.sealing_key_file.as_mut() {
+            fix(p);
+        }
         self.trust.grant_files.iter_mut().for_each(fix);
         if let Some(p) = self.http.tls_cert.as_mut() {
             fix(p);

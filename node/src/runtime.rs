@@ -82,6 +82,23 @@ pub fn certificate_warning(not_after: i64, now: i64) -> Option<String> {
     }
 }
 
+/// Opens the node's store sealed under its key (see `edgecard_store::seal`): refused with the
+/// wrong key, a plaintext store from an earlier release migrated.
+fn open_sealed_store(config: &NodeConfig, store_dir: &std::path::Path) -> Result<Store, NodeError> {
+    let key_file = config.sealing_key_file();
+    let (sealer, created) = edgecard_store::seal::load_sealer(&key_file, &config.data_dir, store_dir)
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    if created {
+        tracing::info!(key_file = %key_file.display(), "made a new sealing key (0600); back it up: the store cannot be read without it");
+    }
+    let options = edgecard_store::StoreOptions {
+        cache_capacity: config.store.cache_capacity_mb.saturating_mul(1 << 20),
+        sealer: Some(Arc::new(sealer)),
+        ..edgecard_store::StoreOptions::default()
+    };
+    Ok(Store::open_with(store_dir, options, Arc::new(StoreMetrics::default()))?)
+}
+
 pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     tls::install_crypto_provider();
     let coordinator_key = edgecard_protocol::decode_verifying_key(&config.trust.coordinator_key)
@@ -94,11 +111,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         tracing::warn!(dir = %config.data_dir.display(), paths = tightened.len(), "the data dir was readable by other users; made private (0700 dirs, 0600 files)");
     }
     std::fs::create_dir_all(&store_dir).map_err(|source| NodeError::DataDir { path: store_dir.clone(), source })?;
-    let store = Arc::new(Store::open(
-        &store_dir,
-        config.store.cache_capacity_mb.saturating_mul(1 << 20),
-        Arc::new(StoreMetrics::default()),
-    )?);
+    let store = Arc::new(open_sealed_store(&config, &store_dir)?);
     let products = match crate::orders::engine::stored_catalog(&store)? {
         Some(from_coordinator) => from_coordinator,
         None => config.products.clone(),
@@ -116,7 +129,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     for path in &config.trust.grant_files {
         match std::fs::read(path) {
             Ok(bytes) => match verify_and_install(&engine, &coordinator_key, &bytes, GrantSource::Operator).await {
-                Ok(outcome) => tracing::info!(file = %path.display(), ?outcome, "grant file loaded"),
+                Ok(outcome) => {
+                    tracing::info!(file = %path.display(), ?outcome, "grant file loaded");
+                    // The store holds its keys sealed; the file is the one plaintext copy left.
+                    tracing::warn!(file = %path.display(), "this grant file holds card keys in plaintext and is no longer needed: delete it (grants are transient)");
+                }
                 Err(e) => tracing::error!(file = %path.display(), reason = %e, "grant file refused"),
             },
             Err(e) => tracing::error!(file = %path.display(), error = %e, "grant file unreadable"),

@@ -33,6 +33,15 @@ impl WriteBatch {
         &self.ops
     }
 
+    /// Replaces every put's value with `seal(key, value)`.
+    pub(crate) fn seal_values(&mut self, seal: impl Fn(&[u8], &[u8]) -> Vec<u8>) {
+        for op in &mut self.ops {
+            if let Op::Put(key, value) = op {
+                *value = seal(key, value);
+            }
+        }
+    }
+
     pub(crate) fn into_ops(self) -> Vec<Op> {
         self.ops
     }

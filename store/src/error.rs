@@ -22,6 +22,8 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("write-ahead log {segment} is corrupt at byte {offset}: {reason}; refusing to start (restore the data dir from a backup)")]
     LogCorrupt { segment: PathBuf, offset: u64, reason: String },
+    #[error("the sealing key does not match this data dir ({path}): {reason}; refusing to start, nothing was changed (give the key file this dir was sealed with)")]
+    WrongSealingKey { path: PathBuf, reason: String },
     #[error("record {what} does not encode: {reason}")]
     Encode { what: String, reason: String },
 }

@@ -18,6 +18,8 @@ mod memtable;
 pub mod metrics;
 pub mod private;
 pub mod record;
+mod reseal;
+pub mod seal;
 mod store;
 pub mod workload;
 
@@ -28,5 +30,6 @@ pub use faulty_disk::FaultyDisk;
 pub use health::Health;
 pub use log::LogOptions;
 pub use metrics::StoreMetrics;
-pub use record::{Sealer, Storable, Table};
+pub use record::{Storable, Table};
+pub use seal::{KeyRing, RotateError, Rotation, SealError, Sealer};
 pub use store::{Store, StoreOptions};

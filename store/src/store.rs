@@ -5,12 +5,17 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `FORMAT` | `edgecard-store 2`: the layout version |
+//! | `FORMAT` | `edgecard-store 2` (values in plaintext) or `edgecard-store 3 sealed` |
+//! | `SEALING-CHECK` | sealed stores: a known value sealed under the data dir's key |
 //! | `log/` | segments (`<seq>.wal`), spares, and the `checkpoint` mark |
 //! | `sled/` | sled's files: every write up to the mark, maybe some after it |
 //!
 //! A store from before the log (sled's files directly in the directory) is migrated at open:
 //! its files move into `sled/` and become the state at lsn 0.
+//!
+//! A sealed store ([`StoreOptions::sealer`]) seals every value before it reaches the log or sled
+//! (the value's key is the AAD) and opens it on every read. Opening a plaintext store with a
+//! sealer, or a sealed one whose key is no longer current, rewrites it whole (`reseal.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,8 +33,11 @@ use crate::health::{Health, HealthCell};
 use crate::log::{recovery, Log, LogOptions};
 use crate::memtable::{Entries, KeyValue, Lookup, Memtable, Merged};
 use crate::metrics::StoreMetrics;
+use crate::seal::Sealer;
 
-const FORMAT: &str = "edgecard-store 2\n";
+pub(crate) const FORMAT: &str = "edgecard-store 2\n";
+pub(crate) const FORMAT_SEALED: &str = "edgecard-store 3 sealed\n";
+pub(crate) const SEALING_CHECK: &str = "SEALING-CHECK";
 
 /// How a store is placed and paced. `Default` is what production uses.
 #[derive(Clone)]
@@ -43,6 +51,9 @@ pub struct StoreOptions {
     pub checkpoint_bytes: u64,
     /// Start a checkpoint this long after the last one, if anything was written.
     pub checkpoint_interval: Duration,
+    /// Seals every value at rest. `None` keeps values in plaintext (tests, benches); the node and
+    /// the coordinator always give one.
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -52,6 +63,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("log", &self.log)
             .field("checkpoint_bytes", &self.checkpoint_bytes)
             .field("checkpoint_interval", &self.checkpoint_interval)
+            .field("sealed", &self.sealer.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -64,6 +76,7 @@ impl Default for StoreOptions {
             log: LogOptions::default(),
             checkpoint_bytes: 32 << 20,
             checkpoint_interval: Duration::from_secs(10),
+            sealer: None,
         }
     }
 }
@@ -90,6 +103,8 @@ struct Inner {
     life: u64,
     signal: Mutex<CheckpointSignal>,
     wake_checkpointer: Condvar,
+    /// Values in the memtable, the log and sled are sealed with it.
+    sealer: Option<Arc<Sealer>>,
 }
 
 /// The node's and the coordinator's durable key-value store.
@@ -110,18 +125,36 @@ impl Store {
     }
 
     pub fn open_with(dir: &Path, options: StoreOptions, metrics: Arc<StoreMetrics>) -> Result<Self, StoreError> {
+        crate::reseal::finish_interrupted(dir)?;
+        let sealed_values = match prepare_layout(dir, &dir.join("sled"), options.sealer.as_deref())? {
+            Layout::Ready { sealed_values } => sealed_values,
+            Layout::Reseal { sealed_values } => {
+                let writer = options.sealer.clone().ok_or_else(|| StoreError::Layout {
+                    path: dir.to_path_buf(),
+                    reason: "a re-seal needs a sealing key".into(),
+                })?;
+                crate::reseal::reseal(dir, &options, sealed_values, &writer)?;
+                true
+            }
+        };
+        Self::open_layout(dir, options, metrics, sealed_values)
+    }
+
+    /// Opens a store whose layout is checked; `sealed_values` says whether its values are sealed
+    /// (and `options.sealer` opens them), or plaintext (and new ones are written plain too).
+    pub(crate) fn open_layout(
+        dir: &Path,
+        mut options: StoreOptions,
+        metrics: Arc<StoreMetrics>,
+        sealed_values: bool,
+    ) -> Result<Self, StoreError> {
         let started = Instant::now();
         let sled_dir = dir.join("sled");
         let log_dir = dir.join("log");
-        prepare_layout(dir, &sled_dir)?;
-        let db = sled::Config::new()
-            .path(&sled_dir)
-            .cache_capacity(options.cache_capacity)
-            .mode(sled::Mode::HighThroughput)
-            // Checkpoints flush sled; its own periodic flusher would only add writes.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Open { path: sled_dir.clone(), source })?;
+        if !sealed_values {
+            options.sealer = None;
+        }
+        let db = open_sled(&sled_dir, options.cache_capacity)?;
         // sled makes its files with the process's umask; the store's dirs are 0700 anyway, and
         // its files 0600 from here on (a store from an earlier release is tightened too).
         let tightened = crate::private::make_private(dir).map_err(io_at(dir))?;
@@ -155,6 +188,7 @@ impl Store {
             health.clone(),
             metrics.clone(),
         )?;
+        let options_sealer = options.sealer.clone();
         let inner = Arc::new(Inner {
             db,
             sled_dir,
@@ -169,6 +203,7 @@ impl Store {
             life,
             signal: Mutex::new(CheckpointSignal { requested: replayed > 0, closed: false, halted: false }),
             wake_checkpointer: Condvar::new(),
+            sealer: options_sealer,
         });
         let worker = inner.clone();
         let checkpointer = std::thread::Builder::new()
@@ -181,12 +216,20 @@ impl Store {
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let memtable = self.inner.memtable.read();
-        match memtable.get(key) {
-            Lookup::Found(value) => Ok(Some(value.to_vec())),
-            Lookup::Deleted => Ok(None),
-            Lookup::Unknown => Ok(self.inner.db.get(key)?.map(|v| v.to_vec())),
-        }
+        let stored = {
+            let memtable = self.inner.memtable.read();
+            match memtable.get(key) {
+                Lookup::Found(value) => Some(value.to_vec()),
+                Lookup::Deleted => None,
+                Lookup::Unknown => self.inner.db.get(key)?.map(|v| v.to_vec()),
+            }
+        };
+        stored.map(|value| self.inner.open_value(key, value)).transpose()
+    }
+
+    /// Whether values are sealed at rest.
+    pub fn is_sealed(&self) -> bool {
+        self.inner.sealer.is_some()
     }
 
     /// Every entry under `prefix`, in key order.
@@ -208,7 +251,7 @@ impl Store {
             .range(from.max(prefix)..)
             .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&owned_prefix)))
             .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from));
-        Merged::new(overlay, base, false)
+        Merged::new(overlay, base, false).map(|item| self.inner.open_entry(item?))
     }
 
     /// The last entry under `prefix`, in key order.
@@ -220,17 +263,21 @@ impl Store {
             .scan_prefix(prefix)
             .rev()
             .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from));
-        Merged::new(overlay, base, true).next().transpose()
+        Merged::new(overlay, base, true).next().map(|item| self.inner.open_entry(item?)).transpose()
     }
 
     /// Applies `batch` atomically and returns its lsn. It is visible at once, and durable once
     /// [`Store::durable`] or [`Store::wait_durable`] says so: nothing may be revealed, acknowledged
     /// or sent on its strength before then.
-    pub fn apply(&self, batch: WriteBatch) -> Result<u64, StoreError> {
+    pub fn apply(&self, mut batch: WriteBatch) -> Result<u64, StoreError> {
         if batch.is_empty() {
             return Ok(self.inner.log.last_lsn());
         }
         let inner = &self.inner;
+        if let Some(sealer) = &inner.sealer {
+            // Sealed before the log sees it: neither the log nor sled ever holds the plaintext.
+            batch.seal_values(|key, value| sealer.seal(key, value));
+        }
         let (lsn, since_checkpoint) = inner.log.append(batch, |ops| inner.memtable.write().apply(ops))?;
         inner.metrics.batches_applied.inc();
         if since_checkpoint >= inner.options.checkpoint_bytes {
@@ -343,6 +390,21 @@ impl Drop for Store {
 }
 
 impl Inner {
+    fn open_value(&self, key: &[u8], value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        match &self.sealer {
+            None => Ok(value),
+            Some(sealer) => sealer.open(key, &value).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(key.get(..key.len().min(24)).unwrap_or_default()).into_owned(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn open_entry(&self, (key, value): KeyValue) -> Result<KeyValue, StoreError> {
+        let value = self.open_value(&key, value)?;
+        Ok((key, value))
+    }
+
     fn request_checkpoint(&self) {
         let mut signal = self.signal.lock();
         if !signal.requested {
@@ -447,13 +509,69 @@ impl Inner {
     }
 }
 
-/// Creates the layout, or checks it, or migrates a store from before the log.
-fn prepare_layout(dir: &Path, sled_dir: &Path) -> Result<(), StoreError> {
+/// Opens sled in `sled_dir`. sled releases its file lock only once its last handle is gone,
+/// which can trail a drop in this process by a moment (a store closed and opened again, the
+/// copy a re-seal just wrote): a lock refusal is retried for up to a second. Another process
+/// holding the store keeps it for longer and gets the error.
+pub(crate) fn open_sled(sled_dir: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let opened = sled::Config::new()
+            .path(sled_dir)
+            .cache_capacity(cache_capacity)
+            .mode(sled::Mode::HighThroughput)
+            // Checkpoints flush sled; its own periodic flusher would only add writes.
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.map_err(|source| StoreError::Open { path: sled_dir.to_path_buf(), source }),
+        }
+    }
+}
+
+/// What opening a store's directory found.
+enum Layout {
+    /// Open it as it is.
+    Ready { sealed_values: bool },
+    /// Rewrite it sealed under the current key first (a plaintext store given a key, or one
+    /// sealed under an older key of the ring).
+    Reseal { sealed_values: bool },
+}
+
+/// Creates the layout, or checks it (including the sealing key, before anything is written), or
+/// migrates a store from before the log.
+fn prepare_layout(dir: &Path, sled_dir: &Path, sealer: Option<&Sealer>) -> Result<Layout, StoreError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_at(dir))?;
     let format_path = dir.join("FORMAT");
     match std::fs::read_to_string(&format_path) {
-        Ok(found) if found == FORMAT => return Ok(()),
+        Ok(found) if found == FORMAT => {
+            return Ok(match sealer {
+                Some(_) => Layout::Reseal { sealed_values: false },
+                None => Layout::Ready { sealed_values: false },
+            })
+        }
+        Ok(found) if found == FORMAT_SEALED => {
+            let sealer = sealer.ok_or_else(|| StoreError::Layout {
+                path: dir.to_path_buf(),
+                reason: "the store is sealed and no sealing key was given".into(),
+            })?;
+            let check_path = dir.join(SEALING_CHECK);
+            let check = std::fs::read(&check_path).map_err(io_at(&check_path))?;
+            sealer
+                .verify_check(&check)
+                .map_err(|e| StoreError::WrongSealingKey { path: dir.to_path_buf(), reason: e.to_string() })?;
+            return Ok(if Sealer::version_of(&check) == Some(sealer.current_version()) {
+                Layout::Ready { sealed_values: true }
+            } else {
+                Layout::Reseal { sealed_values: true }
+            });
+        }
         Ok(found) => {
             return Err(StoreError::Layout {
                 path: dir.to_path_buf(),
@@ -466,6 +584,16 @@ fn prepare_layout(dir: &Path, sled_dir: &Path) -> Result<(), StoreError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(StoreError::Io { path: format_path, source: e }),
+    }
+    if let Some(sealer) = sealer {
+        let empty = |d: &Path| std::fs::read_dir(d).map_or(true, |mut entries| entries.next().is_none());
+        if empty(dir) {
+            // A new store: sealed from its first write.
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(sled_dir).map_err(io_at(sled_dir))?;
+            write_durably(&dir.join(SEALING_CHECK), &sealer.check_value())?;
+            write_durably(&format_path, FORMAT_SEALED.as_bytes())?;
+            return Ok(Layout::Ready { sealed_values: true });
+        }
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(sled_dir).map_err(io_at(sled_dir))?;
     if dir.join("db").exists() && dir.join("conf").exists() {
@@ -482,9 +610,32 @@ fn prepare_layout(dir: &Path, sled_dir: &Path) -> Result<(), StoreError> {
         tracing::info!(dir = %dir.display(), "migrated a store from before the write-ahead log");
     }
     fsync_tree(sled_dir).map_err(io_at(sled_dir))?;
-    let tmp = dir.join("FORMAT.tmp");
-    std::fs::write(&tmp, FORMAT).map_err(io_at(&tmp))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_at(&tmp))?;
-    std::fs::rename(&tmp, &format_path).map_err(io_at(&format_path))?;
+    write_durably(&format_path, FORMAT.as_bytes())?;
+    Ok(match sealer {
+        Some(_) => Layout::Reseal { sealed_values: false },
+        None => Layout::Ready { sealed_values: false },
+    })
+}
+
+/// Writes `path` whole or not at all (a temporary file, fsynced, renamed, the directory fsynced).
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // 0600 from the start: the store's files are private (`private.rs`).
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
+        file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io_at(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io_at(path))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_at(dir))
 }

@@ -17,6 +17,7 @@ fn options(disk: &FaultyDisk) -> StoreOptions {
         // Checkpoints only when a test asks, so that what the log holds is what the test set up.
         checkpoint_bytes: u64::MAX,
         checkpoint_interval: Duration::from_secs(3600),
+        sealer: None,
     }
 }
 

@@ -29,7 +29,7 @@ pub const STOCK_TIMEOUT: Duration = Duration::from_secs(20);
 pub const POLL_EVERY: Duration = Duration::from_millis(50);
 
 /// Variables the product reads that must not leak from the test runner's environment.
-const SCRUBBED_ENV: [&str; 7] = [
+const SCRUBBED_ENV: [&str; 8] = [
     "EDGECARD_ADMIN_URL",
     "EDGECARD_ADMIN_TOKEN",
     "EDGECARD_LOG",
@@ -37,6 +37,7 @@ const SCRUBBED_ENV: [&str; 7] = [
     "EDGECARD_SANDBOX_SECRET",
     "EDGECARD_NODE_ADMIN_TOKEN",
     "EDGECARD_COORDINATOR_KEY",
+    "EDGECARD_SEALING_KEY",
 ];
 
 /// Runs blocking `work` on tokio's blocking pool; a panic in it is re-raised here.
@@ -105,6 +106,27 @@ impl Spawned {
         self.child.as_ref().map(Child::id)
     }
 
+    /// SIGTERM, then waits (at most 30 s) for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return false };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut clean = false;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                clean = status.success();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        clean
+    }
+
     /// `kill -9`, then reaps the process and drains its pipes.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -169,6 +191,11 @@ impl CoordinatorProcess {
 
     pub fn is_running(&self) -> bool {
         self.process.pid().is_some()
+    }
+
+    /// SIGTERM and a clean stop (last checkpoint); returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        self.process.terminate()
     }
 
     /// `kill -9` (no-op when already dead).
