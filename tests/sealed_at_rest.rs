@@ -14,51 +14,20 @@ use std::time::Duration;
 
 use common::coordinator::*;
 use common::*;
+use edgecard_store::disk_scan;
 
 /// Long random keys, so that finding one in a file means it was written there.
 fn long_random_keys(n: usize) -> Vec<String> {
     (0..n).map(|_| format!("CARD-{}", random_hex(32))).collect()
 }
 
-fn files_under(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if std::fs::symlink_metadata(&path).unwrap().is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
-}
-
 /// Every (file, key) where the key's bytes appear in the file, anywhere under `root`.
 fn keys_found_under(root: &Path, keys: &[String]) -> Vec<(PathBuf, String)> {
-    let mut hits = Vec::new();
-    for file in files_under(root) {
-        let bytes = std::fs::read(&file).unwrap();
-        for key in keys {
-            let needle = key.as_bytes();
-            // Candidates by first byte: a plain window scan over 16 MiB segments is slow.
-            let hit = bytes
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| **b == needle[0])
-                .any(|(i, _)| bytes.get(i..i + needle.len()) == Some(needle));
-            if hit {
-                hits.push((file.clone(), key.clone()));
-            }
-        }
-    }
-    hits
+    disk_scan::secrets_in_files(root, keys).unwrap()
 }
 
 fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    files_under(root).into_iter().map(|f| (f.clone(), std::fs::read(&f).unwrap())).collect()
+    disk_scan::snapshot(root).unwrap()
 }
 
 fn mode(path: &Path) -> u32 {

@@ -9,6 +9,7 @@
 mod batch;
 mod checkpoint;
 pub mod disk;
+pub mod disk_scan;
 mod error;
 pub mod faulty_disk;
 mod health;

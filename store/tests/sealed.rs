@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgecard_store::{KeyRing, LogOptions, Sealer, Store, StoreError, StoreMetrics, StoreOptions, WriteBatch};
+use edgecard_store::{
+    disk_scan, KeyRing, LogOptions, Sealer, Store, StoreError, StoreMetrics, StoreOptions, WriteBatch,
+};
 use rand::RngCore;
 
 fn options(sealer: Option<&KeyRing>) -> StoreOptions {
@@ -59,45 +61,12 @@ fn read_all(store: &Store) -> Vec<String> {
     store.scan_prefix(b"k/").map(|kv| String::from_utf8(kv.unwrap().1).unwrap()).collect()
 }
 
-fn files_under(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
-}
-
-/// Every (file, secret) pair where the secret's bytes are in the file.
 fn found(root: &Path, secrets: &[String]) -> Vec<(PathBuf, String)> {
-    let mut hits = Vec::new();
-    for file in files_under(root) {
-        let bytes = std::fs::read(&file).unwrap();
-        for secret in secrets {
-            let needle = secret.as_bytes();
-            // Candidates by first byte first: a plain window scan is slow in debug builds.
-            let hit = bytes
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| **b == needle[0])
-                .any(|(i, _)| bytes.get(i..i + needle.len()) == Some(needle));
-            if hit {
-                hits.push((file.clone(), secret.clone()));
-            }
-        }
-    }
-    hits
+    disk_scan::secrets_in_files(root, secrets).unwrap()
 }
 
 fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    files_under(root).into_iter().map(|f| (f.clone(), std::fs::read(&f).unwrap())).collect()
+    disk_scan::snapshot(root).unwrap()
 }
 
 #[test]
