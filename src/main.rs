@@ -106,6 +106,21 @@ enum NodeCommand {
     Run(ConfigArg),
     /// Validate a config file and print the effective configuration (secrets elided).
     CheckConfig(ConfigArg),
+    /// Erase a buyer's address from this node's orders and drop their queued mails, through
+    /// the node's admin API (docs/mail.md).
+    ForgetEmail(ForgetEmailArgs),
+}
+
+#[derive(Args)]
+struct ForgetEmailArgs {
+    /// The address to erase (compared case-insensitively).
+    address: String,
+    /// The node's admin listener.
+    #[arg(long, env = "EDGECARD_NODE_ADMIN_URL", default_value = "http://127.0.0.1:9443")]
+    admin_url: String,
+    /// The node's admin token.
+    #[arg(long, env = edgecard_node::config::ENV_ADMIN_TOKEN, hide_env_values = true)]
+    admin_token: String,
 }
 
 #[derive(Args)]
@@ -186,6 +201,7 @@ fn run() -> Result<()> {
             Command::Demo(args) => demo::run(args).await,
             Command::Node(NodeCommand::Run(args)) => run_node(args).await,
             Command::Node(NodeCommand::CheckConfig(args)) => check_config(args),
+            Command::Node(NodeCommand::ForgetEmail(args)) => forget_email(args).await,
             Command::Grant(command) => grant(command),
             Command::Bench(args) => bench::run(args).await,
             Command::Coordinator(command) => coordinator(command).await,
@@ -279,6 +295,16 @@ async fn coordinator(command: CoordinatorCommand) -> Result<()> {
             outcome?;
         }
     }
+    Ok(())
+}
+
+async fn forget_email(args: ForgetEmailArgs) -> Result<()> {
+    let client = edgecard::admin_client::AdminClient::new(&args.admin_url, &args.admin_token)?;
+    let answer = client
+        .post_json("/admin/v1/mail/forget", &serde_json::json!({ "email": args.address }))
+        .await
+        .context("forget-email")?;
+    println!("address erased from {} order(s)", answer["orders"].as_u64().unwrap_or(0));
     Ok(())
 }
 

@@ -297,6 +297,8 @@ pub struct OrderEngine {
     clock_base: Instant,
     /// The data dir's id, made when it was created (see `edgecard_protocol::sync`).
     incarnation: u64,
+    /// Set when `[mail]` is configured: orders with an address queue their mails.
+    mail: std::sync::OnceLock<crate::mail::Queueing>,
 }
 
 /// How the engine starts: selling at once (a standalone node, stocked from grant files), or
@@ -360,6 +362,7 @@ impl OrderEngine {
             metrics,
             clock_base,
             incarnation,
+            mail: std::sync::OnceLock::new(),
         };
         engine.expire_due(now_millis()).await?;
         Ok(engine)
@@ -449,7 +452,22 @@ impl OrderEngine {
             .collect()
     }
 
+    /// Turns on order mail: from now on, orders with an address queue their mails in the batch
+    /// that creates them. Set once, at start.
+    pub fn enable_mail(&self, queueing: crate::mail::Queueing) {
+        let _ = self.mail.set(queueing);
+    }
+
     pub async fn create_order(&self, request: CreateOrder) -> Result<CreatedOrder, OrderError> {
+        self.create_order_in(request, None).await
+    }
+
+    /// [`OrderEngine::create_order`], with the buyer's language (`en`, `zh-CN`) for its mails.
+    pub async fn create_order_in(
+        &self,
+        request: CreateOrder,
+        mail_lang: Option<&str>,
+    ) -> Result<CreatedOrder, OrderError> {
         self.ensure_confirmed()?;
         // No new reservations while the store cannot make them durable (503 at once).
         match self.store.health() {
@@ -537,7 +555,11 @@ impl OrderEngine {
                 token_sha256: record.token_sha256.clone(),
             };
             let seq = state.push_event(&mut batch, &self.node_id, &record, now, event)?;
-            if let Err(e) = self.store.apply(batch) {
+            let queued = match (&record.email, self.mail.get()) {
+                (Some(_), Some(mail)) => mail.enqueue(&mut batch, &record.id, mail_lang, now),
+                _ => Ok(()),
+            };
+            if let Err(e) = queued.and_then(|()| self.store.apply(batch)) {
                 for (key, slice) in taken {
                     state.holdings.put(&request.sku, key, slice);
                 }

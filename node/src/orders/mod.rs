@@ -3,6 +3,7 @@
 
 pub mod binding;
 pub mod engine;
+mod forget;
 pub mod record;
 mod record_v1;
 pub mod refunds;

@@ -387,14 +387,17 @@ where
 
     let created = api
         .engine
-        .create_order(CreateOrder {
-            sku: product.sku.clone(),
-            quantity,
-            email,
-            currency,
-            channel: api.router.preferred(&plan).to_string(),
-            client_ip: ctx.client,
-        })
+        .create_order_in(
+            CreateOrder {
+                sku: product.sku.clone(),
+                quantity,
+                email,
+                currency,
+                channel: api.router.preferred(&plan).to_string(),
+                client_ip: ctx.client,
+            },
+            Some(ctx.lang.tag()),
+        )
         .await;
     let created = match created {
         Ok(created) => created,
