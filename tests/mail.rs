@@ -188,3 +188,57 @@ async fn the_merchant_erases_an_address() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_mail_survives_a_crash() {
+    let sink = SmtpSink::start();
+    sink.fail_next(1_000);
+    let env = TestEnv::new();
+    let mut node = start_node(&env, &sink.mail_toml(""));
+    let mut client = node.client().await;
+    let order = bounded("order", LIMIT, async {
+        let response = client.create_order(&json!({ "sku": SKU, "quantity": 1, "email": BUYER })).await;
+        assert_eq!(response.status, 201, "{}", response.text());
+        Created::from_response(&response)
+    })
+    .await;
+    // The 201 means the order and its mail are durable: kill -9 at once, before any mail went.
+    node.kill9();
+    assert!(sink.received().is_empty());
+    sink.fail_next(0);
+    let config = node.config.clone();
+    let node = NodeProcess::start(&config, &[]);
+    bounded("mail after restart", LIMIT, async {
+        let mail = sink.wait_for(1, LIMIT).await.remove(0);
+        assert_eq!(mail.message_id, format!("<{}.order-link@shop.example>", order.order_id));
+        for refused in sink.refused() {
+            assert_eq!(refused.message_id, mail.message_id, "the same mail before and after the crash");
+        }
+        wait_for_status(&node, &order.order_id, "order_link", "sent").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_are_erased_once_their_retention_is_over() {
+    let sink = SmtpSink::start();
+    let env = TestEnv::new();
+    let node = start_node(&env, &sink.mail_toml("keep_email_days = 0"));
+    let mut client = node.client().await;
+    bounded("retention", LIMIT, async {
+        let response = client.create_order(&json!({ "sku": SKU, "quantity": 1, "email": BUYER })).await;
+        let order = Created::from_response(&response);
+        sink.wait_for(1, LIMIT).await;
+        let start = Instant::now();
+        while !mail_status(&node, &order.order_id).await.is_empty() {
+            assert!(start.elapsed() < LIMIT, "the sent mail's record was never dropped");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let forget = Request::post_json("/admin/v1/mail/forget", &json!({ "email": BUYER }))
+            .header("authorization", &format!("Bearer {ADMIN_TOKEN}"));
+        let response = node.admin.request(forget).await.unwrap();
+        assert_eq!(response.json::<Value>().unwrap()["orders"], 0, "the address is already gone from the order");
+        client.fetch_ok(&order).await;
+    })
+    .await;
+}

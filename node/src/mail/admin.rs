@@ -81,8 +81,8 @@ pub async fn forget(engine: &OrderEngine, body: &[u8]) -> HttpResponse {
         let mut batch = WriteBatch::default();
         match queue::jobs_of(engine.store(), id) {
             Ok(jobs) => {
-                for job in jobs {
-                    batch.delete(queue::JOBS.key(&queue::job_key(id, job.kind)));
+                for job in &jobs {
+                    queue::remove(&mut batch, job);
                 }
             }
             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &format!("store failure: {e}")),

@@ -4,6 +4,10 @@
 //! A record never holds the address, a token or a key: the address is read from the order at
 //! send time (so erasing it from the order stops the mail), and keys are rendered from the
 //! delivered order then too.
+//!
+//! Two indexes keep the worker's passes small however many mails were sent: `qp/` names the
+//! mails not yet final (what a pass walks), `qr/` the final ones by when they became final (what
+//! the retention sweep walks, oldest first, only as far as is due).
 
 use edgecard_protocol::{OrderId, UnixMillis};
 use serde::{Deserialize, Serialize};
@@ -14,6 +18,10 @@ use crate::store::{Store, StoreError, WriteBatch};
 pub const MAIL: &[u8] = b"q/";
 
 pub const JOBS: edgecard_store::Table<MailJob> = edgecard_store::Table::new(MAIL, "mail job");
+/// `qp/`, order id, kind: empty; the job is not final yet.
+pub const PENDING: &[u8] = b"qp/";
+/// `qr/`, finished at (unix ms, 8 bytes BE), order id, kind: empty; the job became final then.
+pub const FINISHED: &[u8] = b"qr/";
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
@@ -104,6 +112,80 @@ pub fn job_key(order: &OrderId, kind: MailKind) -> Vec<u8> {
     id
 }
 
+fn pending_key(order: &OrderId, kind: MailKind) -> Vec<u8> {
+    [PENDING, &job_key(order, kind)].concat()
+}
+
+fn finished_key(at: UnixMillis, order: &OrderId, kind: MailKind) -> Vec<u8> {
+    [FINISHED, &at.0.to_be_bytes()[..], &job_key(order, kind)].concat()
+}
+
+/// Writes `job` and keeps the indexes in step with its status.
+pub fn save(batch: &mut WriteBatch, job: &MailJob) -> Result<(), StoreError> {
+    JOBS.put(batch, &job_key(&job.order_id, job.kind), job)?;
+    match (job.status.is_final(), job.finished_at) {
+        (true, Some(at)) => {
+            batch.delete(pending_key(&job.order_id, job.kind));
+            batch.put(finished_key(at, &job.order_id, job.kind), Vec::new());
+        }
+        _ => batch.put(pending_key(&job.order_id, job.kind), Vec::new()),
+    }
+    Ok(())
+}
+
+/// Removes `job` and its index entries.
+pub fn remove(batch: &mut WriteBatch, job: &MailJob) {
+    batch.delete(JOBS.key(&job_key(&job.order_id, job.kind)));
+    batch.delete(pending_key(&job.order_id, job.kind));
+    if let Some(at) = job.finished_at {
+        batch.delete(finished_key(at, &job.order_id, job.kind));
+    }
+}
+
+/// The (order, kind) named by an index key's last 17 bytes.
+fn named_by(key: &[u8]) -> Option<(OrderId, MailKind)> {
+    let tail = key.len().checked_sub(17).map(|at| &key[at..])?;
+    let order = OrderId::from_bytes(tail[..16].try_into().ok()?);
+    let kind = match tail[16] {
+        1 => MailKind::OrderLink,
+        2 => MailKind::Keys,
+        _ => return None,
+    };
+    Some((order, kind))
+}
+
+/// The jobs not yet final.
+pub fn pending_jobs(store: &Store) -> Result<Vec<MailJob>, StoreError> {
+    let mut jobs = Vec::new();
+    for item in store.scan_prefix(PENDING) {
+        let (key, _) = item?;
+        let Some((order, kind)) = named_by(&key) else { continue };
+        if let Some(job) = JOBS.get(store, &job_key(&order, kind))? {
+            jobs.push(job);
+        }
+    }
+    Ok(jobs)
+}
+
+/// A retention entry: its key, and the order it names (`None` for a key that names none).
+pub type FinishedEntry = (Vec<u8>, Option<OrderId>);
+
+/// Retention entries of mails that became final at or before `until`, oldest first, at most
+/// `limit`.
+pub fn finished_entries(store: &Store, until: UnixMillis, limit: usize) -> Result<Vec<FinishedEntry>, StoreError> {
+    let mut entries = Vec::new();
+    for item in store.scan_prefix(FINISHED) {
+        let (key, _) = item?;
+        let at = key.get(FINISHED.len()..FINISHED.len() + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        if at.is_some_and(|at| at > until.0) || entries.len() >= limit {
+            break;
+        }
+        let order = named_by(&key).map(|(order, _)| order);
+        entries.push((key, order));
+    }
+    Ok(entries)
+}
+
 /// Adds a fresh job for `order` to `batch` (the batch that creates the order).
 pub fn enqueue(
     batch: &mut WriteBatch,
@@ -123,7 +205,7 @@ pub fn enqueue(
         finished_at: None,
         last_error: None,
     };
-    JOBS.put(batch, &job_key(order, kind), &job)
+    save(batch, &job)
 }
 
 /// Every job, in key order (so an order's jobs are together).
@@ -166,6 +248,38 @@ mod tests {
         assert_eq!(backoff_ms(4, 1_000, 60_000), 8_000);
         assert_eq!(backoff_ms(7, 1_000, 60_000), 60_000);
         assert_eq!(backoff_ms(u32::MAX, 1_000, 60_000), 60_000);
+    }
+
+    #[test]
+    fn the_indexes_follow_a_job_from_queued_to_removed() {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path(), 1 << 20, Arc::new(crate::metrics::StoreMetrics::default()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let order = OrderId::random();
+        let mut batch = WriteBatch::default();
+        enqueue(&mut batch, &order, MailKind::OrderLink, "en", UnixMillis(1)).unwrap_or_else(|e| panic!("{e}"));
+        store.apply(batch).unwrap_or_else(|e| panic!("{e}"));
+        let pending = pending_jobs(&store).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pending.len(), 1);
+        assert!(finished_entries(&store, UnixMillis(u64::MAX), 10).unwrap_or_default().is_empty());
+
+        let mut sent = pending[0].clone();
+        sent.status = MailStatus::Sent;
+        sent.finished_at = Some(UnixMillis(5_000));
+        let mut batch = WriteBatch::default();
+        save(&mut batch, &sent).unwrap_or_else(|e| panic!("{e}"));
+        store.apply(batch).unwrap_or_else(|e| panic!("{e}"));
+        assert!(pending_jobs(&store).unwrap_or_default().is_empty(), "a sent mail is not pending");
+        assert!(finished_entries(&store, UnixMillis(4_999), 10).unwrap_or_default().is_empty(), "not due yet");
+        let due = finished_entries(&store, UnixMillis(5_000), 10).unwrap_or_default();
+        assert_eq!(due.iter().map(|(_, o)| *o).collect::<Vec<_>>(), vec![Some(order)]);
+
+        let mut batch = WriteBatch::default();
+        remove(&mut batch, &sent);
+        store.apply(batch).unwrap_or_else(|e| panic!("{e}"));
+        assert!(jobs_of(&store, &order).unwrap_or_default().is_empty());
+        assert!(finished_entries(&store, UnixMillis(u64::MAX), 10).unwrap_or_default().is_empty());
     }
 
     #[test]

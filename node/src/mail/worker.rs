@@ -5,7 +5,7 @@
 //! crash in between sends it again, with the same Message-ID. [`MailWorker::tick`] takes the
 //! time, so tests drive it; [`spawn`] runs it on the node's clock.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ use crate::store::{StoreError, WriteBatch};
 use crate::storefront::i18n::Lang;
 
 const DAY_MS: u64 = 86_400_000;
+/// Most retention entries looked at per pass, so one pass stays short after a long pause.
+const SWEEP_LIMIT: usize = 1_000;
 
 pub struct MailWorker {
     pub engine: Arc<OrderEngine>,
@@ -97,27 +99,39 @@ pub fn message_id(order: &OrderId, kind: MailKind, domain: &str) -> String {
 impl MailWorker {
     /// One pass over the queue at `now`. Errors are the store's: the pass stops there.
     pub async fn tick(&self, now: UnixMillis) -> Result<(), StoreError> {
-        let mut by_order: BTreeMap<OrderId, Vec<MailJob>> = BTreeMap::new();
-        for job in queue::all_jobs(self.engine.store())? {
-            by_order.entry(job.order_id).or_default().push(job);
-        }
-        let mut pending = 0i64;
-        for (order_id, jobs) in by_order {
-            if retention_over(&jobs, self.config.keep_email_days.saturating_mul(DAY_MS), now) {
-                self.expire(&order_id, &jobs).await?;
-                continue;
+        let pending = queue::pending_jobs(self.engine.store())?;
+        self.metrics.pending.set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
+        for job in pending {
+            if job.next_attempt_at <= now {
+                self.attempt(job, now).await?;
             }
-            for job in jobs {
-                if job.status.is_final() {
+        }
+        self.sweep(now).await
+    }
+
+    /// Erases the addresses whose retention is over: walks the retention index up to
+    /// `now - keep_email_days`. An order that still has a mail to wait for loses only the entry
+    /// (its last mail brings its own).
+    async fn sweep(&self, now: UnixMillis) -> Result<(), StoreError> {
+        let keep_ms = self.config.keep_email_days.saturating_mul(DAY_MS);
+        let until = UnixMillis(now.0.saturating_sub(keep_ms));
+        let mut done = BTreeSet::new();
+        for (key, order) in queue::finished_entries(self.engine.store(), until, SWEEP_LIMIT)? {
+            if let Some(order) = order {
+                if done.contains(&order) {
                     continue;
                 }
-                pending += 1;
-                if job.next_attempt_at <= now {
-                    self.attempt(job, now).await?;
+                let jobs = queue::jobs_of(self.engine.store(), &order)?;
+                if retention_over(&jobs, keep_ms, now) {
+                    self.expire(&order, &jobs).await?;
+                    done.insert(order);
+                    continue;
                 }
             }
+            let mut batch = WriteBatch::default();
+            batch.delete(key);
+            self.engine.store().apply(batch)?;
         }
-        self.metrics.pending.set(pending);
         Ok(())
     }
 
@@ -213,7 +227,7 @@ impl MailWorker {
 
     async fn save(&self, job: &MailJob) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        queue::JOBS.put(&mut batch, &queue::job_key(&job.order_id, job.kind), job)?;
+        queue::save(&mut batch, job)?;
         self.engine.store().apply(batch)?;
         self.engine.store().durable().await
     }
@@ -222,7 +236,7 @@ impl MailWorker {
     async fn expire(&self, order_id: &OrderId, jobs: &[MailJob]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for job in jobs {
-            batch.delete(queue::JOBS.key(&queue::job_key(order_id, job.kind)));
+            queue::remove(&mut batch, job);
         }
         match self.engine.forget_email(order_id, batch).await {
             Ok(_) => {

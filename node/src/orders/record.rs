@@ -21,6 +21,7 @@
 //! | `m/incarnation` | | this data dir's id (8 bytes BE), made when it was created |
 //! | `r/` | control seq (8 bytes BE) | a control message refused for good, until reported: holds-nothing flag (1 byte), reason (UTF-8) |
 //! | `m/catalog` | | the catalog last received from the coordinator (a store record) |
+//! | `q/` | order id, mail kind (1 byte) | `mail::queue::MailJob`: an order mail to send, and its status (see `mail/`) |
 
 use std::net::IpAddr;
 
