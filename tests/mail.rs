@@ -172,9 +172,19 @@ async fn the_merchant_erases_an_address() {
             Request::post_json("/admin/v1/mail/forget", &json!({ "email": email }))
                 .header("authorization", &format!("Bearer {ADMIN_TOKEN}"))
         };
-        let response = node.admin.request(forget("BUYER@example.com")).await.unwrap();
-        assert_eq!(response.status, 200, "{}", response.text());
-        assert_eq!(response.json::<Value>().unwrap()["orders"], 1);
+        // Through the CLI, which speaks only to the node's admin API.
+        let admin_url = node.admin_url.clone();
+        let cli = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_edgecard"))
+                .args(["node", "forget-email", "BUYER@example.com", "--admin-url", &admin_url])
+                .env("EDGECARD_NODE_ADMIN_TOKEN", ADMIN_TOKEN)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+        assert_eq!(String::from_utf8_lossy(&cli.stdout).trim(), "address erased from 1 order(s)");
         assert!(mail_status(&node, &order.order_id).await.is_empty(), "its queued mail is dropped");
         let again = node.admin.request(forget(BUYER)).await.unwrap();
         assert_eq!(again.json::<Value>().unwrap()["orders"], 0, "the address is gone");
