@@ -252,3 +252,47 @@ async fn addresses_are_erased_once_their_retention_is_over() {
     })
     .await;
 }
+
+fn starttls_toml(port: u16, ca_file: Option<&std::path::Path>) -> String {
+    let ca = ca_file.map(|p| format!("ca_file = {:?}\n", p.display().to_string())).unwrap_or_default();
+    format!(
+        "[mail]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\nfrom = \"orders@shop.example\"\npoll_ms = 100\nfirst_retry_secs = 1\nmax_retry_secs = 1\n{ca}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_goes_over_starttls_to_a_relay_it_trusts() {
+    let sink = SmtpSink::start_tls();
+    let env = TestEnv::new();
+    let node = start_node(&env, &starttls_toml(sink.port, Some(&sink.ca_pem())));
+    let mut client = node.client().await;
+    bounded("starttls", LIMIT, async {
+        let response = client.create_order(&json!({ "sku": SKU, "quantity": 1, "email": BUYER })).await;
+        let order = Created::from_response(&response);
+        let mail = sink.wait_for(1, LIMIT).await.remove(0);
+        assert!(mail.tls, "the mail went in clear");
+        assert!(mail.subject.contains(&order.order_id));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_goes_in_clear_or_to_an_untrusted_relay() {
+    // STARTTLS is the default: a server that does not offer it gets nothing, nor does one whose
+    // certificate the node does not trust.
+    let plain = SmtpSink::start();
+    let untrusted = SmtpSink::start_tls();
+    for (sink, what) in [(&plain, "no STARTTLS"), (&untrusted, "untrusted certificate")] {
+        let env = TestEnv::new();
+        let node = start_node(&env, &starttls_toml(sink.port, None));
+        let mut client = node.client().await;
+        bounded(what, LIMIT, async {
+            let response = client.create_order(&json!({ "sku": SKU, "quantity": 1, "email": BUYER })).await;
+            let order = Created::from_response(&response);
+            let retrying = wait_for_status(&node, &order.order_id, "order_link", "retrying").await;
+            assert!(retrying["last_error"].is_string(), "{what}: {retrying}");
+            assert!(sink.received().is_empty() && sink.refused().is_empty(), "{what}: a mail went out");
+        })
+        .await;
+    }
+}

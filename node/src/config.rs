@@ -592,6 +592,9 @@ impl NodeConfig {
         if let Some(p) = self.payments.extra_ca_file.as_mut() {
             fix(p);
         }
+        if let Some(p) = self.mail.as_mut().and_then(|m| m.ca_file.as_mut()) {
+            fix(p);
+        }
     }
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {

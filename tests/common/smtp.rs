@@ -22,6 +22,8 @@ pub struct Received {
     pub subject: String,
     pub message_id: String,
     pub body: String,
+    /// Whether the session was upgraded with STARTTLS.
+    pub tls: bool,
 }
 
 impl Received {
@@ -34,6 +36,7 @@ impl Received {
             subject: text("subject"),
             message_id: text("message_id"),
             body: text("body"),
+            tls: value["tls"].as_bool().unwrap_or(false),
         }
     }
 
@@ -49,11 +52,33 @@ impl Received {
 
 impl SmtpSink {
     pub fn start() -> SmtpSink {
+        Self::spawn(false)
+    }
+
+    /// A server that offers STARTTLS (a certificate for 127.0.0.1 from [`SmtpSink::ca_pem`]) and
+    /// takes no mail before it.
+    pub fn start_tls() -> SmtpSink {
+        Self::spawn(true)
+    }
+
+    /// The certificate a TLS sink presents (self-signed: it is its own CA).
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    fn spawn(tls: bool) -> SmtpSink {
         let dir = tempfile::tempdir().unwrap();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/common/smtp_sink.py");
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(dir.path())
+        let mut command = Command::new("python3");
+        command.arg(&script).arg(dir.path());
+        if tls {
+            let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            std::fs::write(&cert, certified.cert.pem()).unwrap();
+            std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+            command.arg(&cert).arg(&key);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

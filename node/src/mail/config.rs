@@ -28,6 +28,9 @@ pub struct MailConfig {
     /// Default `starttls`.
     #[serde(default = "default_tls")]
     pub tls: SmtpTls,
+    /// Extra root certificate(s), PEM, trusted beside the web PKI roots: a private relay's CA.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// SMTP AUTH user and password; both or neither (the password also from
     /// `EDGECARD_NODE_SMTP_PASSWORD`).
     #[serde(default)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::config::{MailConfig, SmtpTls};
@@ -49,8 +49,21 @@ impl SmtpSender {
     pub fn new(config: &MailConfig) -> Result<Self, String> {
         let from: Mailbox =
             config.from.parse().map_err(|_| format!("mail.from: not a mail address: {:?}", config.from))?;
-        let tls_parameters =
-            || TlsParameters::new(config.smtp_host.clone()).map_err(|e| format!("mail: TLS parameters: {e}"));
+        // Web PKI roots, plus the private relay's CA when one is configured.
+        let extra_root = match &config.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| format!("mail.ca_file {}: {e}", path.display()))?;
+                Some(Certificate::from_pem(&pem).map_err(|e| format!("mail.ca_file {}: {e}", path.display()))?)
+            }
+            None => None,
+        };
+        let tls_parameters = || {
+            let mut builder = TlsParameters::builder(config.smtp_host.clone());
+            if let Some(root) = &extra_root {
+                builder = builder.add_root_certificate(root.clone());
+            }
+            builder.build().map_err(|e| format!("mail: TLS parameters: {e}"))
+        };
         let tls = match config.tls {
             SmtpTls::Starttls => Tls::Required(tls_parameters()?),
             SmtpTls::Wrapper => Tls::Wrapper(tls_parameters()?),
