@@ -22,6 +22,8 @@
 //! | `r/` | control seq (8 bytes BE) | a control message refused for good, until reported: holds-nothing flag (1 byte), reason (UTF-8) |
 //! | `m/catalog` | | the catalog last received from the coordinator (a store record) |
 //! | `q/` | order id, mail kind (1 byte) | `mail::queue::MailJob`: an order mail to send, and its status (see `mail/`) |
+//! | `qp/` | order id, mail kind | empty: the mail is not final yet (the mail worker's index) |
+//! | `qr/` | final at (unix ms BE), order id, mail kind | empty: when the mail became final (the retention sweep's index) |
 
 use std::net::IpAddr;
 
