@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod find;
 pub mod metrics;
 pub mod queue;
 pub mod smtp;

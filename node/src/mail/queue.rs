@@ -33,6 +33,9 @@ pub enum MailKind {
     /// Sent once the order is delivered, with the keys in it: only where the merchant opted in
     /// (`mail.include_keys`).
     Keys,
+    /// Sent when the buyer asks "find my order" with this order's address: a fresh link to it.
+    /// Queued again by each such request (the previous one being final).
+    Found,
 }
 
 impl MailKind {
@@ -40,6 +43,7 @@ impl MailKind {
         match self {
             MailKind::OrderLink => "order_link",
             MailKind::Keys => "keys",
+            MailKind::Found => "find_order",
         }
     }
 
@@ -47,6 +51,7 @@ impl MailKind {
         match self {
             MailKind::OrderLink => 1,
             MailKind::Keys => 2,
+            MailKind::Found => 3,
         }
     }
 }
@@ -149,6 +154,7 @@ fn named_by(key: &[u8]) -> Option<(OrderId, MailKind)> {
     let kind = match tail[16] {
         1 => MailKind::OrderLink,
         2 => MailKind::Keys,
+        3 => MailKind::Found,
         _ => return None,
     };
     Some((order, kind))

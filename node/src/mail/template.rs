@@ -51,6 +51,18 @@ fn render_en(m: &MailContent<'_>) -> RenderedMail {
                 until = m.link_until,
             ),
         },
+        MailKind::Found => RenderedMail {
+            subject: format!("{}: a link to your order {}", m.shop, m.order_id),
+            body: format!(
+                "Someone, hopefully you, asked {shop} to send this address links to its orders.\n\n{head}\n\
+                 Your order page (payment status, and your keys once paid):\n{link}\n\n\
+                 The link works until {until}. Anyone with it can see the order, so keep this mail to yourself.\n\
+                 If you did not ask, ignore this mail: nothing has changed.\n",
+                shop = m.shop,
+                link = m.link,
+                until = m.link_until,
+            ),
+        },
         MailKind::Keys => RenderedMail {
             subject: format!("{}: your keys for order {}", m.shop, m.order_id),
             body: format!(
@@ -74,6 +86,18 @@ fn render_zh(m: &MailContent<'_>) -> RenderedMail {
                 "感谢您在 {shop} 下单。\n\n{head}\n订单页面（支付状态，付款后可查看卡密）：\n{link}\n\n\
                  链接有效期至 {until}。持有此链接的人都能查看订单，请勿转发本邮件。\n\
                  如果这不是您下的订单，请忽略本邮件。\n",
+                shop = m.shop,
+                link = m.link,
+                until = m.link_until,
+            ),
+        },
+        MailKind::Found => RenderedMail {
+            subject: format!("{}：您的订单 {} 的链接", m.shop, m.order_id),
+            body: format!(
+                "有人（希望是您本人）请求 {shop} 将此邮箱的订单链接发送到本邮箱。\n\n{head}\n\
+                 订单页面（支付状态，付款后可查看卡密）：\n{link}\n\n\
+                 链接有效期至 {until}。持有此链接的人都能查看订单，请勿转发本邮件。\n\
+                 如果这不是您的请求，请忽略本邮件，订单不受影响。\n",
                 shop = m.shop,
                 link = m.link,
                 until = m.link_until,
@@ -124,6 +148,19 @@ mod tests {
             assert!(mail.subject.contains("ord-1"), "{lang}");
             assert!(!mail.body.contains("KEY-ONE"), "{lang}");
         }
+    }
+
+    #[test]
+    fn the_find_order_mail_has_the_link_and_never_the_keys_in_both_languages() {
+        let en = render(&content(MailKind::Found, "en"));
+        let zh = render(&content(MailKind::Found, "zh-CN"));
+        for mail in [&en, &zh] {
+            assert!(mail.body.contains("https://shop.example/order/ord-1/return/1-ab"));
+            assert!(!mail.body.contains("KEY-ONE"));
+            assert!(mail.subject.contains("ord-1"));
+        }
+        assert!(en.body.contains("If you did not ask"));
+        assert!(zh.body.contains("如果这不是您的请求"));
     }
 
     #[test]

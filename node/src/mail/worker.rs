@@ -55,7 +55,7 @@ pub fn step_for(job: &MailJob, order: Option<&OrderRecord>) -> Step {
         return Step::Cancel("address_erased");
     }
     match (job.kind, order.status) {
-        (MailKind::OrderLink, _) => Step::Send,
+        (MailKind::OrderLink | MailKind::Found, _) => Step::Send,
         (MailKind::Keys, OrderStatus::Delivered) => Step::Send,
         (MailKind::Keys, OrderStatus::Reserved | OrderStatus::PaidAwaitingStock) => Step::Wait,
         (MailKind::Keys, OrderStatus::Expired | OrderStatus::Refunded) => Step::Cancel("not_delivered"),
@@ -94,6 +94,26 @@ pub fn retention_over(jobs: &[MailJob], keep_ms: u64, now: UnixMillis) -> bool {
 /// `<{order}.{kind}@{domain}>`: the same for every attempt at the same mail.
 pub fn message_id(order: &OrderId, kind: MailKind, domain: &str) -> String {
     format!("<{order}.{}@{domain}>", kind.as_str().replace('_', "-"))
+}
+
+/// The Message-ID of `job`: a "find my order" mail is a new message per request (its queue time
+/// tells requests apart), the same for every attempt at it.
+pub fn message_id_of(job: &MailJob, domain: &str) -> String {
+    match job.kind {
+        MailKind::Found => format!("<{}.find-order-{}@{domain}>", job.order_id, job.queued_at.0),
+        kind => message_id(&job.order_id, kind, domain),
+    }
+}
+
+/// Until when (unix seconds) the link in `job`'s mail works: `ttl_days` from the order's
+/// creation for the mails sent then, from the request for a "find my order" mail (a fresh link,
+/// however old the order).
+pub fn link_expiry(job: &MailJob, order_created: UnixMillis, ttl_days: u64) -> u64 {
+    let from = match job.kind {
+        MailKind::Found => job.queued_at,
+        MailKind::OrderLink | MailKind::Keys => order_created,
+    };
+    (from.0 / 1000).saturating_add(ttl_days.saturating_mul(86_400))
 }
 
 impl MailWorker {
@@ -196,13 +216,13 @@ impl MailWorker {
             |p| p.title.get(lang.tag()).or_else(|| p.title.get("en")).cloned().unwrap_or_else(|| order.sku.to_string()),
         );
         let total = crate::storefront::money::format_price(order.amount_minor, &order.currency, lang);
-        let expires = (order.created_at.0 / 1000).saturating_add(self.config.link_ttl_days.saturating_mul(86_400));
+        let expires = link_expiry(job, order.created_at, self.config.link_ttl_days);
         let link = self.links.url_until(&self.public_url, &order.id, expires);
         let until = crate::time_fmt::rfc3339(UnixMillis(expires.saturating_mul(1000)));
         let until = format!("{} UTC", until.get(..16).unwrap_or(&until).replace('T', " "));
         let keys: Vec<&str> = match job.kind {
             MailKind::Keys => order.secrets.iter().map(|s| s.expose()).collect(),
-            MailKind::OrderLink => Vec::new(),
+            MailKind::OrderLink | MailKind::Found => Vec::new(),
         };
         let order_id = order.id.to_string();
         let rendered = template::render(&MailContent {
@@ -221,7 +241,7 @@ impl MailWorker {
             to,
             subject: rendered.subject,
             body: rendered.body,
-            message_id: message_id(&order.id, job.kind, &self.sender.from_domain()),
+            message_id: message_id_of(job, &self.sender.from_domain()),
         }
     }
 
@@ -344,6 +364,23 @@ mod tests {
         assert!(retention_over(std::slice::from_ref(&sent), 500, UnixMillis(1_500)));
         let waiting = job(MailKind::Keys);
         assert!(!retention_over(&[sent, waiting], 500, UnixMillis(9_999)));
+    }
+
+    #[test]
+    fn a_find_order_mail_is_a_new_message_per_request_with_a_fresh_link() {
+        let mut first = job(MailKind::Found);
+        first.queued_at = UnixMillis(10_000_000);
+        let mut second = first.clone();
+        second.queued_at = UnixMillis(20_000_000);
+        assert_ne!(message_id_of(&first, "example.com"), message_id_of(&second, "example.com"));
+        let mut retried = first.clone();
+        retried.attempts = 3;
+        assert_eq!(message_id_of(&first, "example.com"), message_id_of(&retried, "example.com"));
+        assert_eq!(link_expiry(&first, UnixMillis(0), 1), 10_000 + 86_400, "from the request");
+        let link = job(MailKind::OrderLink);
+        assert_eq!(link_expiry(&link, UnixMillis(5_000_000), 1), 5_000 + 86_400, "from the order");
+        let order = OrderRecord::for_tests("sandbox", 1, 100, "USD");
+        assert_eq!(step_for(&first, Some(&order)), Step::Cancel("address_erased"));
     }
 
     #[test]

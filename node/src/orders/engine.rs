@@ -298,7 +298,11 @@ pub struct OrderEngine {
     /// The data dir's id, made when it was created (see `edgecard_protocol::sync`).
     incarnation: u64,
     /// Set when `[mail]` is configured: orders with an address queue their mails.
-    mail: std::sync::OnceLock<crate::mail::Queueing>,
+    pub(super) mail: std::sync::OnceLock<crate::mail::Queueing>,
+    /// Orders by address, for "find my order" (`email_index.rs`).
+    pub(super) email_index: super::email_index::EmailIndex,
+    /// "Find my order" rate limits and the lookups waiting for the next sync upload (`find.rs`).
+    pub(super) finder: crate::mail::find::Finder,
 }
 
 /// How the engine starts: selling at once (a standalone node, stocked from grant files), or
@@ -349,6 +353,7 @@ impl OrderEngine {
     ) -> Result<Self, StoreError> {
         let clock_base = Instant::now();
         let incarnation = load_or_make_incarnation(&store).await?;
+        let email_index = super::email_index::EmailIndex::load_or_create(&store).await?;
         let mut state = load_state(&store, &config, 0)?;
         state.confirmed = startup == Startup::Standalone;
         metrics.open_reservations.set(state.open.len() as i64);
@@ -363,6 +368,8 @@ impl OrderEngine {
             clock_base,
             incarnation,
             mail: std::sync::OnceLock::new(),
+            email_index,
+            finder: crate::mail::find::Finder::new(),
         };
         engine.expire_due(now_millis()).await?;
         Ok(engine)
@@ -555,6 +562,9 @@ impl OrderEngine {
                 token_sha256: record.token_sha256.clone(),
             };
             let seq = state.push_event(&mut batch, &self.node_id, &record, now, event)?;
+            if let Some(email) = &record.email {
+                batch.put(self.email_index.entry_key(email, &record.id), Vec::new());
+            }
             let queued = match (&record.email, self.mail.get()) {
                 (Some(_), Some(mail)) => mail.enqueue(&mut batch, &record.id, mail_lang, now),
                 _ => Ok(()),

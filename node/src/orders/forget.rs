@@ -15,7 +15,13 @@ impl OrderEngine {
         let had = {
             let _state = self.state.lock();
             let mut order = record::ORDERS.get(&self.store, id.as_bytes())?.ok_or(OrderError::NotFound)?;
-            let had = order.email.take().is_some();
+            let had = match order.email.take() {
+                Some(address) => {
+                    batch.delete(self.email_index.entry_key(&address, id));
+                    true
+                }
+                None => false,
+            };
             if had {
                 record::ORDERS.put(&mut batch, id.as_bytes(), &order)?;
             }
