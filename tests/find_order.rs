@@ -1,13 +1,14 @@
 //! "Find my order" through a real SMTP server (aiosmtpd) on loopback: the storefront's form mails
-//! an address fresh links that open its orders; an unknown address gets the same answer and no
-//! mail; the fourth lookup of an address within the hour is dropped silently; an erased address
-//! is found no more.
+//! an address fresh links that open its orders, on this node and, through the coordinator, on
+//! the others; an unknown address gets the same answer and no mail; the fourth lookup of an
+//! address within the hour is dropped silently; an erased address is found no more.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::time::Duration;
 
+use common::coordinator::{start_node, wait_for_stock, Lab, Ports};
 use common::smtp::SmtpSink;
 use common::*;
 use edgecard::https_client::{Request, Response};
@@ -132,4 +133,64 @@ async fn an_erased_address_is_found_no_more() {
         assert_eq!(sink.received().len(), 1, "an erased address was mailed");
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_on_two_nodes_are_found_through_one_storefront() {
+    let sink = SmtpSink::start();
+    let lab = Lab::start(Ports::Any).await;
+    lab.add_product(SKU, 1_000).await;
+    lab.import(SKU, &make_secrets(8)).await;
+    let mut nodes = Vec::new();
+    for (name, region) in [("eu-1", "eu"), ("ap-1", "ap")] {
+        let config = lab.add_node(name, region).await;
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&sink.mail_toml(""));
+        std::fs::write(&config, text).unwrap();
+        lab.allocate(SKU, name, 4).await;
+        nodes.push(start_node(&config).await);
+    }
+    for node in &nodes {
+        wait_for_stock(node, 4).await;
+    }
+    let (eu, ap) = (&nodes[0], &nodes[1]);
+    let mut eu_client = eu.client().await;
+    let mut ap_client = ap.client().await;
+    bounded("find across nodes", LIMIT, async {
+        let mut orders = Vec::new();
+        for client in [&mut eu_client, &mut ap_client] {
+            let response = client.create_order(&json!({ "sku": SKU, "quantity": 1, "email": BUYER })).await;
+            assert_eq!(response.status, 201, "{}", response.text());
+            orders.push(Created::from_response(&response));
+        }
+        sink.wait_for(2, LIMIT).await;
+        let before = sink.received().len();
+
+        let known = find(&mut eu_client, eu, BUYER).await;
+        assert_eq!(known.status, 200, "{}", known.text());
+        let mails = sink.wait_for(before + 2, LIMIT).await.split_off(before);
+        assert_eq!(mails.len(), 2, "one mail from each node");
+        for (order, node, client) in [(&orders[0], eu, &mut eu_client), (&orders[1], ap, &mut ap_client)] {
+            let mail = mails.iter().find(|m| m.link().contains(&order.order_id)).unwrap_or_else(|| {
+                panic!("no link to {} in {:?}", order.order_id, mails.iter().map(|m| m.link()).collect::<Vec<_>>())
+            });
+            assert_eq!(mail.to, vec!["finder@example.com".to_string()]);
+            let link = mail.link();
+            assert!(link.starts_with(&node.public_url), "{link} is not on the node holding the order");
+            let page = client.browse(&link).await;
+            assert_eq!(page.status, 200, "{}", page.text());
+            assert!(page.text().contains(&order.order_id));
+        }
+
+        let unknown = find(&mut eu_client, eu, "nobody@example.com").await;
+        assert_eq!((unknown.status, unknown.text()), (known.status, known.text()));
+        tokio::time::sleep(QUIET).await;
+        assert_eq!(sink.received().len(), before + 2, "an unknown address got mail");
+    })
+    .await;
+    let coordinator_log = lab.coordinator.logs().to_ascii_lowercase();
+    assert!(!coordinator_log.contains("finder@example.com"), "the address reached the coordinator's log");
+    for node in &nodes {
+        assert!(!node.stderr().to_ascii_lowercase().contains("finder@example.com"), "the address reached a node's log");
+    }
 }

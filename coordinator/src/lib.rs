@@ -5,6 +5,7 @@
 pub mod admin_api;
 /// Fuzz harness (see `fuzz/`); not used by the coordinator itself.
 #[doc(hidden)]
+pub mod find_orders;
 pub mod fuzzing;
 pub mod import;
 pub mod layout;

@@ -76,6 +76,7 @@ fn upload(n: &NodeId, events: Vec<OrderEvent>, control_applied: u64) -> SyncUplo
         control_applied,
         stock: vec![],
         refused_control: vec![],
+        lookups: vec![],
     }
 }
 

@@ -1,4 +1,5 @@
-//! "Find my order": the rate limits in front of a lookup.
+//! "Find my order": the rate limits in front of a lookup, and the lookups waiting to be passed
+//! to the coordinator (which asks the other nodes).
 //!
 //! Limits (fixed, in memory, per node): a client address (IPv4, or IPv6 /64) gets
 //! [`PER_IP_BURST`] lookups at once and one more every [`PER_IP_PERIOD`]; an address gets
@@ -6,9 +7,10 @@
 //! and over that the lookup is dropped silently: the buyer sees the same answer, and the address
 //! gets no more mail. Both maps are bounded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -26,6 +28,9 @@ pub const MAX_ADDRESSES: usize = 100_000;
 const MAX_IP_KEYS: usize = 100_000;
 /// Most orders one lookup mails about, per node.
 pub const ORDERS_PER_LOOKUP: usize = 50;
+/// Most lookups waiting for the next sync upload; past it new ones are not passed on (the buyer
+/// asks again).
+pub const MAX_PENDING_LOOKUPS: usize = 256;
 
 /// Lookups per address in fixed windows, keyed by the address's tag.
 #[derive(Debug)]
@@ -64,9 +69,15 @@ impl AddressLimiter {
     }
 }
 
+/// A lookup to pass on to the coordinator: the address (normalized) and the mails' language.
+pub type PendingLookup = edgecard_protocol::OrderLookup;
+
 pub struct Finder {
     per_ip: DefaultKeyedRateLimiter<LimitKey>,
     pub per_address: AddressLimiter,
+    /// Set when the sync link runs: lookups are passed to the coordinator.
+    forwarding: AtomicBool,
+    pending: Mutex<VecDeque<PendingLookup>>,
 }
 
 impl std::fmt::Debug for Finder {
@@ -88,6 +99,8 @@ impl Finder {
         Finder {
             per_ip: RateLimiter::keyed(quota),
             per_address: AddressLimiter::new(PER_ADDRESS, ADDRESS_WINDOW_MS, MAX_ADDRESSES),
+            forwarding: AtomicBool::new(false),
+            pending: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -100,6 +113,34 @@ impl Finder {
             retry_after: not_until
                 .wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())),
         })
+    }
+}
+
+impl Finder {
+    /// From now on lookups are kept for the coordinator (the sync link calls this at start).
+    pub fn forward_lookups(&self) {
+        self.forwarding.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps `lookup` for the next sync upload. `false` when it is not kept: no coordinator, or
+    /// the queue is full.
+    pub fn push_pending(&self, lookup: PendingLookup) -> bool {
+        if !self.forwarding.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= MAX_PENDING_LOOKUPS {
+            return false;
+        }
+        pending.push_back(lookup);
+        true
+    }
+
+    /// Takes up to `max` waiting lookups, oldest first (for an upload).
+    pub fn take_pending(&self, max: usize) -> Vec<PendingLookup> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let n = pending.len().min(max);
+        pending.drain(..n).collect()
     }
 }
 
@@ -137,5 +178,20 @@ mod tests {
         let refused = finder.check_client(ip).err().map(|r| r.retry_after_secs());
         assert!(refused.is_some_and(|secs| secs > 0 && secs <= PER_IP_PERIOD.as_secs()), "{refused:?}");
         assert!(finder.check_client("192.0.2.2".parse().unwrap_or(ip)).is_ok(), "another client");
+    }
+
+    #[test]
+    fn pending_lookups_wait_only_with_a_coordinator_and_are_bounded() {
+        let finder = Finder::new();
+        let lookup = |i: usize| PendingLookup { email: format!("b{i}@example.com"), lang: "en".into() };
+        assert!(!finder.push_pending(lookup(0)), "a standalone node keeps none");
+        finder.forward_lookups();
+        for i in 0..MAX_PENDING_LOOKUPS {
+            assert!(finder.push_pending(lookup(i)));
+        }
+        assert!(!finder.push_pending(lookup(999)), "full");
+        assert_eq!(finder.take_pending(2), vec![lookup(0), lookup(1)]);
+        assert_eq!(finder.take_pending(usize::MAX).len(), MAX_PENDING_LOOKUPS - 2);
+        assert!(finder.take_pending(16).is_empty());
     }
 }

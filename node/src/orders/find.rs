@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::engine::{normalize_email, now_millis, OrderEngine, OrderError};
 use super::record;
 use crate::limiter::RateLimited;
-use crate::mail::find::ORDERS_PER_LOOKUP;
+use crate::mail::find::{PendingLookup, ORDERS_PER_LOOKUP};
 use crate::mail::queue::{self, MailKind};
 use crate::store::WriteBatch;
 use crate::storefront::i18n::Lang;
@@ -24,13 +24,17 @@ pub enum FindRefusal {
 impl OrderEngine {
     /// A buyer's request at this node's storefront or API. Answers at once, before the lookup
     /// runs, so the answer and its timing are the same whether or not orders exist; an address
-    /// over its limit is dropped silently. The lookup mails this node's orders.
+    /// over its limit is dropped silently. The lookup mails this node's orders and, where a
+    /// coordinator is linked, is passed to it for the other nodes (with the next sync upload).
     pub fn find_orders(self: &Arc<Self>, raw: &str, lang: Lang, client: IpAddr) -> Result<(), FindRefusal> {
         let address = normalize_email(raw).map_err(|_| FindRefusal::BadAddress)?;
         self.finder.check_client(client).map_err(FindRefusal::RateLimited)?;
         if !self.finder.per_address.allow(&self.email_index.tag(&address), now_millis().0) {
             tracing::info!("find my order: address over its limit; dropped");
             return Ok(());
+        }
+        if !self.finder.push_pending(PendingLookup { email: address.clone(), lang: lang.tag().into() }) {
+            tracing::debug!("find my order: not passed to a coordinator (none, or too many waiting)");
         }
         let engine = self.clone();
         tokio::spawn(async move {
@@ -40,6 +44,16 @@ impl OrderEngine {
             }
         });
         Ok(())
+    }
+
+    /// Lookups are passed to the coordinator from now on (the sync link calls this at start).
+    pub fn forward_lookups(&self) {
+        self.finder.forward_lookups();
+    }
+
+    /// The lookups waiting to be passed to the coordinator, at most `max`, oldest first.
+    pub fn take_pending_lookups(&self, max: usize) -> Vec<PendingLookup> {
+        self.finder.take_pending(max)
     }
 
     /// Queues a "find my order" mail for each order of this node made with `address` (at most
