@@ -87,6 +87,12 @@ async fn find_my_order_mails_links_that_open_the_orders_and_says_the_same_for_an
         // An unknown address: the same status and body, and no mail.
         let unknown = find(&mut client, &node, "nobody@example.com").await;
         assert_eq!((unknown.status, unknown.text()), (known.status, known.text()), "the answer tells them apart");
+        // The JSON API answers the same way.
+        let api = client.send(Request::post_json("/api/v1/find-order", &json!({ "email": "other@example.com" }))).await;
+        assert_eq!(api.status, 202, "{}", api.text());
+        assert_eq!(api.json::<serde_json::Value>().unwrap(), json!({ "status": "accepted" }));
+        let api_junk = client.send(Request::post_json("/api/v1/find-order", &json!({ "email": "junk" }))).await;
+        assert_eq!(api_junk.status, 400, "{}", api_junk.text());
         tokio::time::sleep(QUIET).await;
         assert_eq!(sink.received().len(), before + 2, "an unknown address got mail");
 
