@@ -222,8 +222,9 @@ async fn refund_logs_hold_no_keys_or_tokens() {
 }
 
 /// Order mail at trace level, with the merchant's opt-in to mailing keys and a server that
-/// refuses the first attempt: neither the keys, the order tokens, the mailed links' credentials
-/// nor the buyer's address reach the node's output.
+/// refuses the first attempt, then "find my order" for the address (and an unknown one) through
+/// the storefront: neither the keys, the order tokens, the mailed links' credentials nor the
+/// buyer's address reach the node's output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_logs_hold_no_keys_tokens_or_addresses() {
     let sink = common::smtp::SmtpSink::start();
@@ -247,7 +248,17 @@ async fn mail_logs_hold_no_keys_tokens_or_addresses() {
             assert_eq!(client.pay(&order.pay_url).await.status, 200);
             tokens.push(order.token);
         }
-        let mails = sink.wait_for(4, LIMIT).await;
+        sink.wait_for(4, LIMIT).await;
+        for email in ["Mail.Buyer%40example.com", "nobody%40example.com"] {
+            let form = edgecard::https_client::Request::post("/find-order")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("origin", &node.https_url)
+                .header("sec-fetch-site", "same-origin")
+                .body(format!("email={email}").into_bytes());
+            assert_eq!(client.send(form).await.status, 200);
+        }
+        let mails = sink.wait_for(6, LIMIT).await;
+        assert!(mails[4..].iter().all(|m| m.message_id.contains("find-order")), "the find-my-order mails");
         assert_eq!(sink.refused().len(), 1, "the failure path ran");
         for mail in &mails {
             let link = mail.link();
@@ -259,7 +270,10 @@ async fn mail_logs_hold_no_keys_tokens_or_addresses() {
     assert!(status.success(), "node exited with {status}: {}", node.stderr());
     let log = format!("{}{}", node.stdout(), node.stderr());
     assert!(
-        log.contains("mail sent") && log.contains("will retry") && log.contains("TRACE"),
+        log.contains("mail sent")
+            && log.contains("will retry")
+            && log.contains("TRACE")
+            && log.contains("find my order: mails queued"),
         "mail logs at trace level are missing"
     );
     let keys = secrets.iter().map(|s| ("a key", s.as_bytes()));
