@@ -174,6 +174,7 @@ fn demo_node_config(name: &str, region: &str, dir: &Path, port: u16, sync_addr: 
             node_key: dir.join("node-key.pem"),
             idle_poll_ms: 500,
         }),
+        mail: None,
         products: Vec::new(),
     };
     config.validate(Path::new("demo"))?;

@@ -132,6 +132,21 @@ enum NodeCommand {
     /// Replace the store's sealing key (node stopped): a new key, the store re-sealed under it,
     /// the old key dropped from the key file.
     RotateKey(ConfigArg),
+    /// Erase a buyer's address from this node's orders and drop their queued mails, through
+    /// the node's admin API (docs/mail.md).
+    ForgetEmail(ForgetEmailArgs),
+}
+
+#[derive(Args)]
+struct ForgetEmailArgs {
+    /// The address to erase (compared case-insensitively).
+    address: String,
+    /// The node's admin listener.
+    #[arg(long, env = "EDGECARD_NODE_ADMIN_URL", default_value = "http://127.0.0.1:9443")]
+    admin_url: String,
+    /// The node's admin token.
+    #[arg(long, env = edgecard_node::config::ENV_ADMIN_TOKEN, hide_env_values = true)]
+    admin_token: String,
 }
 
 #[derive(Args)]
@@ -235,6 +250,7 @@ fn run() -> Result<()> {
                     config.store.cache_capacity_mb.saturating_mul(1 << 20),
                 )
             }
+            Command::Node(NodeCommand::ForgetEmail(args)) => forget_email(args).await,
             Command::Grant(command) => grant(command),
             Command::Bench(args) => bench::run(args).await,
             Command::Challenge(ChallengeCommand::Solve { token, max_tries }) => solve_challenge(&token, max_tries),
@@ -355,6 +371,16 @@ fn rotate_key(key_file: &std::path::Path, store_dir: &std::path::Path, cache_cap
         started.elapsed().as_secs_f64(),
         key_file.display()
     );
+    Ok(())
+}
+
+async fn forget_email(args: ForgetEmailArgs) -> Result<()> {
+    let client = edgecard::admin_client::AdminClient::new(&args.admin_url, &args.admin_token)?;
+    let answer = client
+        .post_json("/admin/v1/mail/forget", &serde_json::json!({ "email": args.address }))
+        .await
+        .context("forget-email")?;
+    println!("address erased from {} order(s)", answer["orders"].as_u64().unwrap_or(0));
     Ok(())
 }
 

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::SigningKey;
 use edgecard_protocol::{
     CatalogProduct, ControlBody, ControlMessage, Epoch, GrantedKey, KeyId, LeaseRenewal, NodeId, OrderEvent,
-    OrderEventBatch, OrderEventKind, OrderId, RefusedControl, Secret, Sku, SliceGrant, SliceId, SliceStock, SyncAck,
-    SyncUpload, UnixMillis,
+    OrderEventBatch, OrderEventKind, OrderId, OrderLookup, RefusedControl, Secret, Sku, SliceGrant, SliceId,
+    SliceStock, SyncAck, SyncUpload, UnixMillis,
 };
 use serde_json::{json, Value};
 
@@ -261,6 +261,7 @@ fn protocol_seeds() -> Vec<Seed> {
         control_applied: 0,
         stock: Vec::new(),
         refused_control: Vec::new(),
+        lookups: Vec::new(),
     };
     let upload = SyncUpload {
         newest_seq: 9,
@@ -275,6 +276,7 @@ fn protocol_seeds() -> Vec<Seed> {
             reason: "grant signature does not verify against the pinned coordinator key".into(),
             holds_nothing: true,
         }],
+        lookups: vec![OrderLookup { email: "buyer@example.com".into(), lang: "zh-CN".into() }],
         ..poll.clone()
     };
     let empty_ack = SyncAck {
@@ -322,6 +324,12 @@ fn protocol_seeds() -> Vec<Seed> {
                 ticket: 12,
             },
         },
+        ControlMessage {
+            seq: 6,
+            body: ControlBody::FindOrders {
+                lookup: OrderLookup { email: "buyer@example.com".into(), lang: "en".into() },
+            },
+        },
     ];
     let ack = SyncAck { events_high_water: 7, control, ledger_high_water: 7, restore: Vec::new(), confirmed: true };
     let restoring = SyncAck {
@@ -362,7 +370,8 @@ fn protocol_seeds() -> Vec<Seed> {
 
     seeds.push(("sync_upload", "poll".into(), poll.to_bytes().unwrap()));
     seeds.push(("sync_upload", "events-stock-refusals".into(), upload.to_bytes().unwrap()));
-    let only_events = SyncUpload { stock: Vec::new(), refused_control: Vec::new(), ..upload.clone() };
+    let only_events =
+        SyncUpload { stock: Vec::new(), refused_control: Vec::new(), lookups: Vec::new(), ..upload.clone() };
     seeds.push(("sync_upload", "events".into(), only_events.to_bytes().unwrap()));
     let restarted = SyncUpload { incarnation: u64::MAX, newest_seq: 3, events: events()[..3].to_vec(), ..poll };
     seeds.push(("sync_upload", "restarted".into(), restarted.to_bytes().unwrap()));

@@ -220,3 +220,65 @@ async fn refund_logs_hold_no_keys_or_tokens() {
         assert!(found.is_empty(), "the {who}'s log holds {found:?}");
     }
 }
+
+/// Order mail at trace level, with the merchant's opt-in to mailing keys and a server that
+/// refuses the first attempt, then "find my order" for the address (and an unknown one) through
+/// the storefront: neither the keys, the order tokens, the mailed links' credentials nor the
+/// buyer's address reach the node's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_logs_hold_no_keys_tokens_or_addresses() {
+    let sink = common::smtp::SmtpSink::start();
+    sink.fail_next(1);
+    let env = TestEnv::new();
+    let secrets = make_secrets(4);
+    let options = NodeOptions {
+        env: vec![("EDGECARD_LOG".into(), "trace".into())],
+        ..NodeOptions::with_grants(vec![env.grant_file(&secrets)])
+    };
+    let mut node = env.start_node_with(&options, &sink.mail_toml("include_keys = true"));
+    let address = "mail.buyer@example.com";
+    let mut tokens = Vec::new();
+    let mut links = Vec::new();
+    bounded("mail session", LIMIT, async {
+        let mut client = node.client().await;
+        for quantity in [1, 2] {
+            let response = client.create_order(&json!({ "sku": SKU, "quantity": quantity, "email": address })).await;
+            assert_eq!(response.status, 201, "{}", response.text());
+            let order = common::Created::from_response(&response);
+            assert_eq!(client.pay(&order.pay_url).await.status, 200);
+            tokens.push(order.token);
+        }
+        sink.wait_for(4, LIMIT).await;
+        for email in ["Mail.Buyer%40example.com", "nobody%40example.com"] {
+            let form = edgecard::https_client::Request::post("/find-order")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("origin", &node.https_url)
+                .header("sec-fetch-site", "same-origin")
+                .body(format!("email={email}").into_bytes());
+            assert_eq!(client.send(form).await.status, 200);
+        }
+        let mails = sink.wait_for(6, LIMIT).await;
+        assert!(mails[4..].iter().all(|m| m.message_id.contains("find-order")), "the find-my-order mails");
+        assert_eq!(sink.refused().len(), 1, "the failure path ran");
+        for mail in &mails {
+            let link = mail.link();
+            links.push(link.rsplit('/').next().unwrap().to_string());
+        }
+    })
+    .await;
+    let status = node.terminate();
+    assert!(status.success(), "node exited with {status}: {}", node.stderr());
+    let log = format!("{}{}", node.stdout(), node.stderr());
+    assert!(
+        log.contains("mail sent")
+            && log.contains("will retry")
+            && log.contains("TRACE")
+            && log.contains("find my order: mails queued"),
+        "mail logs at trace level are missing"
+    );
+    let keys = secrets.iter().map(|s| ("a key", s.as_bytes()));
+    let tokens = tokens.iter().map(|t| ("an order token", t.as_bytes()));
+    let links = links.iter().map(|l| ("a mailed link's credential", l.as_bytes()));
+    let found = leaks(&log, keys.chain(tokens).chain(links).chain([("the buyer's address", address.as_bytes())]));
+    assert!(found.is_empty(), "the node's log holds {found:?}");
+}

@@ -6,6 +6,7 @@ pub mod admin_api;
 pub mod enrol;
 /// Fuzz harness (see `fuzz/`); not used by the coordinator itself.
 #[doc(hidden)]
+pub mod find_orders;
 pub mod fuzzing;
 pub mod import;
 pub mod layout;

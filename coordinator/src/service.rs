@@ -172,17 +172,20 @@ pub(crate) const CONTROL_CATALOG: u8 = 2;
 pub(crate) const CONTROL_RENEW: u8 = 3;
 pub(crate) const CONTROL_SHRINK: u8 = 4;
 pub(crate) const CONTROL_REFUND: u8 = 5;
+pub(crate) const CONTROL_FIND_ORDERS: u8 = 6;
 
 pub struct Coordinator {
     pub(crate) store: Arc<Store>,
     pub(crate) signing_key: SigningKey,
     pub(crate) settings: Settings,
     pub(crate) lock: Mutex<()>,
+    /// "Find my order" lookups per address (`find_orders.rs`).
+    pub(crate) lookups: crate::find_orders::LookupLimiter,
 }
 
 impl Coordinator {
     pub fn new(store: Arc<Store>, signing_key: SigningKey, settings: Settings) -> Self {
-        Coordinator { store, signing_key, settings, lock: Mutex::new(()) }
+        Coordinator { store, signing_key, settings, lock: Mutex::new(()), lookups: Default::default() }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -701,6 +704,7 @@ impl Coordinator {
             batch.put(rec::node_key(node_id), rec::encode(&node)?);
             batch.put(rec::lineage_key(node_id), rec::encode(&lineage)?);
             self.store.apply(batch)?;
+            self.pass_on_lookups(node_id, &upload.lookups, now)?;
             // Keys released for a recipient go out only now that the release is in the ledger.
             // (A crash between the two batches is repaired by the housekeeping task.)
             if regrants {
@@ -1181,6 +1185,7 @@ impl Coordinator {
                     let refund: crate::refunds::RefundOrder = rec::decode("refund", payload)?;
                     ControlBody::Refund { order_id: refund.order_id, reason: refund.reason }
                 }
+                Some((&CONTROL_FIND_ORDERS, payload)) => crate::find_orders::control_body(payload)?,
                 Some((&CONTROL_SHRINK, payload)) => {
                     let shrink: ShrinkOrder = rec::decode("shrink", payload)?;
                     ControlBody::Shrink {

@@ -54,6 +54,7 @@ async fn a_grant_reaches_a_node_only_once_it_is_durable() {
         control_applied: 1,
         stock: vec![],
         refused_control: vec![],
+        lookups: vec![],
     };
     let ingest = tokio::spawn({
         let (c, eu) = (c.clone(), eu.clone());

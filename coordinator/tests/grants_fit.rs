@@ -93,6 +93,7 @@ async fn acks_stay_within_their_budget_and_deliver_everything_queued() {
             control_applied: applied,
             stock: vec![],
             refused_control: vec![],
+            lookups: vec![],
         };
         let ack = c.ingest(&node, upload).await.unwrap();
         let Some(last) = ack.control.last() else { break };

@@ -86,6 +86,7 @@ impl FakeNode {
             control_applied: self.applied,
             stock,
             refused_control: vec![],
+            lookups: vec![],
         };
         let ack = c.ingest(&self.id, upload).await.unwrap();
         if let Some(last) = ack.control.last() {

@@ -11,8 +11,8 @@ use edgecard_coordinator::import::KeyFormat;
 use edgecard_coordinator::records::{LedgerStatus, Price, ProductRecord};
 use edgecard_coordinator::service::{Coordinator, CoordinatorError, OrderFilter, Settings};
 use edgecard_protocol::{
-    ControlBody, KeyId, NodeId, OrderEvent, OrderEventKind, OrderId, SignedGrant, SignedRenewal, Sku, SyncUpload,
-    UnixMillis,
+    ControlBody, KeyId, NodeId, OrderEvent, OrderEventKind, OrderId, OrderLookup, SignedGrant, SignedRenewal, Sku,
+    SyncUpload, UnixMillis,
 };
 use edgecard_store::{Store, StoreMetrics};
 
@@ -76,6 +76,7 @@ fn upload(n: &NodeId, events: Vec<OrderEvent>, control_applied: u64) -> SyncUplo
         control_applied,
         stock: vec![],
         refused_control: vec![],
+        lookups: vec![],
     }
 }
 
@@ -621,4 +622,39 @@ async fn imported_keys_cannot_be_confirmed_from_the_store_by_a_bare_hash() {
     let after =
         c.import_keys(&sku("game"), "game-KEY-00003\nfresh-1\nfresh-2\n", KeyFormat::Lines, false).await.unwrap();
     assert_eq!((after.imported, after.duplicates_known), (1, vec![1, 2]));
+}
+
+#[tokio::test]
+async fn lookups_are_passed_to_every_other_live_node_and_limited_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (eu, us, ap) = (node("eu-1"), node("us-1"), node("ap-1"));
+    for (n, region) in [(&eu, "eu"), (&us, "us"), (&ap, "ap")] {
+        c.add_node(n, region).await.unwrap();
+    }
+    c.revoke_node(&ap).await.unwrap();
+    let find = |n: &NodeId| {
+        c.pending_control_within(n, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m.body {
+                ControlBody::FindOrders { lookup } => Some(lookup),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let lookup = OrderLookup { email: "buyer@example.com".into(), lang: "zh-CN".into() };
+    let asking = SyncUpload { lookups: vec![lookup.clone()], ..upload(&eu, vec![], 0) };
+    c.ingest(&eu, asking.clone()).await.unwrap();
+    assert_eq!(find(&us), vec![lookup.clone()], "passed to the other node");
+    assert!(find(&eu).is_empty(), "not back to the node that asked");
+    assert!(find(&ap).is_empty(), "not to a revoked node");
+    // Three lookups of an address per hour, wherever asked: the fourth is dropped.
+    c.ingest(&eu, asking.clone()).await.unwrap();
+    c.ingest(&eu, asking.clone()).await.unwrap();
+    c.ingest(&eu, asking).await.unwrap();
+    assert_eq!(find(&us).len(), 3);
+    let other = OrderLookup { email: "other@example.com".into(), lang: "en".into() };
+    c.ingest(&eu, SyncUpload { lookups: vec![other.clone()], ..upload(&eu, vec![], 0) }).await.unwrap();
+    assert_eq!(find(&us).last(), Some(&other), "another address has its own count");
 }

@@ -80,7 +80,16 @@ impl AdminApi {
             (&Method::GET, "/healthz") => healthz_response(&self.engine, self.lab),
             (&Method::GET, "/admin/v1/status") if self.authorized(&request) => self.status(),
             (&Method::POST, "/admin/v1/grants") if self.authorized(&request) => self.install(request).await,
-            (_, "/admin/v1/status" | "/admin/v1/grants") => {
+            (&Method::GET, "/admin/v1/mail") if self.authorized(&request) => {
+                crate::mail::admin::status(&self.engine, request.uri().query())
+            }
+            (&Method::POST, "/admin/v1/mail/forget") if self.authorized(&request) => {
+                match Limited::new(request.into_body(), 4096).collect().await {
+                    Ok(body) => crate::mail::admin::forget(&self.engine, &body.to_bytes()).await,
+                    Err(_) => error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "body too large or unreadable"),
+                }
+            }
+            (_, "/admin/v1/status" | "/admin/v1/grants" | "/admin/v1/mail" | "/admin/v1/mail/forget") => {
                 error(StatusCode::UNAUTHORIZED, "unauthorized", "admin token required")
             }
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such resource"),

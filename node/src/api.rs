@@ -253,6 +253,7 @@ impl NodeApi {
                 self.limit(LimitClass::CreateOrder, client)?;
                 self.create_order(request, client).await
             }
+            (&Method::POST, ["api", "v1", "find-order"]) => self.find_order(request, client).await,
             (&Method::GET, ["api", "v1", "orders", id]) => {
                 self.limit(LimitClass::OrderLookup, client)?;
                 let id = parse_order_id(id)?;
@@ -277,9 +278,14 @@ impl NodeApi {
                 let token = sandbox_pay_token(request.headers(), request.uri().query())?;
                 self.sandbox_pay(&id, &token).await
             }
-            (_, ["healthz"] | ["api", "v1", "products"] | ["api", "v1", "orders"] | ["api", "v1", "orders", _]) => {
-                Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here"))
-            }
+            (
+                _,
+                ["healthz"]
+                | ["api", "v1", "products"]
+                | ["api", "v1", "orders"]
+                | ["api", "v1", "orders", _]
+                | ["api", "v1", "find-order"],
+            ) => Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")),
             _ if !path.starts_with("/api/") => Ok(crate::storefront::handle(self, request, client).await),
             _ => Err(ApiError::not_found()),
         }
@@ -359,6 +365,38 @@ impl NodeApi {
             h.insert(header::ETAG, v);
         }
         response
+    }
+
+    /// `POST /api/v1/find-order` `{"email": ADDRESS, "lang": "en"|"zh-CN"}`: "find my order", as the
+    /// storefront's form. `202 {"status": "accepted"}` whether or not orders exist.
+    async fn find_order(&self, request: Request<Incoming>, client: IpAddr) -> Result<HttpResponse, ApiError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FindOrderBody {
+            email: String,
+            lang: Option<String>,
+        }
+        let negotiated = crate::storefront::i18n::negotiate(request.headers());
+        let body = self.read_body(request).await?;
+        let parsed: FindOrderBody = serde_json::from_slice(&body).map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "send {\"email\": ADDRESS} as a JSON object")
+        })?;
+        let lang = match parsed.lang.as_deref() {
+            None => negotiated,
+            Some(tag) => crate::storefront::i18n::Lang::from_tag(tag).ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_lang", "lang must be \"en\" or \"zh-CN\"")
+            })?,
+        };
+        match self.engine.find_orders(&parsed.email, lang, client) {
+            Ok(()) => Ok(json_response(StatusCode::ACCEPTED, &json!({ "status": "accepted" }), NO_STORE)),
+            Err(crate::orders::FindRefusal::BadAddress) => {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", "invalid email address"))
+            }
+            Err(crate::orders::FindRefusal::RateLimited(limited)) => {
+                Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; slow down")
+                    .retry_after(limited.retry_after_secs()))
+            }
+        }
     }
 
     async fn create_order(&self, request: Request<Incoming>, client: IpAddr) -> Result<HttpResponse, ApiError> {

@@ -64,6 +64,9 @@ pub struct NodeConfig {
     /// The coordinator to sync with. Default: none (standalone, from grant files).
     #[serde(default)]
     pub coordinator: Option<CoordinatorLinkConfig>,
+    /// Order mail over SMTP (see `mail::config`). Default: none (no mail is queued or sent).
+    #[serde(default)]
+    pub mail: Option<crate::mail::MailConfig>,
     /// The catalog this node sells. Keys arrive through grants; a grant for a sku that is not
     /// listed here is installed but not sold until the sku appears.
     #[serde(default)]
@@ -292,7 +295,7 @@ impl Default for CompensationSettings {
 }
 
 /// Serializes a secret as `"<set>"`, so printing the effective config never shows it.
-fn redact<S: serde::Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn redact<S: serde::Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
     match value {
         Some(_) => serializer.serialize_some("<set>"),
         None => serializer.serialize_none(),
@@ -576,6 +579,9 @@ impl NodeConfig {
         if let Some(key) = get(ENV_EPAY_KEY) {
             self.payments.epay.key = Some(key);
         }
+        if let (Some(password), Some(mail)) = (get(crate::mail::config::ENV_SMTP_PASSWORD), self.mail.as_mut()) {
+            mail.password = Some(password);
+        }
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -601,6 +607,9 @@ impl NodeConfig {
             fix(&mut link.node_key);
         }
         if let Some(p) = self.payments.extra_ca_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.mail.as_mut().and_then(|m| m.ca_file.as_mut()) {
             fix(p);
         }
     }
@@ -652,6 +661,9 @@ impl NodeConfig {
             return Err(invalid("payments.sandbox.secret", "must be at least 16 characters".into()));
         }
         self.validate_payments().map_err(|(field, message)| invalid(&field, message))?;
+        if let Some(mail) = &self.mail {
+            mail.validate().map_err(|(field, message)| invalid(&format!("mail.{field}"), message))?;
+        }
         if let Some(link) = &self.coordinator {
             if link.idle_poll_ms == 0 || link.idle_poll_ms > 60_000 {
                 return Err(invalid("coordinator.idle_poll_ms", "must be between 1 and 60000".into()));

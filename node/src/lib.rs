@@ -15,6 +15,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod http_metrics;
 pub mod limiter;
+pub mod mail;
 pub mod metrics;
 pub mod orders;
 pub mod payments;

@@ -205,6 +205,17 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         engine.observe_expiries(Box::new(move |client| abuse.note_expired(client, now_millis().0)));
     }
 
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mail_metrics = Arc::new(crate::mail::metrics::MailMetrics::default());
+    let mail_worker = crate::mail::start(
+        config.mail.as_ref(),
+        &engine,
+        &return_links,
+        &public_url,
+        mail_metrics.clone(),
+        shutdown_rx.clone(),
+    )
+    .map_err(NodeError::Config)?;
     let http_metrics = Arc::new(HttpMetrics::default());
     let api = Arc::new(NodeApi {
         engine: engine.clone(),
@@ -221,7 +232,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         abuse,
     });
     let sync_metrics = Arc::new(crate::sync_link::SyncLinkMetrics::default());
-    let registry = crate::metrics::node_registry(NodeMetricsSources {
+    let mut registry = crate::metrics::node_registry(NodeMetricsSources {
         node_id: config.node_id.as_str(),
         region: &config.region,
         engine: engine.clone(),
@@ -231,6 +242,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         sync: &sync_metrics,
         challenges: &challenge_metrics,
     });
+    mail_metrics.register(&mut registry);
     let admin = Arc::new(AdminApi {
         engine: engine.clone(),
         registry: Arc::new(registry),
@@ -241,7 +253,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         lab: payments.lab,
     });
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
     let options = ServerOptions {
         max_connections: config.http.max_connections,
         header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
@@ -288,6 +299,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             shutdown_rx.clone(),
         ));
     }
+    tasks.extend(mail_worker);
     tasks.push(crate::payments::refunds::spawn(engine.clone(), payments.router.clone(), shutdown_rx.clone()));
     let shutdown_rx_link = shutdown_rx.clone();
     let eviction = spawn_eviction(limiters, config.limits.evict_every(), shutdown_rx);

@@ -22,7 +22,7 @@ use ed25519_dalek::VerifyingKey;
 use edgecard_protocol::{
     CatalogProduct, ControlBody, ControlMessage, RefusedControl, SignedRenewal, SliceStock, SyncAck, SyncClient,
     SyncErrorCode, SyncTiming, SyncUpload, UploadPlan, MAX_REFUSAL_TEXT, MAX_REFUSED_CONTROL, MAX_SYNC_MESSAGE_BYTES,
-    SYNC_ALPN,
+    MAX_UPLOAD_LOOKUPS, SYNC_ALPN,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -201,6 +201,7 @@ pub fn spawn_with_metrics(
     shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, SyncLinkError> {
     let client_config = client_config(&config)?;
+    engine.forward_lookups();
     let bind: SocketAddr = if config.coordinator_addr.is_ipv6() {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -407,6 +408,9 @@ impl Link {
             control_applied: plan.control_applied,
             stock,
             refused_control,
+            // Best effort: lookups sent with an upload that fails are not sent again (the buyer
+            // asks again).
+            lookups: self.engine.take_pending_lookups(MAX_UPLOAD_LOOKUPS),
         };
         let event_count = upload.events.len() as u64;
         let bytes: Arc<[u8]> =
@@ -570,6 +574,19 @@ impl Link {
                 }
                 Err(e) => return Err(ExchangeError::Local(format!("recording a refund (control {seq}): {e}"))),
             },
+            // Never refused: a node without mail, or without orders for the address, has nothing
+            // to do. The address is not logged.
+            ControlBody::FindOrders { lookup } => {
+                let lang =
+                    crate::storefront::i18n::Lang::from_tag(&lookup.lang).unwrap_or(crate::storefront::i18n::Lang::En);
+                match self.engine.mail_orders_of(&lookup.email, lang).await {
+                    Ok(orders) => tracing::info!(control = seq, orders, "find my order from the coordinator applied"),
+                    Err(OrderError::Store(e)) => {
+                        return Err(ExchangeError::Local(format!("find my order (control {seq}): {e}")));
+                    }
+                    Err(_) => tracing::info!(control = seq, "find my order from the coordinator: nothing to do"),
+                }
+            }
         }
         Ok(None)
     }

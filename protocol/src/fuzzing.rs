@@ -156,6 +156,8 @@ pub fn sync_upload(data: &[u8]) {
     assert!(upload.stock.iter().all(|s| s.sku.validate().is_ok()));
     assert!(upload.refused_control.len() <= MAX_REFUSED_CONTROL);
     assert!(upload.refused_control.iter().all(|r| r.seq <= upload.control_applied));
+    assert!(upload.lookups.len() <= crate::sync::MAX_UPLOAD_LOOKUPS);
+    assert!(upload.lookups.iter().all(|l| crate::sync::valid_lookup(&l.email, &l.lang)));
 }
 
 /// `SyncAck::from_bytes`: the round trip and the ack's rules, then the ack through the node's
@@ -206,6 +208,7 @@ pub fn sync_ack(data: &[u8]) {
             ControlBody::Catalog { products } => assert!(products.iter().all(|p| p.sku.validate().is_ok())),
             ControlBody::Shrink { sku, .. } => assert!(sku.validate().is_ok()),
             ControlBody::Refund { reason, .. } => assert!(crate::sync::valid_refund_reason(reason)),
+            ControlBody::FindOrders { lookup } => assert!(crate::sync::valid_lookup(&lookup.email, &lookup.lang)),
         }
     }
 }

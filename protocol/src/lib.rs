@@ -35,7 +35,7 @@ pub use ids::{Epoch, IdError, IdKind, KeyId, NodeId, OrderId, OrderToken, Secret
 pub use keyfile::{decode_signing_key, decode_verifying_key, encode_signing_key, encode_verifying_key, KeyFileError};
 pub use renewal::{LeaseRenewal, SignedRenewal, RENEWAL_SIGNATURE_DOMAIN};
 pub use sync::{
-    valid_refund_reason, AckOutcome, CatalogProduct, ControlBody, ControlMessage, RefusedControl, SliceStock, SyncAck,
-    SyncClient, SyncError, SyncErrorCode, SyncTiming, SyncUpload, UploadPlan, MAX_REFUND_REASON, MAX_REFUSAL_TEXT,
-    MAX_REFUSED_CONTROL, MAX_SYNC_MESSAGE_BYTES, SYNC_ALPN,
+    valid_lookup, valid_refund_reason, AckOutcome, CatalogProduct, ControlBody, ControlMessage, OrderLookup,
+    RefusedControl, SliceStock, SyncAck, SyncClient, SyncError, SyncErrorCode, SyncTiming, SyncUpload, UploadPlan,
+    MAX_REFUND_REASON, MAX_REFUSAL_TEXT, MAX_REFUSED_CONTROL, MAX_SYNC_MESSAGE_BYTES, MAX_UPLOAD_LOOKUPS, SYNC_ALPN,
 };

@@ -38,6 +38,41 @@ pub struct SyncUpload {
     /// failed verification or conflicts with what the node holds, a catalog it cannot read. At
     /// most [`MAX_REFUSED_CONTROL`]; the rest follow in later uploads.
     pub refused_control: Vec<RefusedControl>,
+    /// "Find my order" requests made at this node, for the coordinator to pass to the other
+    /// nodes (at most [`MAX_UPLOAD_LOOKUPS`]). Best effort: a lookup lost with an upload is
+    /// asked again by the buyer.
+    pub lookups: Vec<OrderLookup>,
+}
+
+/// A buyer's "find my order" request: the address (normalized: trimmed, lowercase) and the
+/// language of the mails.
+#[derive(Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct OrderLookup {
+    pub email: String,
+    pub lang: String,
+}
+
+/// Never prints the address.
+impl std::fmt::Debug for OrderLookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrderLookup").field("lang", &self.lang).finish_non_exhaustive()
+    }
+}
+
+/// Most lookups in one upload.
+pub const MAX_UPLOAD_LOOKUPS: usize = 16;
+/// Longest address, in bytes (RFC 5321's path limit).
+pub const MAX_LOOKUP_EMAIL: usize = 254;
+/// The languages a lookup's mails may be in.
+pub const LOOKUP_LANGS: [&str; 2] = ["en", "zh-CN"];
+
+/// Whether a lookup may travel: a plausible normalized address and a known language.
+pub fn valid_lookup(email: &str, lang: &str) -> bool {
+    let plausible = email.len() <= MAX_LOOKUP_EMAIL
+        && email.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
+        && email.matches('@').count() == 1
+        && !email.chars().any(|c| c.is_control() || c.is_whitespace() || c.is_uppercase());
+    plausible && LOOKUP_LANGS.contains(&lang)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -107,6 +142,10 @@ pub enum ControlBody {
     /// carries it out on its own; it answers with a `Refunded` event, or refuses the message for
     /// good when the order was never paid. Repeating it changes nothing.
     Refund { order_id: OrderId, reason: String },
+    /// "Find my order" asked at another node: mail the address fresh links to this node's orders
+    /// made with it. A node without mail applies it as nothing to do. (Its `Debug` hides the
+    /// address.)
+    FindOrders { lookup: OrderLookup },
 }
 
 /// Longest refund reason, in bytes.
@@ -174,6 +213,12 @@ impl SyncUpload {
                 return Err(SyncError::Invalid("refusal reason too long or with control characters".into()));
             }
         }
+        if upload.lookups.len() > MAX_UPLOAD_LOOKUPS {
+            return Err(SyncError::Invalid(format!("{} lookups in one upload", upload.lookups.len())));
+        }
+        if !upload.lookups.iter().all(|l| valid_lookup(&l.email, &l.lang)) {
+            return Err(SyncError::Invalid("a lookup with a malformed address or an unknown language".into()));
+        }
         Ok(upload)
     }
 }
@@ -209,6 +254,13 @@ impl SyncAck {
                 ControlBody::Refund { reason, .. } => {
                     if !valid_refund_reason(reason) {
                         return Err(SyncError::Invalid("refund reason too long or with control characters".into()));
+                    }
+                }
+                ControlBody::FindOrders { lookup } => {
+                    if !valid_lookup(&lookup.email, &lookup.lang) {
+                        return Err(SyncError::Invalid(
+                            "a lookup with a malformed address or an unknown language".into(),
+                        ));
                     }
                 }
                 ControlBody::Grant { .. } | ControlBody::Renew { .. } => {}
@@ -623,8 +675,29 @@ mod tests {
                 selling: true,
             }],
             refused_control: vec![RefusedControl { seq: 2, reason: "bad signature".into(), holds_nothing: true }],
+            lookups: vec![OrderLookup { email: "buyer@example.com".into(), lang: "zh-CN".into() }],
         };
         assert_eq!(SyncUpload::from_bytes(&upload.to_bytes().unwrap()).unwrap(), upload);
+        assert!(!format!("{upload:?}").contains("buyer@"), "Debug shows the address");
+        for (email, lang) in [
+            ("Buyer@example.com", "en"),
+            ("buyer example.com", "en"),
+            ("@example.com", "en"),
+            ("a@b@example.com", "en"),
+            ("buyer@example.com", "fr"),
+        ] {
+            let mut bad = upload.clone();
+            bad.lookups[0] = OrderLookup { email: email.into(), lang: lang.into() };
+            assert!(SyncUpload::from_bytes(&bad.to_bytes().unwrap()).is_err(), "{email} {lang}");
+        }
+        let mut long = upload.clone();
+        long.lookups[0].email = format!("{}@example.com", "a".repeat(MAX_LOOKUP_EMAIL));
+        assert!(SyncUpload::from_bytes(&long.to_bytes().unwrap()).is_err());
+        let mut many = upload.clone();
+        many.lookups = vec![many.lookups[0].clone(); MAX_UPLOAD_LOOKUPS + 1];
+        assert!(SyncUpload::from_bytes(&many.to_bytes().unwrap()).is_err(), "too many lookups");
+        many.lookups.truncate(MAX_UPLOAD_LOOKUPS);
+        assert!(SyncUpload::from_bytes(&many.to_bytes().unwrap()).is_ok());
 
         let mut unapplied = upload.clone();
         unapplied.refused_control[0].seq = 4;

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 pub mod coordinator;
+pub mod smtp;
 
 pub const SKU: &str = "game-10";
 pub const PRICE_MINOR: u64 = 1000;

@@ -287,6 +287,7 @@ pub fn upload_bytes(node_id: &NodeId, seqs: std::ops::RangeInclusive<u64>) -> Ve
         control_applied: 0,
         stock: vec![],
         refused_control: vec![],
+        lookups: vec![],
     }
     .to_bytes()
     .unwrap()

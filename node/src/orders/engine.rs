@@ -299,6 +299,12 @@ pub struct OrderEngine {
     incarnation: u64,
     /// Told the client of each reservation that expires unpaid (churn, for `crate::abuse`).
     expiry_observer: std::sync::OnceLock<ExpiryObserver>,
+    /// Set when `[mail]` is configured: orders with an address queue their mails.
+    pub(super) mail: std::sync::OnceLock<crate::mail::Queueing>,
+    /// Orders by address, for "find my order" (`email_index.rs`).
+    pub(super) email_index: super::email_index::EmailIndex,
+    /// "Find my order" rate limits and the lookups waiting for the next sync upload (`find.rs`).
+    pub(super) finder: crate::mail::find::Finder,
 }
 
 /// See [`OrderEngine::observe_expiries`].
@@ -352,6 +358,7 @@ impl OrderEngine {
     ) -> Result<Self, StoreError> {
         let clock_base = Instant::now();
         let incarnation = load_or_make_incarnation(&store).await?;
+        let email_index = super::email_index::EmailIndex::load_or_create(&store).await?;
         let mut state = load_state(&store, &config, 0)?;
         state.confirmed = startup == Startup::Standalone;
         metrics.open_reservations.set(state.open.len() as i64);
@@ -366,6 +373,9 @@ impl OrderEngine {
             clock_base,
             incarnation,
             expiry_observer: std::sync::OnceLock::new(),
+            mail: std::sync::OnceLock::new(),
+            email_index,
+            finder: crate::mail::find::Finder::new(),
         };
         engine.expire_due(now_millis()).await?;
         Ok(engine)
@@ -461,7 +471,22 @@ impl OrderEngine {
             .collect()
     }
 
+    /// Turns on order mail: from now on, orders with an address queue their mails in the batch
+    /// that creates them. Set once, at start.
+    pub fn enable_mail(&self, queueing: crate::mail::Queueing) {
+        let _ = self.mail.set(queueing);
+    }
+
     pub async fn create_order(&self, request: CreateOrder) -> Result<CreatedOrder, OrderError> {
+        self.create_order_in(request, None).await
+    }
+
+    /// [`OrderEngine::create_order`], with the buyer's language (`en`, `zh-CN`) for its mails.
+    pub async fn create_order_in(
+        &self,
+        request: CreateOrder,
+        mail_lang: Option<&str>,
+    ) -> Result<CreatedOrder, OrderError> {
         self.ensure_confirmed()?;
         // No new reservations while the store cannot make them durable (503 at once).
         match self.store.health() {
@@ -549,7 +574,14 @@ impl OrderEngine {
                 token_sha256: record.token_sha256.clone(),
             };
             let seq = state.push_event(&mut batch, &self.node_id, &record, now, event)?;
-            if let Err(e) = self.store.apply(batch) {
+            if let Some(email) = &record.email {
+                batch.put(self.email_index.entry_key(email, &record.id), Vec::new());
+            }
+            let queued = match (&record.email, self.mail.get()) {
+                (Some(_), Some(mail)) => mail.enqueue(&mut batch, &record.id, mail_lang, now),
+                _ => Ok(()),
+            };
+            if let Err(e) = queued.and_then(|()| self.store.apply(batch)) {
                 for (key, slice) in taken {
                     state.holdings.put(&request.sku, key, slice);
                 }

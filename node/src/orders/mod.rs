@@ -2,7 +2,10 @@
 //! the durable store.
 
 pub mod binding;
+pub mod email_index;
 pub mod engine;
+mod find;
+mod forget;
 pub mod record;
 mod record_v1;
 pub mod refunds;
@@ -12,6 +15,7 @@ pub use engine::{
     CreateOrder, CreatedOrder, GrantInstallError, GrantOutcome, OrderEngine, OrderError, PaymentConfirmation,
     PaymentOutcome, SliceStatus, Startup,
 };
+pub use find::FindRefusal;
 pub use record::{
     AttemptRef, DisputeRecord, OrderRecord, OrderStatus, PaymentAttempt, PaymentProblem, PaymentProblemKind,
     RefundRecord, RefundState, MAX_PAYMENT_ATTEMPTS,

@@ -21,6 +21,11 @@
 //! | `m/incarnation` | | this data dir's id (8 bytes BE), made when it was created |
 //! | `r/` | control seq (8 bytes BE) | a control message refused for good, until reported: holds-nothing flag (1 byte), reason (UTF-8) |
 //! | `m/catalog` | | the catalog last received from the coordinator (a store record) |
+//! | `q/` | order id, mail kind (1 byte) | `mail::queue::MailJob`: an order mail to send, and its status (see `mail/`) |
+//! | `qp/` | order id, mail kind | empty: the mail is not final yet (the mail worker's index) |
+//! | `qr/` | final at (unix ms BE), order id, mail kind | empty: when the mail became final (the retention sweep's index) |
+//! | `fe/` | address tag (32 bytes), order id | empty: the order was made with that address ("find my order", `email_index.rs`) |
+//! | `m/find_key` | | the key of the address tags (32 random bytes, made on first start) |
 
 use std::net::IpAddr;
 

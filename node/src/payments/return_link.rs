@@ -86,6 +86,12 @@ impl ReturnLinks {
         format!("{public_url}/order/{}/return/{}", order.id, self.token(order))
     }
 
+    /// A link to order `id`'s page that works until `expires` (unix seconds), whatever this
+    /// node's return-link lifetime: the links in order mails, which live longer.
+    pub fn url_until(&self, public_url: &str, id: &OrderId, expires: u64) -> String {
+        format!("{public_url}/order/{id}/return/{expires}-{}", hex::encode(self.mac(id, expires)))
+    }
+
     /// Checks `token` for order `id` at `now_unix_secs` (constant-time MAC comparison).
     pub fn verify(&self, id: &OrderId, token: &str, now_unix_secs: u64) -> Result<(), ReturnLinkError> {
         let (expires, mac) = token.split_once('-').ok_or(ReturnLinkError::Malformed)?;
@@ -186,6 +192,17 @@ mod tests {
         for bad in ["", "-", "4600", "4600-", "x-00", "4600-zz", "4600-00", "+4600-00", &format!("{token}0")] {
             assert!(links.verify(&order.id, bad, 1_000).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_mail_link_verifies_until_its_own_expiry() {
+        let links = ReturnLinks::new(b"a return-link key for tests", 3600).unwrap();
+        let order = order(1_000);
+        let url = links.url_until("https://shop.example", &order.id, 90_000);
+        let token = url.rsplit('/').next().unwrap();
+        assert!(token.starts_with("90000-"));
+        assert_eq!(links.verify(&order.id, token, 80_000), Ok(()), "beyond the return-link lifetime");
+        assert_eq!(links.verify(&order.id, token, 90_001), Err(ReturnLinkError::Expired));
     }
 
     #[test]

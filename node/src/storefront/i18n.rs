@@ -264,6 +264,13 @@ messages! {
     ErrorBadRequestBody = "error.bad_request_body",
     ErrorMethodTitle = "error.method_title",
     ErrorMethodBody = "error.method_body",
+    SiteFindOrder = "site.find_order",
+    FindTitle = "find.title",
+    FindIntro = "find.intro",
+    FindSubmit = "find.submit",
+    FindBadEmail = "find.bad_email",
+    FindSent = "find.sent",
+    FindSentHint = "find.sent_hint",
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! | `GET /order/{id}?token=` | status, and the keys once delivered |
 //! | `GET /order/{id}/return/{return token}` | the same, where Stripe and EPay send the buyer back |
 //! | `GET /static/app.{hash}.css\|js` | assets, cached for a year (and `pow-worker.{hash}.js`) |
+//! | `GET /find-order`, `POST /find-order` (form) | "find my order": mails an address links to its orders |
 //!
 //! Pages that carry or show a token are `no-store`; every HTML page has a strict CSP, no
 //! inline script, `Referrer-Policy: no-referrer` and `X-Frame-Options: DENY`. Nothing here logs a
@@ -43,14 +44,16 @@ use hyper::body::Body;
 use crate::api::{HttpResponse, NodeApi};
 use crate::config::{Currency, PriceConfig, ProductConfig};
 use crate::limiter::LimitClass;
-use crate::orders::{CreateOrder, OrderError, OrderRecord, OrderStatus};
+use crate::orders::{CreateOrder, FindRefusal, OrderError, OrderRecord, OrderStatus};
 use crate::payments::return_link::ReturnLinkError;
 use crate::payments::router::RouteError;
 use crate::payments::{sandbox, LabPayments};
 use crate::time_fmt::rfc3339;
 
 use self::i18n::{Lang, Msg};
-use self::pages::{Chrome, ErrorPage, FormValues, OrderPage, OrderState, PayPage, ProductCard, StockState};
+use self::pages::{
+    Chrome, ErrorPage, FindOrderState, FormValues, OrderPage, OrderState, PayPage, ProductCard, StockState,
+};
 
 /// The Content-Security-Policy of every HTML page.
 pub const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; \
@@ -121,6 +124,13 @@ where
         (true, _, ["order", id]) => order(api, &ctx, &query, id).await,
         (true, _, ["order", id, "return", return_token]) => order_return(api, &ctx, id, return_token).await,
         (true, _, ["static", name]) => static_asset(name),
+        (true, _, ["find-order"]) => html(
+            &ctx,
+            StatusCode::OK,
+            NO_STORE,
+            pages::find_order_page(&ctx.chrome("/find-order"), &FindOrderState::Ask),
+        ),
+        (_, &Method::POST, ["find-order"]) => find_order(api, &ctx, &parts, body).await,
         (
             _,
             _,
@@ -130,16 +140,57 @@ where
             | ["pay", "sandbox", _]
             | ["order", _]
             | ["order", _, "return", _]
-            | ["static", _],
+            | ["static", _]
+            | ["find-order"],
         ) => {
             let mut response = error(&ctx, StatusCode::METHOD_NOT_ALLOWED, Msg::ErrorMethodTitle, Msg::ErrorMethodBody);
-            let allow = if segments.as_slice() == ["checkout"] { "POST" } else { "GET, HEAD" };
+            let allow = match segments.as_slice() {
+                ["checkout"] => "POST",
+                ["find-order"] => "GET, HEAD, POST",
+                _ => "GET, HEAD",
+            };
             response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
             response
         }
         _ => error(&ctx, StatusCode::NOT_FOUND, Msg::ErrorNotFoundTitle, Msg::ErrorNotFoundBody),
     };
     finish(&ctx, response)
+}
+
+/// `POST /find-order`: "find my order". The same page whether or not the address has orders here
+/// or anywhere (see `docs/mail.md`); only a malformed address (400) or a client over its budget
+/// (429) is told apart.
+async fn find_order<B>(api: &NodeApi, ctx: &Ctx, parts: &Parts, body: B) -> HttpResponse
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if is_cross_site(&parts.headers, &parts.uri, &api.public_url) {
+        return error(ctx, StatusCode::FORBIDDEN, Msg::ErrorForbiddenTitle, Msg::ErrorForbiddenBody);
+    }
+    if !form::is_form(&parts.headers) {
+        return error(ctx, StatusCode::UNSUPPORTED_MEDIA_TYPE, Msg::ErrorBadRequestTitle, Msg::ErrorBadRequestBody);
+    }
+    let fields = match read_form(api, ctx, body).await {
+        Ok(fields) => fields,
+        Err(response) => return *response,
+    };
+    let email = form::first(&fields, "email").unwrap_or("");
+    let chrome = ctx.chrome("/find-order");
+    match api.engine.find_orders(email, ctx.lang, ctx.client) {
+        Ok(()) => html(ctx, StatusCode::OK, NO_STORE, pages::find_order_page(&chrome, &FindOrderState::Sent)),
+        Err(FindRefusal::BadAddress) => {
+            let state = FindOrderState::BadAddress { email: email.chars().take(254).collect() };
+            html(ctx, StatusCode::BAD_REQUEST, NO_STORE, pages::find_order_page(&chrome, &state))
+        }
+        Err(FindRefusal::RateLimited(limited)) => {
+            let secs = limited.retry_after_secs();
+            let body = ctx.lang.f(Msg::ErrorRateLimitedBody, &[("secs", &secs.to_string())]);
+            let page = error_page_for(Msg::ErrorRateLimitedTitle, body);
+            html(ctx, StatusCode::TOO_MANY_REQUESTS, NO_STORE, pages::error_page(&ctx.chrome("/"), &page))
+                .with_retry_after(secs)
+        }
+    }
 }
 
 /// `POST /pay/sandbox/{id}` from the pay page's form: pays through the same signed-callback path
@@ -393,14 +444,17 @@ where
 
     let created = api
         .engine
-        .create_order(CreateOrder {
-            sku: product.sku.clone(),
-            quantity,
-            email,
-            currency,
-            channel: api.router.preferred(&plan).to_string(),
-            client_ip: ctx.client,
-        })
+        .create_order_in(
+            CreateOrder {
+                sku: product.sku.clone(),
+                quantity,
+                email,
+                currency,
+                channel: api.router.preferred(&plan).to_string(),
+                client_ip: ctx.client,
+            },
+            Some(ctx.lang.tag()),
+        )
         .await;
     let created = match created {
         Ok(created) => created,

@@ -80,7 +80,12 @@ pub(super) fn layout(c: &Chrome, title: &str, poll: Option<&Poll>, body: Markup)
                     data-poll-ms=[poll.map(|p| p.every_ms)] {
                     (body)
                 }
-                footer.site { div.wrap { (c.t(Msg::SiteFooter)) } }
+                footer.site {
+                    div.wrap {
+                        (c.t(Msg::SiteFooter)) " "
+                        a #find-order-link href="/find-order" { (c.t(Msg::SiteFindOrder)) }
+                    }
+                }
             }
         }
     }
@@ -398,4 +403,39 @@ pub fn error_page(c: &Chrome, page: &ErrorPage) -> Markup {
         }
     };
     layout(c, c.t(page.title), None, body)
+}
+
+/// What the "find my order" page shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FindOrderState {
+    /// The form.
+    Ask,
+    /// The form again, with what was wrong with the address.
+    BadAddress { email: String },
+    /// The answer, the same whether or not orders exist.
+    Sent,
+}
+
+pub fn find_order_page(c: &Chrome, state: &FindOrderState) -> Markup {
+    let body = html! {
+        h1 { (c.t(Msg::FindTitle)) }
+        @if *state == FindOrderState::Sent {
+            p.notice #find-order-sent role="status" { (c.t(Msg::FindSent)) }
+            p { (c.t(Msg::FindSentHint)) }
+        } @else {
+            p { (c.t(Msg::FindIntro)) }
+            @if let FindOrderState::BadAddress { .. } = state {
+                p.notice.bad #find-order-error role="alert" { (c.t(Msg::FindBadEmail)) }
+            }
+            form.card method="post" action="/find-order" {
+                div.field {
+                    label for="email" { (c.t(Msg::CheckoutEmail)) }
+                    input #email type="email" name="email" autocomplete="email" maxlength="254" required
+                        value=[match state { FindOrderState::BadAddress { email } => Some(email.as_str()), _ => None }];
+                }
+                button.wide type="submit" { (c.t(Msg::FindSubmit)) }
+            }
+        }
+    };
+    layout(c, c.t(Msg::FindTitle), None, body)
 }

@@ -634,3 +634,21 @@ async fn a_product_no_channel_serves_shows_no_buy_button() {
     let cny = send(&w, post_form("/checkout"), "sku=game-10&quantity=1&currency=CNY&channel=sandbox").await;
     assert!(cny.location().starts_with("/pay/sandbox/"));
 }
+
+#[tokio::test]
+async fn a_checkout_queues_its_mail_in_the_pages_language() {
+    let w = world(3).await;
+    w.api.engine.enable_mail(crate::mail::Queueing { include_keys: false, default_language: "en".into() });
+    let form = "sku=game-10&quantity=1&email=buyer%40example.com&channel=sandbox";
+    let location = send(&w, post_form("/checkout").header("accept-language", "zh-CN,zh;q=0.9"), form).await.location();
+    assert!(location.starts_with("/pay/sandbox/"), "{location}");
+    send(&w, post_form("/checkout").header("accept-language", "en"), form).await.location();
+    let jobs = crate::mail::queue::all_jobs(w.api.engine.store()).unwrap();
+    let mut langs: Vec<&str> = jobs.iter().map(|j| j.lang.as_str()).collect();
+    langs.sort_unstable();
+    assert_eq!(langs, ["en", "zh-CN"]);
+    assert!(jobs.iter().all(|j| j.kind == crate::mail::queue::MailKind::OrderLink));
+    // No address, no mail.
+    send(&w, post_form("/checkout"), "sku=game-10&quantity=1&email=&channel=sandbox").await.location();
+    assert_eq!(crate::mail::queue::all_jobs(w.api.engine.store()).unwrap().len(), 2);
+}

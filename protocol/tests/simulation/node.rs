@@ -476,6 +476,7 @@ impl Node {
             control_applied: plan.control_applied,
             stock: Vec::new(),
             refused_control: vec![],
+            lookups: vec![],
         };
         Some(Message::Upload { node: self.index, stream, upload })
     }
