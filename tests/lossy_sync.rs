@@ -99,11 +99,27 @@ async fn sync_keeps_up_through_a_lossy_slow_link() {
         task.await.unwrap();
     }
     let bought = tally.bought.load(Ordering::Relaxed);
-    let (_, caught_up) = lab
-        .wait_for_ledger("every sale in the ledger", Duration::from_secs(60), |orders| {
-            orders.iter().filter(|o| o["status"] == "delivered").count() as u64 >= bought
-        })
-        .await;
+    // Polled here rather than with `Lab::wait_for_ledger`, so that a failure shows the node's
+    // sync log, which says where the tail of the outbox waited.
+    let stopped = Instant::now();
+    let caught_up = loop {
+        let orders = lab.orders().await;
+        if orders.iter().filter(|o| o["status"] == "delivered").count() as u64 >= bought {
+            break stopped.elapsed();
+        }
+        if stopped.elapsed() > Duration::from_secs(60) {
+            let log = node.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            panic!(
+                "the ledger did not catch up within 60 s of the end ({} orders; {bought} bought)\n\
+                 status: {:#}\nnode log tail:\n{}",
+                orders.len(),
+                lab.status().await,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     eprintln!(
         "{seconds} s at {rate}/s through {LOSS_PERCENT}% loss + {DELAY:?}: {bought} bought, {} stock_syncing, \
          {} other, worst lag {worst_lag} events, ledger complete {caught_up:?} after buying stopped \

@@ -635,17 +635,20 @@ async fn while_progressing<T>(
 }
 
 /// Sends the upload, and sends it again on a new stream every [`HEDGE_AFTER`] while no answer
-/// has come (at most [`MAX_HEDGED`] at once); the first ack wins. On a lossy link the last packet
-/// of a small exchange is lost again and again while QUIC's probe timer backs off (seconds);
-/// a second copy is new traffic that gets through, and ingest is idempotent, so a copy the
-/// coordinator also took changes nothing.
+/// has come; the first ack wins. On a lossy link the last packet of a small exchange is lost
+/// again and again while QUIC's probe timer backs off (seconds); a new copy is new traffic that
+/// gets through, and ingest is idempotent, so a copy the coordinator also took changes nothing.
+/// At most [`MAX_HEDGED`] copies are in flight: once that many wait, each new copy replaces the
+/// oldest, whose probe timer has backed off the furthest (waiting on it could take most of
+/// [`EXCHANGE_CAP`] while datagrams keep the connection looking alive).
 async fn send_hedged(connection: &quinn::Connection, bytes: Arc<[u8]>) -> Result<SyncAck, ExchangeError> {
     let mut attempts = tokio::task::JoinSet::new();
+    let mut oldest_first = std::collections::VecDeque::new();
     let spawn = |attempts: &mut tokio::task::JoinSet<_>| {
         let (connection, bytes) = (connection.clone(), bytes.clone());
-        attempts.spawn(async move { send_upload(&connection, &bytes).await });
+        attempts.spawn(async move { send_upload(&connection, &bytes).await })
     };
-    spawn(&mut attempts);
+    oldest_first.push_back(spawn(&mut attempts));
     let mut hedge = tokio::time::interval_at(tokio::time::Instant::now() + HEDGE_AFTER, HEDGE_AFTER);
     let mut last_error = None;
     loop {
@@ -654,12 +657,21 @@ async fn send_hedged(connection: &quinn::Connection, bytes: Arc<[u8]>) -> Result
                 Some(Ok(Ok(ack))) => return Ok(ack),
                 Some(Ok(Err(e @ ExchangeError::Protocol(_)))) => return Err(e),
                 Some(Ok(Err(e))) => last_error = Some(e),
+                Some(Err(join)) if join.is_cancelled() => {}
                 Some(Err(join)) => last_error = Some(ExchangeError::Local(format!("upload task: {join}"))),
                 None => {
                     return Err(last_error.unwrap_or_else(|| ExchangeError::Transport("no upload attempt".into())))
                 }
             },
-            _ = hedge.tick(), if attempts.len() < MAX_HEDGED => spawn(&mut attempts),
+            _ = hedge.tick() => {
+                oldest_first.retain(|attempt: &tokio::task::AbortHandle| !attempt.is_finished());
+                if oldest_first.len() >= MAX_HEDGED {
+                    if let Some(oldest) = oldest_first.pop_front() {
+                        oldest.abort();
+                    }
+                }
+                oldest_first.push_back(spawn(&mut attempts));
+            }
         }
     }
 }
