@@ -11,11 +11,8 @@
 //! Lookups of one address are limited here too ([`PER_ADDRESS`] per [`WINDOW_MS`], keyed by an
 //! HMAC tag, in memory), so asking many nodes does not multiply the mail to an address.
 
-use std::collections::HashMap;
-
 use edgecard_protocol::{NodeId, OrderLookup, UnixMillis};
 use edgecard_store::{StoreError, WriteBatch};
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::records as rec;
@@ -34,46 +31,11 @@ pub struct FindOrders {
 }
 
 /// Lookups per address tag in fixed windows; bounded.
-#[derive(Debug)]
-pub struct LookupLimiter {
-    per_window: u32,
-    window_ms: u64,
-    capacity: usize,
-    seen: Mutex<HashMap<[u8; 32], (u64, u32)>>,
-}
+pub type LookupLimiter = edgecard_protocol::tag_limiter::AddressLimiter;
 
-impl Default for LookupLimiter {
-    fn default() -> Self {
-        LookupLimiter::new(PER_ADDRESS, WINDOW_MS, MAX_ADDRESSES)
-    }
-}
-
-impl LookupLimiter {
-    pub fn new(per_window: u32, window_ms: u64, capacity: usize) -> Self {
-        LookupLimiter { per_window, window_ms, capacity, seen: Mutex::new(HashMap::new()) }
-    }
-
-    /// Counts one lookup of `tag` at `now_ms`; `false` when over the limit, or when the map is
-    /// full of live windows.
-    pub fn allow(&self, tag: &[u8; 32], now_ms: u64) -> bool {
-        let mut seen = self.seen.lock();
-        if !seen.contains_key(tag) && seen.len() >= self.capacity {
-            let window = self.window_ms;
-            seen.retain(|_, (start, _)| start.saturating_add(window) > now_ms);
-            if seen.len() >= self.capacity {
-                return false;
-            }
-        }
-        let entry = seen.entry(*tag).or_insert((now_ms, 0));
-        if entry.0.saturating_add(self.window_ms) <= now_ms {
-            *entry = (now_ms, 0);
-        }
-        if entry.1 >= self.per_window {
-            return false;
-        }
-        entry.1 += 1;
-        true
-    }
+/// The coordinator's per-address limit of "find my order" lookups.
+pub fn lookup_limiter() -> LookupLimiter {
+    LookupLimiter::new(PER_ADDRESS, WINDOW_MS, MAX_ADDRESSES)
 }
 
 impl Coordinator {
@@ -131,22 +93,4 @@ impl Coordinator {
 pub(crate) fn control_body(payload: &[u8]) -> Result<edgecard_protocol::ControlBody, StoreError> {
     let find: FindOrders = rec::decode("find orders", payload)?;
     Ok(edgecard_protocol::ControlBody::FindOrders { lookup: OrderLookup { email: find.email, lang: find.lang } })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_address_gets_three_lookups_per_window_and_the_map_stays_bounded() {
-        let limiter = LookupLimiter::new(3, 1_000, 2);
-        let tag = [7u8; 32];
-        assert!((0..3).all(|i| limiter.allow(&tag, 100 + i)));
-        assert!(!limiter.allow(&tag, 200), "the fourth in the window");
-        assert!(limiter.allow(&[8u8; 32], 200), "another address");
-        assert!(!limiter.allow(&[9u8; 32], 300), "full of live windows");
-        assert!(limiter.allow(&tag, 1_100), "a new window");
-        assert!(limiter.allow(&[9u8; 32], 1_300), "stale windows make room");
-        assert!(limiter.seen.lock().len() <= 2);
-    }
 }

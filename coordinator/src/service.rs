@@ -185,7 +185,13 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn new(store: Arc<Store>, signing_key: SigningKey, settings: Settings) -> Self {
-        Coordinator { store, signing_key, settings, lock: Mutex::new(()), lookups: Default::default() }
+        Coordinator {
+            store,
+            signing_key,
+            settings,
+            lock: Mutex::new(()),
+            lookups: crate::find_orders::lookup_limiter(),
+        }
     }
 
     pub fn store(&self) -> &Arc<Store> {

@@ -24,6 +24,7 @@ pub mod lease;
 pub mod rebalance;
 pub mod renewal;
 pub mod sync;
+pub mod tag_limiter;
 
 pub use envelope::{decode, encode, peek_kind, Decodable, Encodable, EnvelopeError, MessageKind, MAX_PAYLOAD};
 pub use event::{EventError, OrderEvent, OrderEventBatch, OrderEventKind, UnmatchedReason, MAX_EVENT_TEXT};
